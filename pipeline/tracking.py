@@ -1,0 +1,90 @@
+"""MLflow plumbing shared by every stage: where the store is, and what a run records about the code.
+
+The default store is `sqlite:///mlflow.db` at the repo root with artifacts under
+`mlartifacts/`; `MLFLOW_TRACKING_URI` in the environment overrides it (tests point it at a
+temporary store or a real `mlflow server`). Telemetry is switched off before MLflow is imported.
+Secrets never pass through here: callers log params they chose, never the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from pipeline.config import TrackingConfig
+
+TELEMETRY_OFF = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1", "DVC_NO_ANALYTICS": "1"}
+
+
+def disable_telemetry() -> None:
+    """Stop MLflow/DVC from phoning home (it would only time out offline)."""
+    for key, value in TELEMETRY_OFF.items():
+        os.environ.setdefault(key, value)
+
+
+def tracking_uri(tracking: TrackingConfig) -> str:
+    """The store in use: $MLFLOW_TRACKING_URI, else params' tracking_uri."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or tracking.tracking_uri
+
+
+def configure_mlflow(tracking: TrackingConfig) -> str:
+    """Point MLflow at the project's store and return the experiment id (created if missing).
+
+    A new experiment stores artifacts under `tracking.artifact_root` (absolute file URI) so
+    runs made by `dvc repro`, `mlflow run` and tests all land in one predictable place.
+    """
+    disable_telemetry()
+    import mlflow
+
+    uri = tracking_uri(tracking)
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.get_experiment_by_name(tracking.experiment)
+    if experiment is not None:
+        mlflow.set_experiment(experiment_id=experiment.experiment_id)
+        return experiment.experiment_id
+    artifact_location = None
+    if not uri.startswith(("http://", "https://", "databricks")):
+        artifact_location = Path(tracking.artifact_root).resolve().as_uri()
+    try:
+        experiment_id = mlflow.create_experiment(tracking.experiment, artifact_location=artifact_location)
+    except Exception:  # another process created it between our lookup and create
+        experiment_id = mlflow.get_experiment_by_name(tracking.experiment).experiment_id
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+def git_commit(repo: str | Path = ".") -> str | None:
+    """HEAD's commit hash, or None outside a git repo / before the first commit."""
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return result.stdout.strip() or None
+
+
+def git_is_dirty(repo: str | Path = ".") -> bool | None:
+    """Whether tracked files differ from HEAD (None outside a git repo)."""
+    try:
+        result = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=repo, capture_output=True, text=True, check=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return bool(result.stdout.strip())
+
+
+def code_version_tags(repo: str | Path = ".") -> dict[str, str]:
+    """Tags that tie a run to the code that made it (MLflow's own keys, so the UI shows them)."""
+    tags = {}
+    commit = git_commit(repo)
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+        tags["git_commit"] = commit
+    dirty = git_is_dirty(repo)
+    if dirty is not None:
+        tags["git_dirty"] = str(dirty).lower()
+    return tags
