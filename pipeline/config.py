@@ -33,6 +33,7 @@ SECTIONS_PATH = Path("data/source/sections.parquet")
 BASE_MODEL_DIR = Path("models/base")
 PAIRS_PATH = Path("data/generated/pairs.parquet")
 LEDGER_PATH = Path("data/generated/ledger.jsonl")
+GENERATION_MANIFEST_PATH = Path("data/generated/manifest.json")
 GENERATE_CACHE_PATH = Path("data/cache/responses.jsonl")
 SPLITS_DIR = Path("data/splits")
 VAL_SPLIT_PATH = SPLITS_DIR / "val.parquet"

@@ -88,3 +88,30 @@ def code_version_tags(repo: str | Path = ".") -> dict[str, str]:
     if dirty is not None:
         tags["git_dirty"] = str(dirty).lower()
     return tags
+
+
+def log_dataset_input(frame, path: str | Path, context: str, name: str | None = None) -> str:
+    """Log a parquet split as an MLflow dataset input of the active run, with DVC's md5.
+
+    MLflow's own digest is not DVC's, so the DVC md5 (the plain md5 of the file, equal to what
+    dvc.lock records) is used as the dataset digest and also set as tags, which is what ties a
+    training run to the exact file a lineage audit checks later.
+    """
+    import mlflow
+
+    from pipeline.dvcmeta import file_md5, locked_md5
+
+    path = Path(path)
+    md5 = file_md5(path)
+    dataset = mlflow.data.from_pandas(
+        frame, source=path.as_posix(), name=name or path.stem, digest=md5
+    )
+    mlflow.log_input(dataset, context=context, tags={"dvc_md5": md5, "path": path.as_posix()})
+    tag_prefix = f"dataset.{name or path.stem}"
+    tags = {f"{tag_prefix}.path": path.as_posix(), f"{tag_prefix}.dvc_md5": md5}
+    locked = locked_md5(path)
+    if locked:
+        tags[f"{tag_prefix}.dvc_stage"] = locked[1]
+        tags[f"{tag_prefix}.matches_dvc_lock"] = str(locked[0] == md5).lower()
+    mlflow.set_tags(tags)
+    return md5
