@@ -43,8 +43,8 @@ METRICS_DIR = Path("metrics")
 
 FleschScore = Annotated[float, Field(ge=0, le=121)]
 Cosine = Annotated[float, Field(ge=0, le=1)]
-PositiveInt = Annotated[int, Field(gt=0)]
-NonNegativeInt = Annotated[int, Field(ge=0)]
+PositiveInt = Annotated[int, Field(gt=0, strict=True)]  # strict: `true` is not 1
+NonNegativeInt = Annotated[int, Field(ge=0, strict=True)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 
 
@@ -155,7 +155,15 @@ class ValidateConfig(Section):
     max_question_chars: PositiveInt = 400
     min_answer_chars: PositiveInt = 20
     max_answer_chars: PositiveInt = 2000
-    max_examples: PositiveInt = 5
+    max_examples: PositiveInt = 5  # offending rows shown per failed check
+
+    @model_validator(mode="after")
+    def _bounds_ordered(self):
+        for field in ("question", "answer"):
+            low, high = getattr(self, f"min_{field}_chars"), getattr(self, f"max_{field}_chars")
+            if low > high:
+                raise ValueError(f"validate.min_{field}_chars ({low}) must be <= max_{field}_chars ({high})")
+        return self
 
 
 class SplitConfig(Section):
@@ -180,6 +188,14 @@ class TrainGrid(Section):
     learning_rate: list[PositiveFloat] = Field(default_factory=lambda: [1e-4, 2e-4, 1e-3])
     n_train: list[PositiveInt] = Field(default_factory=lambda: [100, 1000, 5000, 9000])
 
+    @model_validator(mode="after")
+    def _axes_non_empty_unique(self):
+        for axis in ("precision", "lora_r", "learning_rate", "n_train"):
+            values = getattr(self, axis)
+            if not values or len(set(values)) != len(values):
+                raise ValueError(f"train.grid.{axis} = {values}: must be non-empty and unique")
+        return self
+
 
 class TrainConfig(Section):
     """LoRA SFT hyperparameters (paper appendix A.3)."""
@@ -196,8 +212,11 @@ class TrainConfig(Section):
     max_seq_length: PositiveInt = 512
     gradient_checkpointing: bool = False
     int8_threshold: PositiveFloat = 6.0
+    weight_decay: Annotated[float, Field(ge=0)] = 0.01  # torch AdamW's default (paper: unspecified)
+    # random: the paper's shuffling; group_by_length: batches of similar length (less padding).
+    sampling: Literal["random", "group_by_length"] = "random"
     logging_steps: PositiveInt = 1
-    save_steps: PositiveInt = 50
+    save_steps: PositiveInt = 50  # checkpoint every N optimizer steps (an interrupted run resumes)
     seed: int = 0
 
 
@@ -210,18 +229,27 @@ class EvaluateConfig(Section):
     bootstrap_samples: PositiveInt = 1000
     limit: PositiveInt | None = None
     seed: int = 0
+    # auto: float32 on CPU (fast on every CPU; bf16 only pays off with AVX512-BF16/AMX, see
+    # BENCHMARKS.md), bfloat16 on CUDA.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
 
 
 class PromoteConfig(Section):
-    """Registry policy: best % conversational, similarity guarded against the base model."""
+    """Registry policy: best % conversational, similarity guarded against the base model (an
+    adapter may be at most `similarity_tolerance` below the base's mean similarity); ties go to
+    fewer training samples, then smaller r. See registry/promote.py."""
 
-    registered_model_name: str = "tonetune-conversational"
+    # Used in models:/<name>@production URIs and registry filters: no '/', '@', quotes or spaces.
+    registered_model_name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")] = "tonetune-conversational"
     similarity_tolerance: Cosine = 0.02
 
 
 class OpenAIConfig(Section):
     """The optional OpenAI fine-tuning arm (paper appendix A.4). `base_url: null` means the
-    client's default, which honours OPENAI_BASE_URL; the key comes from OPENAI_API_KEY only."""
+    client's default, which honours OPENAI_BASE_URL; the key comes from OPENAI_API_KEY only.
+    Evaluation of these models uses `evaluate.max_new_tokens` / `limit` / threshold / bootstrap,
+    so they are scored under the same conditions as the LoRA adapters."""
 
     enabled: bool = False
     base_url: str | None = None
@@ -233,9 +261,34 @@ class OpenAIConfig(Section):
     batch_size: PositiveInt = 32
     learning_rate_multiplier: PositiveFloat = 1.0
     epochs: PositiveInt = 5
+    # Upload the validation split as the job's validation_file (valid loss per step). The paper
+    # does not say it did; it changes the job identity, so switching it on starts a new job.
+    validation_file: bool = False
     poll_interval_s: PositiveFloat = 10.0
     poll_max_interval_s: PositiveFloat = 120.0
+    request_timeout_s: PositiveFloat = 60.0
+    max_retries: NonNegativeInt = 6  # per API request (job creation: only after checking it does not exist)
     eval_concurrency: PositiveInt = 8
+    eval_temperature: Annotated[float, Field(ge=0, le=2)] = 0.0  # greedy, like the LoRA evaluation
+    eval_requests_per_minute: PositiveInt | None = None
+    eval_tokens_per_minute: PositiveInt | None = None
+    # The API's limits, checked before anything is uploaded (Files API: 512 MB per file;
+    # fine-tuning: 65,536 tokens per example for gpt-4o-mini / gpt-4.1-mini).
+    max_file_mb: PositiveFloat = 512.0
+    max_example_tokens: PositiveInt = 65_536
+
+    @model_validator(mode="after")
+    def _poll_bounds_ordered(self):
+        if self.poll_interval_s > self.poll_max_interval_s:
+            raise ValueError(
+                f"openai.poll_interval_s ({self.poll_interval_s:g}) must be <= poll_max_interval_s "
+                f"({self.poll_max_interval_s:g})"
+            )
+        if not self.base_models or len(set(self.base_models)) != len(self.base_models):
+            raise ValueError(f"openai.base_models = {self.base_models}: must be non-empty and unique")
+        if not self.n_train or len(set(self.n_train)) != len(self.n_train):
+            raise ValueError(f"openai.n_train = {self.n_train}: must be non-empty and unique")
+        return self
 
 
 class Config(Section):
@@ -265,6 +318,10 @@ def _describe_error(error: dict[str, Any], raw: dict[str, Any], params_file: str
         message = message.replace("Input should be", "must be one of")
     else:
         message = message.replace("Input should be", "must be").replace("Value error, ", "")
+    if error["type"] == "value_error" and message.startswith(f"{key}."):
+        # A cross-field rule (model_validator) already names its key and value; printing the
+        # whole section as "the bad value" would only bury it.
+        return f"{params_file}: {message}"
     if location:
         value: Any = raw
         for part in error["loc"]:
