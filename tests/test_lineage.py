@@ -180,12 +180,16 @@ def test_cli_text_json_and_strict(repo, capsys):
     assert [stage["stage"] for stage in report["stages"]] == ["split", "validate", "generate", "source"]
 
 
-def test_cli_model_uri_is_a_one_line_error_for_now(capsys):
+def test_cli_model_uri_without_a_store_is_a_one_line_error(capsys, tmp_path, monkeypatch):
+    """Model lineage (registry/model_lineage.py) is tested against a real server in
+    test_registry.py; without a store it fails in one line and does not create one."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["lineage", "models:/tonetune-conversational@production"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "model lineage is not available yet" in err
+    assert err.count("\n") == 1 and "no MLflow store at" in err
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_help_does_not_import_heavy_libraries():

