@@ -1,0 +1,82 @@
+"""Files in and out of the generate stage: sections to read; pairs, ledger and manifest to write.
+
+Every output is written atomically (a temporary file in the same folder, fsynced, then
+renamed over the target), so a crash leaves either the previous version or the new one, never
+half a file that DVC would happily hash.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline.errors import TonetuneError
+from pipeline.generate.engine import Candidate, Section
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+SECTION_COLUMNS = ("id", "title", "text")
+PAIR_COLUMNS = ("id", "source_id", "title", "question", "answer", "factual_answer", "flesch", "faithfulness",
+                "attempts", "nearest_similarity", "position")
+
+
+def read_sections(path: Path) -> list[Section]:
+    """Sections in generation order; a missing, malformed or empty file is a one-line error."""
+    import pandas as pd
+
+    if not path.exists():
+        raise TonetuneError(f"sections file not found: {path} (run the source stage first: `dvc repro source`)")
+    try:
+        frame = pd.read_parquet(path)
+    except Exception as error:  # pyarrow raises several types for a bad file
+        raise TonetuneError(f"{path}: cannot read as parquet: {' '.join(str(error).split())[:200]}") from None
+    missing = [column for column in SECTION_COLUMNS if column not in frame.columns]
+    if missing:
+        raise TonetuneError(f"{path}: missing column(s) {missing}; it has {list(frame.columns)}")
+    frame = frame[frame["text"].fillna("").astype(str).str.strip() != ""]
+    if frame.empty:
+        raise TonetuneError(f"{path}: no sections to generate from (the source is empty)")
+    duplicated = frame["id"][frame["id"].duplicated()]
+    if len(duplicated):
+        raise TonetuneError(f"{path}: duplicate section id {duplicated.iloc[0]!r}")
+    return [
+        Section(position, str(row.id), str(row.title), str(row.text))
+        for position, row in enumerate(frame.itertuples(index=False))
+    ]
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Call write(temporary_path), fsync it, then rename it over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    write(temporary)
+    with open(temporary, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def pairs_frame(pairs: list[Candidate]) -> pd.DataFrame:
+    """The accepted pairs as a table with fixed columns and types (also when empty)."""
+    import pandas as pd
+
+    frame = pd.DataFrame([pair.pair_record() for pair in pairs], columns=list(PAIR_COLUMNS))
+    return frame.astype({"flesch": "float64", "faithfulness": "float64", "nearest_similarity": "float64",
+                         "attempts": "int64", "position": "int64"})
+
+
+def write_pairs(pairs: list[Candidate], path: Path) -> None:
+    frame = pairs_frame(pairs)
+    _atomic_write(path, lambda temporary: frame.to_parquet(temporary, index=False))
+
+
+def write_ledger(ledger: list[Candidate], path: Path) -> None:
+    lines = "".join(json.dumps(c.ledger_record(), ensure_ascii=False) + "\n" for c in ledger)
+    _atomic_write(path, lambda temporary: temporary.write_text(lines, encoding="utf-8"))
+
+
+def write_manifest(manifest: dict[str, Any], path: Path) -> None:
+    text = json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
+    _atomic_write(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))

@@ -1,0 +1,1 @@
+"""Loopback fakes of external services (only the LLM API is ever faked; see openai_server.py)."""
