@@ -39,12 +39,21 @@ def configure_mlflow(tracking: TrackingConfig) -> str:
 
     uri = tracking_uri(tracking)
     mlflow.set_tracking_uri(uri)
+    parent_run_id = os.environ.get("MLFLOW_RUN_ID")
+    if parent_run_id:  # under `mlflow run`: stay in the experiment of the project's run
+        experiment_id = mlflow.get_run(parent_run_id).info.experiment_id
+        mlflow.set_experiment(experiment_id=experiment_id)
+        return experiment_id
     experiment = mlflow.get_experiment_by_name(tracking.experiment)
     if experiment is not None:
         mlflow.set_experiment(experiment_id=experiment.experiment_id)
         return experiment.experiment_id
     artifact_location = None
-    if not uri.startswith(("http://", "https://", "databricks")):
+    if uri.startswith("sqlite:///") and os.environ.get("MLFLOW_TRACKING_URI"):
+        # a store chosen by the environment keeps its artifacts beside its database
+        database = Path(uri.removeprefix("sqlite:///"))
+        artifact_location = (database.parent / Path(tracking.artifact_root).name).resolve().as_uri()
+    elif not uri.startswith(("http://", "https://", "databricks")):
         artifact_location = Path(tracking.artifact_root).resolve().as_uri()
     try:
         experiment_id = mlflow.create_experiment(tracking.experiment, artifact_location=artifact_location)
