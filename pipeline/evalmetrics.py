@@ -1,0 +1,192 @@
+"""The paper's evaluation metrics (section 2.4, appendix A.6) as pure functions of arrays and strings.
+
+Shared by every evaluator (the open-weights `evaluate` stage, the OpenAI arm) so all models are
+scored by one definition. Nothing here loads a model or computes Flesch/embeddings itself: the
+callers compute per-answer Flesch (`pipeline.textmetrics`) and cosine similarity, put them in a
+predictions table, and `summarize_predictions` turns that table into the numbers reported, so
+every number can be recomputed from the saved predictions alone.
+
+Definitions (one row = one validation question):
+
+- conversational: Flesch reading ease >= threshold (60 in the paper). An empty answer has no
+  Flesch score (NaN) and never counts as conversational: textstat would score "" as 206.8.
+- pct_conversational: 100 * conversational rows / all rows (empty answers stay in the denominator).
+- pct_conversational_ci_low/high: percentile bootstrap 95% interval of pct_conversational, seeded.
+- flesch_mean / flesch_median: over answers with a score.
+- similarity_mean: mean cosine similarity between answer and reference answer embeddings.
+- answer_words_mean: mean whitespace-separated words per answer.
+- stopped_pct: % of answers that ended at the end-of-turn token rather than at max_new_tokens
+  (only when the table has a `stopped` column; a low value means truncated, runaway answers).
+
+A metrics record (`metrics_record`) is one flat JSON object per model, written to
+`metrics/eval/<model>.json` (what `dvc metrics show` and the report read). Its descriptive keys:
+model, kind ("base", "lora", "openai-base", "openai-finetuned"), family (the base model's display
+name), precision, lora_r, learning_rate, n_train (0 for a base model); None where unknown.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+PREDICTION_COLUMNS = ("question", "reference", "answer", "flesch", "similarity")
+METRIC_KEYS = (
+    "n_eval",
+    "pct_conversational",
+    "pct_conversational_ci_low",
+    "pct_conversational_ci_high",
+    "flesch_mean",
+    "flesch_median",
+    "similarity_mean",
+    "answer_words_mean",
+)
+DESCRIPTIVE_KEYS = ("model", "kind", "family", "precision", "lora_r", "learning_rate", "n_train")
+MODEL_KINDS = ("base", "lora", "openai-base", "openai-finetuned")
+
+
+def word_count(text: str) -> int:
+    """Words in an answer: whitespace-separated tokens (the paper reports no finer definition)."""
+    return len(str(text).split())
+
+
+def conversational_mask(flesch: Sequence[float] | np.ndarray, threshold: float) -> np.ndarray:
+    """Boolean per answer: Flesch >= threshold; NaN (no score, e.g. empty answer) is False."""
+    scores = np.asarray(flesch, dtype=float)
+    with np.errstate(invalid="ignore"):
+        return np.nan_to_num(scores, nan=-np.inf) >= threshold
+
+
+def percent(mask: Sequence[bool] | np.ndarray) -> float:
+    """100 * share of True values; NaN for an empty set (nothing was evaluated)."""
+    values = np.asarray(mask, dtype=bool)
+    return float(100.0 * values.mean()) if values.size else math.nan
+
+
+def percent_conversational(flesch: Sequence[float] | np.ndarray, threshold: float) -> float:
+    """% of answers with Flesch >= threshold, out of all answers (the paper's main outcome)."""
+    return percent(conversational_mask(flesch, threshold))
+
+
+def bootstrap_percent_ci(
+    mask: Sequence[bool] | np.ndarray, n_resamples: int, seed: int, confidence: float = 0.95
+) -> tuple[float, float]:
+    """Percentile-bootstrap interval of `percent(mask)`, reproducible for a given seed.
+
+    Resampling n answers with replacement from a pass/fail vector with k passes gives a pass
+    count distributed Binomial(n, k/n), so drawing that count directly is the same bootstrap
+    without materialising n_resamples x n indices (1000 x 1000 at paper scale).
+    """
+    values = np.asarray(mask, dtype=bool)
+    if values.size == 0:
+        return math.nan, math.nan
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    rng = np.random.default_rng(seed)
+    passes = rng.binomial(values.size, values.mean(), size=n_resamples)
+    resampled = 100.0 * passes / values.size
+    tail = (1.0 - confidence) / 2.0
+    low, high = np.quantile(resampled, [tail, 1.0 - tail])
+    return float(low), float(high)
+
+
+def nan_mean(values: Iterable[float]) -> float:
+    """Mean over finite values; NaN when there are none (not a warning)."""
+    array = np.asarray(list(values), dtype=float)
+    finite = array[np.isfinite(array)]
+    return float(finite.mean()) if finite.size else math.nan
+
+
+def nan_median(values: Iterable[float]) -> float:
+    """Median over finite values; NaN when there are none."""
+    array = np.asarray(list(values), dtype=float)
+    finite = array[np.isfinite(array)]
+    return float(np.median(finite)) if finite.size else math.nan
+
+
+def summarize(
+    answers: Sequence[str],
+    flesch: Sequence[float] | np.ndarray,
+    similarity: Sequence[float] | np.ndarray,
+    threshold: float,
+    bootstrap_samples: int,
+    seed: int,
+    stopped: Sequence[bool] | np.ndarray | None = None,
+) -> dict[str, float | int]:
+    """Every metric of one model from per-answer values (see the module docstring)."""
+    if not len(answers) == len(flesch) == len(similarity):
+        raise ValueError(
+            f"answers, flesch and similarity differ in length: {len(answers)}, {len(flesch)}, {len(similarity)}"
+        )
+    mask = conversational_mask(flesch, threshold)
+    low, high = bootstrap_percent_ci(mask, bootstrap_samples, seed)
+    summary: dict[str, float | int] = {
+        "n_eval": len(answers),
+        "pct_conversational": percent(mask),
+        "pct_conversational_ci_low": low,
+        "pct_conversational_ci_high": high,
+        "flesch_mean": nan_mean(flesch),
+        "flesch_median": nan_median(flesch),
+        "similarity_mean": nan_mean(similarity),
+        "answer_words_mean": nan_mean(word_count(a) for a in answers),
+    }
+    if stopped is not None:
+        summary["stopped_pct"] = percent(stopped)
+    return summary
+
+
+def summarize_predictions(predictions, threshold: float, bootstrap_samples: int, seed: int) -> dict[str, Any]:
+    """`summarize` applied to a predictions table (question, reference, answer, flesch, similarity
+    [, stopped]): the one path from saved predictions to reported numbers."""
+    missing = [c for c in ("answer", "flesch", "similarity") if c not in predictions.columns]
+    if missing:
+        raise ValueError(f"predictions table lacks column(s) {missing}; it has {list(predictions.columns)}")
+    stopped = predictions["stopped"].to_numpy(dtype=bool) if "stopped" in predictions.columns else None
+    return summarize(
+        predictions["answer"].fillna("").astype(str).tolist(),
+        predictions["flesch"].to_numpy(dtype=float),
+        predictions["similarity"].to_numpy(dtype=float),
+        threshold,
+        bootstrap_samples,
+        seed,
+        stopped=stopped,
+    )
+
+
+def metrics_record(
+    model: str,
+    kind: str,
+    summary: Mapping[str, Any],
+    *,
+    family: str | None = None,
+    precision: str | None = None,
+    lora_r: int | None = None,
+    learning_rate: float | None = None,
+    n_train: int | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """One model's flat metrics record (descriptive keys first), rounded for a readable diff.
+
+    JSON cannot hold NaN, so missing numbers become None (null)."""
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"kind must be one of {MODEL_KINDS}, got {kind!r}")
+    if kind in ("base", "openai-base") and n_train is None:
+        n_train = 0
+    record: dict[str, Any] = {
+        "model": model,
+        "kind": kind,
+        "family": family,
+        "precision": precision,
+        "lora_r": lora_r,
+        "learning_rate": learning_rate,
+        "n_train": n_train,
+    }
+    for key, value in {**summary, **extra}.items():
+        if isinstance(value, float | np.floating):
+            value = None if not math.isfinite(value) else round(float(value), 4)
+        elif isinstance(value, np.integer):
+            value = int(value)
+        record[key] = value
+    return record
