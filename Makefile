@@ -17,6 +17,8 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
+# Stage commands in dvc.yaml call `python`: it must be the venv's, whoever runs make.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: help setup demo test test-fast bench lint ui clean-outputs
 
@@ -41,8 +43,8 @@ setup: $(STAMP)  ## create .venv, install pinned dependencies, prepare offline a
 
 demo: setup  ## run the whole pipeline offline (dvc repro) and show the Production model
 	@[ -d .git ] || { echo "error: run inside the git clone" >&2; exit 1; }
-	$(VENV)/bin/dvc repro
-	@$(PY) -m registry summary 2>/dev/null || true
+	dvc repro
+	@$(PY) -m registry summary
 
 test: setup  ## run the test suite (what CI runs)
 	$(PY) -m pytest --durations=15 $(PYTEST_ARGS)
