@@ -128,10 +128,9 @@ def load_raw_corpus(config: SourceConfig) -> pd.DataFrame:
 
 def write_sections(sections: pd.DataFrame, path: Path) -> None:
     """Write atomically (temp file + rename) so a crash never leaves half a parquet file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".parquet.tmp")
-    sections.to_parquet(temporary, index=False)
-    temporary.replace(path)
+    from pipeline.tables import write_table
+
+    write_table(sections, path)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

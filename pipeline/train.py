@@ -43,6 +43,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,15 +175,9 @@ def check_inputs(point: GridPoint, paths: TrainPaths) -> None:
 # --------------------------------------------------------------------------- data
 def read_split(path: Path, expected_rows: int | None = None) -> pd.DataFrame:
     """A split parquet with non-empty `question` and `answer` columns (and `expected_rows` rows)."""
-    import pandas as pd
+    from pipeline.tables import read_table
 
-    try:
-        frame = pd.read_parquet(path)
-    except Exception as error:  # pyarrow raises several types for a damaged file
-        raise TonetuneError(f"{path}: cannot read parquet: {' '.join(str(error).split())}") from None
-    missing = [column for column in REQUIRED_COLUMNS if column not in frame.columns]
-    if missing:
-        raise TonetuneError(f"{path}: missing column(s) {missing}; it has {list(frame.columns)}")
+    frame = read_table(path, REQUIRED_COLUMNS, "run the split stage first (dvc repro split)")
     if frame.empty:
         raise TonetuneError(f"{path}: no rows")
     for column in REQUIRED_COLUMNS:
@@ -905,7 +900,14 @@ def main(argv: list[str] | None = None) -> None:
     paths = TrainPaths.for_point(point, args.adapter_dir, args.base_model_dir)
     check_inputs(point, paths)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    result = train_grid_point(point, config, paths)
+    try:
+        result = train_grid_point(point, config, paths)
+    except KeyboardInterrupt:
+        print(
+            f"error: interrupted; checkpoints are in {paths.checkpoint_dir}: run the same command again to resume",
+            file=sys.stderr,
+        )
+        raise SystemExit(130) from None
     losses = [f"{record['train_loss']:.3f}" for record in result.history]
     print(
         f"train {result.run_name}: {result.total_steps} steps, loss {losses[0] if losses else '?'} -> "

@@ -92,17 +92,9 @@ class CheckOutcome:
 
 def read_pairs(path: Path) -> pd.DataFrame:
     """Read pairs.parquet and check it has the columns the gate needs (cheap, before any model)."""
-    import pandas as pd
+    from pipeline.tables import read_table
 
-    if not path.exists():
-        raise TonetuneError(f"{path} not found: run the generate stage first (dvc repro generate)")
-    try:
-        frame = pd.read_parquet(path)
-    except Exception as error:  # pyarrow raises several types for a corrupt file
-        raise TonetuneError(f"{path}: cannot read parquet: {' '.join(str(error).split())}") from None
-    missing = [column for column in REQUIRED_COLUMNS if column not in frame.columns]
-    if missing:
-        raise TonetuneError(f"{path} is missing column(s) {missing}; it has {list(frame.columns)}")
+    frame = read_table(path, REQUIRED_COLUMNS, "run the generate stage first (dvc repro generate)")
     for column in REQUIRED_COLUMNS:
         values = frame[column].dropna()
         bad = values[~values.map(lambda value: isinstance(value, str))]

@@ -25,17 +25,11 @@ PAIR_COLUMNS = ("id", "source_id", "title", "question", "answer", "factual_answe
 
 def read_sections(path: Path) -> list[Section]:
     """Sections in generation order; a missing, malformed or empty file is a one-line error."""
-    import pandas as pd
+    from pipeline.tables import read_table
 
     if not path.exists():
         raise TonetuneError(f"sections file not found: {path} (run the source stage first: `dvc repro source`)")
-    try:
-        frame = pd.read_parquet(path)
-    except Exception as error:  # pyarrow raises several types for a bad file
-        raise TonetuneError(f"{path}: cannot read as parquet: {' '.join(str(error).split())[:200]}") from None
-    missing = [column for column in SECTION_COLUMNS if column not in frame.columns]
-    if missing:
-        raise TonetuneError(f"{path}: missing column(s) {missing}; it has {list(frame.columns)}")
+    frame = read_table(path, SECTION_COLUMNS)
     frame = frame[frame["text"].fillna("").astype(str).str.strip() != ""]
     if frame.empty:
         raise TonetuneError(f"{path}: no sections to generate from (the source is empty)")
