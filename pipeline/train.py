@@ -422,20 +422,33 @@ def completion_loss(trainer, model, inputs: dict, num_items_in_batch=None):
 
 
 def sft_trainer_class():
-    """SFTTrainer, with `completion_loss` on CPU (on CUDA TRL's Triton head is compact already)."""
+    """SFTTrainer with two fixes for this recipe (a factory: TRL is imported only when needed).
+
+    - Resuming: transformers reloads a PEFT checkpoint with `load_adapter`, whose default
+      `autocast_adapter_dtype=True` silently upcasts bf16 LoRA weights to fp32; the run would
+      continue in another precision than it started. They are cast back before the optimizer
+      state is loaded (which then takes the parameters' dtype, bf16 as saved).
+    - On CPU the loss is `completion_loss` (on CUDA, TRL's Triton head is compact already).
+    """
     import torch
     from trl import SFTTrainer
 
-    if torch.cuda.is_available():
-        return SFTTrainer
+    from registry.model import cast_adapter_weights
 
-    class CompletionLossSFTTrainer(SFTTrainer):
+    class TonetuneSFTTrainer(SFTTrainer):
+        adapter_dtype = None  # set by build_trainer
+
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            if self.adapter_dtype is not None:
+                cast_adapter_weights(model if model is not None else self.model, self.adapter_dtype)
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if return_outputs or not model.training:
+            if torch.cuda.is_available() or return_outputs or not model.training:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             return completion_loss(self, model, inputs, num_items_in_batch)
 
-    return CompletionLossSFTTrainer
+    return TonetuneSFTTrainer
 
 
 def build_trainer(model, tokenizer, examples: datasets.Dataset, point: GridPoint, config: TrainConfig,
@@ -461,6 +474,7 @@ def build_trainer(model, tokenizer, examples: datasets.Dataset, point: GridPoint
     if trainer_steps != total_steps:  # TRL dropped examples: the schedule would not fit
         raise RuntimeError(f"OneCycleLR built for {total_steps} steps, trainer will take {trainer_steps}")
     trainer.remove_callback(PrinterCallback)  # the step logger prints one readable line per step
+    trainer.adapter_dtype = adapter_dtype(point.precision)
     return trainer
 
 
