@@ -29,8 +29,8 @@ import yaml
 from pipeline.errors import TonetuneError
 
 SENTINELS = {
-    "OPENROUTER_API_KEY": "sk-or-v1-SENTINEL-0b9d3f7e2a41c6",
-    "OPENAI_API_KEY": "sk-proj-SENTINEL-5c1e8a2f9d7b34",
+    "OPENROUTER_API_KEY": "sk-or-v1-" + "SENTINEL-0b9d3f7e2a41c6",  # split: not a real key
+    "OPENAI_API_KEY": "sk-proj-" + "SENTINEL-5c1e8a2f9d7b34",  # split: not a real key
 }
 QUESTION = "Why is the sky blue?"
 BASE = {"pct_conversational": 10.0, "similarity_mean": 0.70}
