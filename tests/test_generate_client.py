@@ -175,3 +175,29 @@ def test_fake_server_route_table_serves_other_endpoints_to_the_real_client():
         assert retrieved.id == "ftjob-123" and retrieved.status == "running"
         assert server.requests[-1].path == "/v1/fine_tuning/jobs/ftjob-123"
         assert server.chat_calls == 0
+
+
+def test_fake_server_is_quiet_when_a_client_hangs_up_but_reports_its_own_bugs(capfd):
+    """A stage that stops on a fatal error closes its in-flight connections; the fake server must
+    not print a socketserver traceback after the stage's one-line error (CI saw exactly that)."""
+    import socket
+    import struct
+
+    def broken(request):
+        raise ValueError("a bug in a test behaviour")
+
+    def hang_up(server, body_length):
+        with socket.create_connection(("127.0.0.1", server.port)) as connection:
+            connection.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                               + f"Content-Length: {body_length}\r\n\r\n{{".encode())
+            connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST
+
+    with FakeOpenAIServer(chat=lambda request: "hello") as server:
+        hang_up(server, body_length=1000)  # the server is still reading the body: reset
+        time.sleep(0.3)
+    assert "Exception occurred" not in capfd.readouterr().err
+
+    with FakeOpenAIServer(chat=broken) as server:
+        hang_up(server, body_length=1)
+        time.sleep(0.3)
+    assert "ValueError: a bug in a test behaviour" in capfd.readouterr().err

@@ -223,6 +223,14 @@ class _ThreadingServer(ThreadingHTTPServer):
     request_queue_size = 256  # 64+ clients connect at once; the default backlog of 5 stalls them
     allow_reuse_address = True
 
+    def handle_error(self, request, client_address):
+        """Stay quiet when a client hangs up mid-request (a stage exiting on a fatal error closes
+        its in-flight connections): socketserver would print a traceback between dashed lines
+        to stderr, after the stage's own one-line error. Anything else is still reported."""
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
+
 
 class FakeOpenAIServer:
     """The loopback server: a route table over a ThreadingHTTPServer in a background thread."""
