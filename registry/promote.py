@@ -503,9 +503,30 @@ def read_history(client, name: str) -> list[str]:
     return history
 
 
+def _lost_insert_race(error) -> bool:
+    """The store's check-then-insert lost to a concurrent writer (a UNIQUE violation): the row
+    exists now, so the same upsert retried becomes an update."""
+    text = str(error)
+    return "UNIQUE constraint failed" in text or "IntegrityError" in text or "duplicate key value" in text
+
+
+def upsert(write, *args, attempts: int = 3):
+    """Call a registry write that is an upsert for MLflow (set a tag or an alias), retrying when
+    it lost an insert race to a promotion running elsewhere (seen in CI against `mlflow server`)."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            return write(*args)
+        except MlflowException as error:
+            if attempt == attempts - 1 or not _lost_insert_race(error):
+                raise
+            time.sleep(0.05 * (attempt + 1))
+
+
 def write_history(client, name: str, history: list[str]) -> None:
     """Store the history tag (the newest HISTORY_LIMIT entries)."""
-    client.set_registered_model_tag(name, HISTORY_TAG, ",".join(history[-HISTORY_LIMIT:]))
+    upsert(client.set_registered_model_tag, name, HISTORY_TAG, ",".join(history[-HISTORY_LIMIT:]))
 
 
 def model_uri_of(run) -> str:
@@ -562,8 +583,8 @@ def make_production(client, name: str, version: str) -> tuple[str | None, list[s
     if replaced == version:
         return None, notes
     if replaced is not None:
-        client.set_registered_model_alias(name, PREVIOUS, replaced)
-    client.set_registered_model_alias(name, PRODUCTION, version)
+        upsert(client.set_registered_model_alias, name, PREVIOUS, replaced)
+    upsert(client.set_registered_model_alias, name, PRODUCTION, version)
     note = set_legacy_stage(client, name, version)
     if note:
         notes.append(note)
@@ -727,7 +748,7 @@ def finish_promotion(client, config: Config, name: str, version, created: bool, 
     recorded = version.tags or {}
     for key, value in {**tags, **how}.items():
         if recorded.get(key) != value:  # only what changed: one request per tag
-            client.set_model_version_tag(name, number, key, value)
+            upsert(client.set_model_version_tag, name, number, key, value)
     if tags:
         client.update_model_version(name, number, description=model_card(name, number, {**tags, **how}, config))
     replaced, stage_notes = make_production(client, name, number)
@@ -808,18 +829,18 @@ def rollback(config: Config) -> Outcome:
         if not history or history[-1] != new:
             history.append(new)  # aliases were moved by hand: trust them
         before = history[-2] if len(history) >= 2 else None
-        client.set_registered_model_alias(name, PRODUCTION, new)
+        upsert(client.set_registered_model_alias, name, PRODUCTION, new)
         if before and before != new:
-            client.set_registered_model_alias(name, PREVIOUS, before)
+            upsert(client.set_registered_model_alias, name, PREVIOUS, before)
         else:
             client.delete_registered_model_alias(name, PREVIOUS)
         note = set_legacy_stage(client, name, new)
         write_history(client, name, history)
         stamp = now_utc()
-        client.set_model_version_tag(name, old, ROLLED_BACK_TAG, "true")
-        client.set_model_version_tag(name, old, "tonetune.rolled_back_at", stamp)
-        client.set_model_version_tag(name, new, "tonetune.restored_by_rollback_from", old)
-        client.set_model_version_tag(name, new, "tonetune.restored_at", stamp)
+        upsert(client.set_model_version_tag, name, old, ROLLED_BACK_TAG, "true")
+        upsert(client.set_model_version_tag, name, old, "tonetune.rolled_back_at", stamp)
+        upsert(client.set_model_version_tag, name, new, "tonetune.restored_by_rollback_from", old)
+        upsert(client.set_model_version_tag, name, new, "tonetune.restored_at", stamp)
         verify_production(client, name, new)
     after = f"; {PREVIOUS} is now v{before}" if before and before != new else f"; no {PREVIOUS} version before it"
     message = f"rolled back {name}: {PRODUCTION} v{old} -> v{new}{after}" + (f"\n{note}" if note else "")

@@ -542,6 +542,33 @@ def test_failed_data_quality_refuses_unless_forced_with_a_reason(ws, registry_na
     assert tags["promote.gates_overridden"] == "data_quality" and tags["data_quality.success"] == "false"
 
 
+def test_a_registry_write_that_lost_an_insert_race_is_retried_other_errors_are_not():
+    """What CI hit without the lock: two `set_registered_model_tag` calls for a new tag both
+    try to INSERT, the server answers the loser with a UNIQUE violation. Retried, it updates."""
+    from mlflow.exceptions import MlflowException
+
+    from registry.promote import upsert
+
+    calls = []
+
+    def lost_once(name, key, value):
+        calls.append((name, key, value))
+        if len(calls) == 1:
+            raise MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: registered_model_tags.key")
+        return "written"
+
+    assert upsert(lost_once, "m", "k", "v") == "written" and calls == [("m", "k", "v")] * 2
+
+    def refused(*args):
+        calls.append(args)
+        raise MlflowException("RESOURCE_DOES_NOT_EXIST: no model m")
+
+    calls.clear()
+    with pytest.raises(MlflowException, match="RESOURCE_DOES_NOT_EXIST"):
+        upsert(refused, "m", "k", "v")
+    assert len(calls) == 1
+
+
 @pytest.mark.parametrize("lock", ["on", "off"])
 def test_two_promotions_racing_from_two_processes_end_consistent(ws, registry_name, tmp_path, lock):
     """Same candidate from two processes at once: with the file lock (the default) they are
