@@ -43,6 +43,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -421,27 +422,46 @@ def completion_loss(trainer, model, inputs: dict, num_items_in_batch=None):
     return loss
 
 
-def sft_trainer_class():
-    """SFTTrainer with two fixes for this recipe (a factory: TRL is imported only when needed).
+def load_adapter_checkpoint(model, checkpoint: Path) -> None:
+    """Copy a checkpoint's LoRA weights into the model's existing parameters, in place.
 
-    - Resuming: transformers reloads a PEFT checkpoint with `load_adapter`, whose default
-      `autocast_adapter_dtype=True` silently upcasts bf16 LoRA weights to fp32; the run would
-      continue in another precision than it started. They are cast back before the optimizer
-      state is loaded (which then takes the parameters' dtype, bf16 as saved).
+    transformers resumes a PEFT model with `load_adapter`, whose default
+    `autocast_adapter_dtype=True` replaces every bf16 LoRA parameter with a *new* fp32 one: the
+    optimizer built before (ours, OneCycle's) keeps updating the orphaned originals and the model
+    silently stops learning, in another precision. Copying in place keeps the objects and dtypes.
+    """
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = load_file(str(checkpoint / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(model, weights, adapter_name="default")
+    if result.unexpected_keys:
+        raise RuntimeError(f"{checkpoint}: adapter weights do not fit the model: {result.unexpected_keys[:3]}")
+
+
+def sft_trainer_class():
+    """SFTTrainer with this recipe's fixes (a factory: TRL is imported only when needed).
+
+    - Resuming loads the adapter in place (`load_adapter_checkpoint`) and checks that the
+      optimizer still holds the model's trainable parameters.
     - On CPU the loss is `completion_loss` (on CUDA, TRL's Triton head is compact already).
     """
     import torch
+    from peft import PeftModel
     from trl import SFTTrainer
 
-    from registry.model import cast_adapter_weights
-
     class TonetuneSFTTrainer(SFTTrainer):
-        adapter_dtype = None  # set by build_trainer
-
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-            super()._load_from_checkpoint(resume_from_checkpoint, model)
-            if self.adapter_dtype is not None:
-                cast_adapter_weights(model if model is not None else self.model, self.adapter_dtype)
+            model = model if model is not None else self.model
+            checkpoint = Path(resume_from_checkpoint)
+            if isinstance(model, PeftModel) and (checkpoint / "adapter_model.safetensors").is_file():
+                load_adapter_checkpoint(model, checkpoint)
+            else:
+                super()._load_from_checkpoint(resume_from_checkpoint, model)
+            trainable = {id(p) for p in model.parameters() if p.requires_grad}
+            optimized = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+            if trainable != optimized:
+                raise RuntimeError("after loading the checkpoint the optimizer no longer holds the LoRA parameters")
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if torch.cuda.is_available() or return_outputs or not model.training:
@@ -474,7 +494,6 @@ def build_trainer(model, tokenizer, examples: datasets.Dataset, point: GridPoint
     if trainer_steps != total_steps:  # TRL dropped examples: the schedule would not fit
         raise RuntimeError(f"OneCycleLR built for {total_steps} steps, trainer will take {trainer_steps}")
     trainer.remove_callback(PrinterCallback)  # the step logger prints one readable line per step
-    trainer.adapter_dtype = adapter_dtype(point.precision)
     return trainer
 
 
@@ -905,6 +924,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _interrupt(signum, frame):
+    """SIGTERM handler: unwind like Ctrl-C, so the MLflow run is marked KILLED (checkpoints stay)."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
@@ -914,6 +938,7 @@ def main(argv: list[str] | None = None) -> None:
     paths = TrainPaths.for_point(point, args.adapter_dir, args.base_model_dir)
     check_inputs(point, paths)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    signal.signal(signal.SIGTERM, _interrupt)  # `dvc queue kill`, a scheduler: stop like Ctrl-C
     try:
         result = train_grid_point(point, config, paths)
     except KeyboardInterrupt:

@@ -414,42 +414,112 @@ def test_int8_path_gives_lora_gradients_on_cpu(tmp_path, tiny_llama_dir):
 
 
 # --------------------------------------------------------------------------- resume
+@pytest.mark.slow
 def test_interrupted_run_resumes_from_its_last_checkpoint(tmp_path, tiny_llama_dir, mlflow_uri):
-    """Stop after step 3 (checkpoint at step 2), re-run: training restarts at step 2 with the
-    optimizer and schedule restored, in the same MLflow run, and ends like an uninterrupted run."""
+    """bf16: stop after step 4 (checkpoint at step 3), re-run: training restarts at step 3 in the
+    same MLflow run and continues exactly like an uninterrupted run (same losses, same final
+    adapter), with the adapter still bf16 and the optimizer still updating it.
+
+    Exactness is what catches transformers' default PEFT resume, which swaps the bf16 LoRA
+    parameters for new fp32 ones behind the optimizer's back (the loss then stalls).
+    Slow: three tiny trainings (reference, interrupted, resumed) with their MLflow runs and two
+    pyfunc model logs, 40-70 s on 2 shared cores."""
+    import torch
     from mlflow import MlflowClient
+    from safetensors.torch import load_file
     from transformers import TrainerCallback
 
     from pipeline.train import train_grid_point
 
     class Interrupt(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == 3:
-                raise KeyboardInterrupt("simulated kill after step 3")
+            if state.global_step == 4:
+                raise KeyboardInterrupt("simulated Ctrl-C after step 4")
 
-    write_splits(tmp_path / "splits")
-    config = tiny_config(tmp_path, {"save_steps": 2})
-    point = tiny_point()
-    paths = paths_for(point, tmp_path, tiny_llama_dir)
+    config = tiny_config(tmp_path, {"save_steps": 3})
+    point = tiny_point("bf16")
+    reference_paths = paths_for(point, tmp_path / "reference", tiny_llama_dir)
+    paths = paths_for(point, tmp_path / "interrupted", tiny_llama_dir)
+    for root in (tmp_path / "reference", tmp_path / "interrupted"):
+        write_splits(root / "splits")
+    reference = train_grid_point(point, config, reference_paths)
+
     with pytest.raises(KeyboardInterrupt):
         train_grid_point(point, config, paths, callbacks=[Interrupt()])
-    assert (paths.checkpoint_dir / "checkpoint-2" / "trainer_state.json").is_file()
+    assert (paths.checkpoint_dir / "checkpoint-3" / "trainer_state.json").is_file()
     assert not paths.adapter_dir.exists()
     client = MlflowClient()
-    [first] = client.search_runs(client.get_experiment_by_name("tonetune-tests").experiment_id,
-                                 filter_string="tags.`tonetune.role` = 'train'")
-    assert first.info.status == "KILLED"
+    killed = client.search_runs(client.get_experiment_by_name("tonetune-tests").experiment_id,
+                                filter_string="attributes.status = 'KILLED'")
+    assert len(killed) == 1
 
     result = train_grid_point(point, config, paths)
-    assert result.resumed_at_step == 2
-    assert [record["step"] for record in result.history] == list(range(3, EXPECTED_STEPS + 1))
-    assert result.run_id == first.info.run_id
+    assert result.resumed_at_step == 3
+    assert [record["step"] for record in result.history] == list(range(4, EXPECTED_STEPS + 1))
+    expected = {record["step"]: record for record in reference.history}
+    for record in result.history:
+        assert record["train_loss"] == pytest.approx(expected[record["step"]]["train_loss"], rel=1e-6)
+        assert record["learning_rate"] == pytest.approx(expected[record["step"]]["learning_rate"], rel=1e-9)
+    assert {p.dtype for n, p in result.model.named_parameters() if "lora_" in n} == {torch.bfloat16}
+    resumed_weights = load_file(paths.adapter_dir / "adapter_model.safetensors")
+    reference_weights = load_file(reference_paths.adapter_dir / "adapter_model.safetensors")
+    assert resumed_weights.keys() == reference_weights.keys()
+    assert all(torch.equal(resumed_weights[key], reference_weights[key]) for key in reference_weights)
+
+    assert result.run_id == killed[0].info.run_id
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.tags["resumed_at_step"] == "2"
-    assert result.history[-1]["learning_rate"] == pytest.approx(0.01 / (25 * 1e3))
-    assert (paths.adapter_dir / "adapter_model.safetensors").is_file()
+    assert run.data.tags["resumed_at_step"] == "3"
     assert not paths.checkpoint_dir.exists()
+
+
+@pytest.mark.slow
+def test_cli_stops_on_sigterm_and_resumes_when_run_again(tmp_path, tiny_llama_dir, write_params):
+    """The real entry point, twice: SIGTERM after the first checkpoint exits 130 with one line
+    saying how to resume and marks the MLflow run KILLED; the same command then resumes into the
+    same run and writes the adapter. Slow: two fresh interpreters importing torch, TRL and MLflow
+    (~15 s each here) plus 24 tiny training steps."""
+    import signal
+    import time
+
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    write_params({
+        "train": {**TRAIN_OVERRIDES, "epochs": 8, "save_steps": 2},
+        "tracking": {"tracking_uri": uri, "artifact_root": str(tmp_path / "mlartifacts"), "experiment": "cli"},
+        "evaluate": {"max_new_tokens": 8},
+    })
+    write_splits(tmp_path / "data" / "splits")
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "base").symlink_to(tiny_llama_dir)
+    arguments = ["--precision", "fp32", "--lora-r", "8", "--learning-rate", "0.01", "--n-train", str(N_TRAIN)]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(REPO_ROOT)]))
+    command = [sys.executable, "-m", "pipeline.train", *arguments]
+    checkpoint = tmp_path / "models" / ".checkpoints" / "lora-fp32-r8-lr0.01-n20" / "checkpoint-2" / "trainer_state.json"
+
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not checkpoint.is_file() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1].startswith("error: interrupted; checkpoints are in models/.checkpoints/")
+    mlflow.set_tracking_uri(uri)
+    [killed] = mlflow.search_runs(experiment_names=["cli"], filter_string="tags.`tonetune.role` = 'train'",
+                                  output_format="list")
+    assert killed.info.status == "KILLED"
+
+    completed = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert "resuming from models/.checkpoints/lora-fp32-r8-lr0.01-n20/checkpoint-" in completed.stdout
+    assert "models/adapters/lora-fp32-r8-lr0.01-n20" in completed.stdout.strip().splitlines()[-1]
+    [run] = mlflow.search_runs(experiment_names=["cli"], filter_string="tags.`tonetune.role` = 'train'",
+                               output_format="list")
+    assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
+    assert (tmp_path / "models" / "adapters" / "lora-fp32-r8-lr0.01-n20" / "adapter_model.safetensors").is_file()
 
 
 def test_checkpoints_of_another_config_are_discarded(tmp_path):
