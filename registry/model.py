@@ -6,7 +6,9 @@ Why not `mlflow.transformers`: with a PeftModel over a LOCAL base it reloads wro
 - artifacts: `adapter` (the folder the train stage wrote: adapter weights, adapter_config.json,
   the tokenizer with its chat template) and `base_model` (a small JSON reference, see below);
 - model_config: precision (the base is loaded as it was trained: bf16, fp32 or 8-bit), greedy
-  `max_new_tokens`, `batch_size`, the system prompt (the paper's concise prompt);
+  `max_new_tokens`, `batch_size`, `system_prompt_text` (the paper's concise prompt; not
+  `system_prompt`, which the training run already holds as the short param "concise" and
+  MLflow, which copies model_config into the run's params, refuses to overwrite);
 - `predict(questions)` returns one answer per question, greedy, so the same input always gives
   the same text.
 
@@ -223,7 +225,7 @@ class ConversationalAdapterModel(mlflow.pyfunc.PythonModel):
         reference = json.loads(Path(context.artifacts[BASE_ARTIFACT]).read_text())
         base_dir = resolve_base_model(reference)
         self.precision = config.get("precision", "fp32")
-        self.system_prompt = config.get("system_prompt", CONCISE_SYSTEM_PROMPT)
+        self.system_prompt = config.get("system_prompt_text") or config.get("system_prompt") or CONCISE_SYSTEM_PROMPT
         self.max_new_tokens = int(config.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
         self.batch_size = int(config.get("batch_size", DEFAULT_BATCH_SIZE))
         self.model, self.tokenizer = load_adapter_model(
@@ -254,6 +256,22 @@ def pip_requirements() -> list[str]:
         except PackageNotFoundError:
             continue
     return pins
+
+
+def model_config(precision: str, max_new_tokens: int, batch_size: int, int8_threshold: float) -> dict[str, Any]:
+    """How the pyfunc loads and answers. MLflow also copies model_config into the active run's
+    params and drops the whole batch if one key would change a param the train stage logged, so
+    keys match those params: `int8_threshold` only for int8 (train logs None otherwise) and
+    `system_prompt_text` (train's `system_prompt` is the short name "concise")."""
+    config: dict[str, Any] = {
+        "precision": precision,
+        "max_new_tokens": int(max_new_tokens),
+        "batch_size": int(batch_size),
+        "system_prompt_text": CONCISE_SYSTEM_PROMPT,
+    }
+    if precision == "int8":
+        config["int8_threshold"] = float(int8_threshold)
+    return config
 
 
 def log_adapter_model(
@@ -289,13 +307,7 @@ def log_adapter_model(
             name=name,
             python_model=ConversationalAdapterModel(),
             artifacts={ADAPTER_ARTIFACT: str(adapter_dir), BASE_ARTIFACT: str(reference_file)},
-            model_config={
-                "precision": precision,
-                "max_new_tokens": int(max_new_tokens),
-                "batch_size": int(batch_size),
-                "int8_threshold": float(int8_threshold),
-                "system_prompt": CONCISE_SYSTEM_PROMPT,
-            },
+            model_config=model_config(precision, max_new_tokens, batch_size, int8_threshold),
             signature=signature,
             pip_requirements=pip_requirements(),
         )

@@ -295,6 +295,10 @@ def test_run_is_tracked_with_the_papers_params(trained):
     assert params["lora_dropout"] == "0.2"
     assert params["total_steps"] == str(EXPECTED_STEPS)
     assert len(params["base_model_sha256"]) == 64
+    # The logged pyfunc's model_config reaches the params too (MLflow refuses the whole batch if
+    # one key would change an existing param, e.g. a second "system_prompt").
+    assert params["system_prompt"] == "concise" and params["system_prompt_text"].startswith("You are")
+    assert params["max_new_tokens"] == "12"
     for metric in ("tokens_per_s", "peak_memory_mb", "wall_time_s", "train_runtime_s"):
         assert run.data.metrics[metric] > 0
     assert len(client.get_metric_history(result.run_id, "train_loss")) == EXPECTED_STEPS
