@@ -8,9 +8,9 @@ One stage for all models so the base model loads once (paper section 2.4, append
   from an older grid (DVC does not delete them) are skipped with a note; `--all-adapters`
   evaluates them too.
 
-Adapters are loaded into one PeftModel wrapped around the already loaded base: load_adapter +
-set_adapter, and the previous adapter is deleted, so switching costs milliseconds and memory
-stays flat however large the grid is. The base is answered first, before any LoRA layer exists.
+Adapters are loaded into one PeftModel wrapped around the already loaded base: the previous
+adapter is deleted (and any biases it wrote into the base restored), then load_adapter +
+set_adapter, so switching costs milliseconds and memory stays flat however large the grid is. The base is answered first, before any LoRA layer exists.
 
 Generation is greedy, batched (left padding, batches of prompts of similar token length, the
 original order restored) and stops at the end of the assistant turn. The stop ids are derived,
@@ -391,32 +391,55 @@ def generate_answers(
 class AdapterSwitcher:
     """Activates each model on one loaded base: the bare base, or one LoRA adapter at a time.
 
-    The first adapter wraps the base in a PeftModel; later ones are loaded into it and the
-    previous one deleted. The base after that runs under `disable_adapter()`.
+    The first adapter wraps the base in a PeftModel. To switch, the active adapter is deleted
+    *before* the next one is loaded: PEFT refuses a second adapter next to one trained with
+    biases (`lora_bias: lora_only`, the paper's setting), and such an adapter writes its biases
+    into the base layers, which deleting it does not undo. So the base's bias tensors are copied
+    once (they are small) and put back before each adapter loads and before the base answers.
     """
 
     def __init__(self, base_model):
         self.base_model = base_model
         self.peft_model = None
         self.active: str | None = None
+        self._base_biases = [
+            (parameter, parameter.detach().clone())
+            for name, parameter in base_model.named_parameters() if name.endswith(".bias")
+        ]
 
     @staticmethod
     def adapter_key(name: str) -> str:
         """PEFT keeps adapters in a ModuleDict, whose keys may not contain '.'."""
         return re.sub(r"[^A-Za-z0-9_-]", "_", name)
 
+    def restore_base_biases(self) -> None:
+        """Put back the biases the base had before any adapter (a no-op for bias-free models)."""
+        import torch
+
+        with torch.no_grad():
+            for parameter, original in self._base_biases:
+                parameter.copy_(original)
+
+    def unload_active(self) -> None:
+        """Delete the active adapter and undo what it wrote into the base."""
+        if self.peft_model is not None and self.active is not None:
+            self.peft_model.delete_adapter(self.active)
+            self.active = None
+        self.restore_base_biases()
+
     def load(self, name: str, adapter_dir: Path):
         """Make `adapter_dir` the only loaded, active adapter; returns the model to generate with."""
         key = self.adapter_key(name)
+        if key == self.active:
+            return self.peft_model.eval()
+        self.unload_active()
         if self.peft_model is None:
             from peft import PeftModel
 
             self.peft_model = PeftModel.from_pretrained(self.base_model, str(adapter_dir), adapter_name=key)
-        elif key != self.active:
+        else:
             self.peft_model.load_adapter(str(adapter_dir), adapter_name=key)
             self.peft_model.set_adapter(key)
-            if self.active is not None:
-                self.peft_model.delete_adapter(self.active)
         self.active = key
         return self.peft_model.eval()
 
@@ -426,11 +449,8 @@ class AdapterSwitcher:
         if spec.adapter_dir is not None:
             yield self.load(spec.name, spec.adapter_dir)
             return
-        if self.peft_model is None:
-            yield self.base_model
-            return
-        with self.peft_model.disable_adapter():
-            yield self.peft_model
+        self.unload_active()  # no adapter left in the LoRA layers, base biases back: the bare base
+        yield self.base_model.eval()
 
 
 def answer_all(

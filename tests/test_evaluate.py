@@ -65,19 +65,20 @@ def load_tiny(tiny_llama_dir):
     return AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
 
 
-def save_random_adapter(tiny_llama_dir, folder: Path, seed: int, r: int = 4) -> Path:
-    """A LoRA adapter with random (non-zero) B matrices, so it really changes the answers."""
+def save_random_adapter(tiny_llama_dir, folder: Path, seed: int, r: int = 4, bias: str = "none") -> Path:
+    """A LoRA adapter with random (non-zero) B matrices, so it really changes the answers; with
+    `bias="lora_only"` (the paper's setting) the adapted layers' biases are random too."""
     import torch
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
     config = LoraConfig(
-        r=r, lora_alpha=2 * r, target_modules=["q_proj", "k_proj", "v_proj"], init_lora_weights=False
+        r=r, lora_alpha=2 * r, target_modules=["q_proj", "k_proj", "v_proj"], init_lora_weights=False, bias=bias
     )
     model = get_peft_model(load_tiny(tiny_llama_dir), config)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
-            if "lora_B" in name:
+            if "lora_B" in name or (name.endswith(".bias") and parameter.requires_grad):
                 parameter.normal_(0, 0.5)
     model.save_pretrained(folder)
     return folder
@@ -157,12 +158,35 @@ def test_batched_greedy_answers_equal_one_at_a_time(chatty_llama_dir, tokenizer)
     assert all(answer == answer.strip() for answer in batched.answers)
 
 
-def test_adapters_switch_on_one_base_and_match_a_fresh_load(chatty_llama_dir, tokenizer, tmp_path):
-    tiny_llama_dir = chatty_llama_dir
+@pytest.fixture(scope="module")
+def biased_llama_dir(chatty_llama_dir, tmp_path_factory) -> Path:
+    """chatty_llama_dir with biases in attention (like Qwen), so `lora_only` adapters carry biases."""
+    import torch
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    config = AutoConfig.from_pretrained(chatty_llama_dir)
+    config.attention_bias = True
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("biased_llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    for path in Path(chatty_llama_dir).iterdir():
+        if "token" in path.name or path.suffix == ".jinja":
+            shutil.copy(path, folder / path.name)
+    return folder
+
+
+@pytest.mark.parametrize("bias", ["none", "lora_only", "lora_only-biased-base"])
+def test_adapters_switch_on_one_base_and_match_a_fresh_load(chatty_llama_dir, biased_llama_dir, tokenizer, tmp_path,
+                                                            bias):
+    """Every order of base and adapters gives exactly what a fresh load gives. `lora_only` (the
+    paper's and the demo's setting) once crashed the evaluate stage: PEFT refuses a second
+    adapter beside a biased one; on a base with biases the adapter also overwrites them."""
+    tiny_llama_dir = biased_llama_dir if bias.endswith("biased-base") else chatty_llama_dir
+    bias = bias.removesuffix("-biased-base")
     from peft import PeftModel
 
-    adapter_a = save_random_adapter(tiny_llama_dir, tmp_path / "lora-bf16-r4-lr0.001-n10", seed=1)
-    adapter_b = save_random_adapter(tiny_llama_dir, tmp_path / "lora-int8-r8-lr0.0002-n20", seed=2, r=8)
+    adapter_a = save_random_adapter(tiny_llama_dir, tmp_path / "lora-bf16-r4-lr0.001-n10", seed=1, bias=bias)
+    adapter_b = save_random_adapter(tiny_llama_dir, tmp_path / "lora-int8-r8-lr0.0002-n20", seed=2, r=8, bias=bias)
     prompts = evaluate.build_prompts(tokenizer, SYSTEM_PROMPT, QUESTIONS[:4])
     base = load_tiny(tiny_llama_dir)
     stop_ids = evaluate.end_of_turn_ids(tokenizer, base.generation_config)
@@ -181,15 +205,15 @@ def test_adapters_switch_on_one_base_and_match_a_fresh_load(chatty_llama_dir, to
         "base": evaluate.ModelSpec("base", "base", "verbose", ""),
     }
     seen = {}
-    for key in ["a", "b", "base", "a"]:
+    for key in ["a", "b", "base", "a", "b"]:
         with switcher.activate(specs[key]) as model:
             seen.setdefault(key, []).append(answers(model))
     assert seen["a"][0] != base_answers and seen["b"][0] != seen["a"][0]
     assert seen["a"][0] == fresh(adapter_a)  # batched on the shared base == one at a time, fresh load
     assert seen["b"][0] == fresh(adapter_b)
-    assert seen["base"][0] == base_answers  # disable_adapter restores the base
-    assert seen["a"][1] == seen["a"][0]  # reloading after a switch is exact
-    assert list(switcher.peft_model.peft_config) == [switcher.adapter_key(adapter_a.name)]  # one loaded at a time
+    assert seen["base"][0] == base_answers  # the bare base again, biases included
+    assert seen["a"][1] == seen["a"][0] and seen["b"][1] == seen["b"][0]  # reloading after a switch is exact
+    assert list(switcher.peft_model.peft_config) == [switcher.adapter_key(adapter_b.name)]  # one loaded at a time
 
 
 def bigram_model(tokenizer, prompt_last_token: int, chain: list[int]):
@@ -251,8 +275,9 @@ def stage_dir(tmp_path, monkeypatch, chatty_llama_dir, write_params):
 
     shutil.copytree(chatty_llama_dir, tmp_path / "models" / "base")
     adapters = tmp_path / "models" / "adapters"
-    save_random_adapter(chatty_llama_dir, adapters / "lora-bf16-r4-lr0.001-n10", seed=1)
-    save_random_adapter(chatty_llama_dir, adapters / "lora-int8-r4-lr0.001-n10", seed=2)
+    # bias "lora_only", as the train stage saves them with the paper's params
+    save_random_adapter(chatty_llama_dir, adapters / "lora-bf16-r4-lr0.001-n10", seed=1, bias="lora_only")
+    save_random_adapter(chatty_llama_dir, adapters / "lora-int8-r4-lr0.001-n10", seed=2, bias="lora_only")
     shutil.copytree(adapters / "lora-int8-r4-lr0.001-n10", adapters / "lora-int8-r4-lr0.001-n99")  # an older grid's
     (adapters / "not-an-adapter").mkdir()
     (tmp_path / "data" / "splits").mkdir(parents=True)
