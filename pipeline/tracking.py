@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import warnings
 from pathlib import Path
 
 from pipeline.config import TrackingConfig
@@ -112,10 +113,13 @@ def log_dataset_input(frame, path: str | Path, context: str, name: str | None = 
 
     path = Path(path)
     md5 = file_md5(path)
-    dataset = mlflow.data.from_pandas(
-        frame, source=path.as_posix(), name=name or path.stem, digest=md5
-    )
-    mlflow.log_input(dataset, context=context, tags={"dvc_md5": md5, "path": path.as_posix()})
+    with warnings.catch_warnings():  # two notes per split that no user can act on:
+        # MLflow registers its local-file source class twice and says the path is ambiguous, and
+        # its schema inference explains that integer columns cannot hold missing values.
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted", category=UserWarning)
+        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer", category=UserWarning)
+        dataset = mlflow.data.from_pandas(frame, source=path.as_posix(), name=name or path.stem, digest=md5)
+        mlflow.log_input(dataset, context=context, tags={"dvc_md5": md5, "path": path.as_posix()})
     tag_prefix = f"dataset.{name or path.stem}"
     tags = {f"{tag_prefix}.path": path.as_posix(), f"{tag_prefix}.dvc_md5": md5}
     locked = locked_md5(path)

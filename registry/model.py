@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -300,7 +301,9 @@ def log_adapter_model(
             ParamSpec("batch_size", "long", int(batch_size)),
         ]),
     )
-    with tempfile.TemporaryDirectory() as scratch:
+    with tempfile.TemporaryDirectory() as scratch, warnings.catch_warnings():
+        # The signature above is explicit; MLflow still suggests type hints on `predict` instead.
+        warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method", category=UserWarning)
         reference_file = Path(scratch) / BASE_REFERENCE_FILE
         reference_file.write_text(json.dumps(base_reference, indent=2) + "\n")
         return mlflow.pyfunc.log_model(
