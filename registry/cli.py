@@ -109,9 +109,10 @@ def cmd_summary(args: argparse.Namespace) -> int:
     config = load_config()
     name = config.promote.registered_model_name
     version = version_by_alias(open_client(config), name, PRODUCTION)
-    if version is None:
-        print(f"{name}: no {PRODUCTION} version yet (run `dvc repro promote`)", file=sys.stderr)
-        return 1
+    if version is None:  # e.g. the policy found no eligible adapter: the promote stage said why
+        print(f"{name}: no {PRODUCTION} version (the promote stage's message says why; "
+              "`python -m registry list` shows the registered versions)")
+        return 0
     tags = version.tags
     uri = f"models:/{name}@{PRODUCTION}"
     print(f"Production model: {name} v{version.version} (alias {PRODUCTION}, stage {version.current_stage})")

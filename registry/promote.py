@@ -39,8 +39,9 @@ run wins, a duplicate this process created is deleted) and the alias is re-read 
 Two such processes promoting *different* runs at the same instant end with one Production
 version (the last writer's), but `previous` may skip the other one.
 
-Exit codes: 0 promoted, or nothing to do (already Production, or the stage kept a Production
-version that is at least as good); 1 refused by the gate; 2 bad input (one line on stderr).
+Exit codes: 0 promoted, or nothing to do (already Production, the stage kept a Production
+version that is at least as good, or no adapter passes the similarity guard: "NOT PROMOTED");
+1 refused by the gate (data quality, or an explicit VERSION not better); 2 bad input.
 """
 
 from __future__ import annotations
@@ -638,7 +639,7 @@ def promotion_tags(mode: str, forced: bool, reason: str | None, overridden: list
 
 @dataclass(frozen=True)
 class Outcome:
-    """What an operation did, for the CLI: `action` promoted/noop/kept/refused/rolled-back."""
+    """What an operation did, for the CLI: `action` promoted/noop/kept/none-eligible/refused/rolled-back."""
 
     action: str
     message: str
@@ -720,7 +721,11 @@ def promote_best(config: Config, eval_dir: Path = EVAL_DIR, summary_path: Path =
             candidate = next((c for c in rank(candidates) if c.run_id), None)
             run = get_run(client, candidate.run_id) if candidate else None
         if candidate is None:
-            return Outcome("refused", "; ".join(["no adapter is eligible for promotion", *notes]), exit_code=1)
+            # A policy decision, not a failure: like "kept", the stage ends 0 so `dvc repro` and
+            # `make demo` complete and say so; production (if any) is left as it was.
+            message = "; ".join(["NOT PROMOTED: no adapter is eligible for promotion", *notes])
+            return Outcome("none-eligible", message + "\n  production is unchanged; to override the policy: "
+                           "python -m registry promote --force --reason TEXT")
         production = version_by_alias(client, name, PRODUCTION)
         if production is not None and (production.tags.get(RUN_TAG) or production.run_id) == run.info.run_id:
             message = f"{name} v{production.version} ({candidate.model}) is already production: nothing to do"

@@ -520,8 +520,10 @@ def test_gate_refuses_a_worse_candidate_and_a_lossy_one(ws, registry_name, tmp_p
     # the similarity guard: B is the most conversational but loses too much similarity
     lossy = promote(write_eval(tmp_path / "lossy", ws, B=(95.0, 0.60), C=(70.0, 0.70)))
     assert lossy.action == "noop" and f"v2 ({ws['runs']['C']['name']}) is already production" in lossy.message
-    code, _, err = cli(capsys, "promote", "--metrics-dir", str(write_eval(tmp_path / "only-lossy", ws, B=(95.0, 0.60))))
-    assert code == 1 and "no adapter is eligible" in err and "below the similarity floor 0.680" in err
+    # none eligible: a policy decision (exit 0, so `dvc repro` completes), production untouched
+    code, out, _ = cli(capsys, "promote", "--metrics-dir", str(write_eval(tmp_path / "only-lossy", ws, B=(95.0, 0.60))))
+    assert code == 0 and "NOT PROMOTED: no adapter is eligible" in out and "below the similarity floor 0.680" in out
+    assert "--force --reason" in out and production_of(registry_name) == "2"
 
 
 def test_failed_data_quality_refuses_unless_forced_with_a_reason(ws, registry_name, tmp_path, capsys):
