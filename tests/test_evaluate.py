@@ -26,6 +26,13 @@ QUESTIONS = [
 SYSTEM_PROMPT = "You are a helpful assistant."
 
 
+def copy_tokenizer(source: Path, folder: Path) -> None:
+    """The tokenizer files and chat template of one model folder, into another."""
+    for path in Path(source).iterdir():
+        if "token" in path.name or path.suffix == ".jinja":
+            shutil.copy(path, folder / path.name)
+
+
 @pytest.fixture(scope="module")
 def chatty_llama_dir(tiny_llama_dir, tmp_path_factory) -> Path:
     """tiny_llama_dir's architecture and tokenizer, but untied and initialised 5x larger.
@@ -42,9 +49,7 @@ def chatty_llama_dir(tiny_llama_dir, tmp_path_factory) -> Path:
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("chatty_llama")
     LlamaForCausalLM(config).save_pretrained(folder)
-    for path in Path(tiny_llama_dir).iterdir():
-        if "token" in path.name or path.suffix == ".jinja":
-            shutil.copy(path, folder / path.name)
+    copy_tokenizer(tiny_llama_dir, folder)
     return folder
 
 
@@ -169,9 +174,7 @@ def biased_llama_dir(chatty_llama_dir, tmp_path_factory) -> Path:
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("biased_llama")
     LlamaForCausalLM(config).save_pretrained(folder)
-    for path in Path(chatty_llama_dir).iterdir():
-        if "token" in path.name or path.suffix == ".jinja":
-            shutil.copy(path, folder / path.name)
+    copy_tokenizer(chatty_llama_dir, folder)
     return folder
 
 
