@@ -110,14 +110,9 @@ class GenerationResult:
 
 def read_validation(path: Path, limit: int | None) -> pd.DataFrame:
     """The validation split (question + reference answer), first `limit` rows if set."""
-    import pandas as pd
+    from pipeline.tables import read_table
 
-    if not path.exists():
-        raise TonetuneError(f"{path}: validation split not found (run `dvc repro split` first)")
-    frame = pd.read_parquet(path)
-    missing = [column for column in ("question", "answer") if column not in frame.columns]
-    if missing:
-        raise TonetuneError(f"{path}: missing column(s) {missing}; it has {list(frame.columns)}")
+    frame = read_table(path, ("question", "answer"), "the validation split; run `dvc repro split` first")
     if frame.empty:
         raise TonetuneError(f"{path}: the validation split is empty")
     if limit is not None:

@@ -121,14 +121,9 @@ def model_name(base_model: str, n_train: int | None = None) -> str:
 
 def read_split(path: Path, what: str) -> pd.DataFrame:
     """A split parquet with question and answer columns (one line when it is missing or wrong)."""
-    import pandas as pd
+    from pipeline.tables import read_table
 
-    if not path.is_file():
-        raise TonetuneError(f"{path}: {what} split not found (run `dvc repro split` first)")
-    frame = pd.read_parquet(path)
-    missing = [column for column in ("question", "answer") if column not in frame.columns]
-    if missing:
-        raise TonetuneError(f"{path}: missing column(s) {missing}; it has {list(frame.columns)}")
+    frame = read_table(path, ("question", "answer"), f"the {what} split; run `dvc repro split` first")
     return frame.reset_index(drop=True)
 
 
