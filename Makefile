@@ -36,7 +36,7 @@ $(STAMP): $(PY) requirements.lock pyproject.toml
 	$(PIP) install --quiet --no-deps --no-build-isolation -e .
 	@if [ "$(ALLOW_CUDA)" != 1 ] && $(PIP) list 2>/dev/null | grep -i '^nvidia-'; then \
 	  echo "error: CUDA packages (nvidia-*) were installed; torch must be the CPU build 2.13.0 (set ALLOW_CUDA=1 on a GPU machine)" >&2; exit 1; fi
-	$(PY) -m pipeline.assets
+	$(PY) -m pipeline.core.assets
 	touch $(STAMP)
 
 setup: $(STAMP)  ## create .venv, install pinned dependencies, prepare offline assets

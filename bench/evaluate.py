@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline import evaluate  # noqa: E402
-from pipeline.config import BASE_MODEL_DIR  # noqa: E402
+from pipeline.core.config import BASE_MODEL_DIR  # noqa: E402
 
 QUESTIONS = [
     "Why did the Roman Empire split into an eastern and a western half?",
@@ -142,7 +142,7 @@ def main(argv=None) -> None:
         raise SystemExit(f"error: {args.base} missing; build it with `.venv/bin/python -m pipeline.base_model`")
     import torch
 
-    from pipeline.system_prompts import CONCISE_SYSTEM_PROMPT
+    from pipeline.core.system_prompts import CONCISE_SYSTEM_PROMPT
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,4 +1,4 @@
-"""Benchmark pipeline.textmetrics at the paper's scale (10,000 pairs).
+"""Benchmark pipeline.core.textmetrics at the paper's scale (10,000 pairs).
 
   python bench/textmetrics.py            # prints markdown rows, updates "## textmetrics" in BENCHMARKS.md
   python bench/textmetrics.py --n 2000   # a quicker run (not written to BENCHMARKS.md unless --write)
@@ -33,8 +33,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline.config import SECTIONS_PATH, EmbeddingsConfig  # noqa: E402
-from pipeline.textmetrics import (  # noqa: E402
+from pipeline.core.config import SECTIONS_PATH, EmbeddingsConfig  # noqa: E402
+from pipeline.core.textmetrics import (  # noqa: E402
     NearDuplicateIndex,
     flesch_reading_ease,
     flesch_reading_ease_batch,

@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO_ROOT))
 os.chdir(REPO_ROOT)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from pipeline.config import BASE_MODEL_DIR, SPLITS_DIR, load_config  # noqa: E402
+from pipeline.core.config import BASE_MODEL_DIR, SPLITS_DIR, load_config  # noqa: E402
 
 BENCHMARKS_FILE = REPO_ROOT / "BENCHMARKS.md"
 SECTION_HEADER = "## train"
@@ -102,7 +102,7 @@ def naive_dataset(frame, tokenizer):
     """Chat-template examples, prompt masked, every one padded to the dataset's longest."""
     import datasets
 
-    from pipeline.system_prompts import chat_messages
+    from pipeline.core.system_prompts import chat_messages
 
     encoded = []
     for question, answer in zip(frame["question"], frame["answer"], strict=True):

@@ -27,8 +27,8 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.config import BASE_MODEL_DIR, BaseModelConfig, load_config
-from pipeline.errors import TonetuneError, exit_on_user_error
+from pipeline.core.config import BASE_MODEL_DIR, BaseModelConfig, load_config
+from pipeline.core.errors import TonetuneError, exit_on_user_error
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -187,7 +187,7 @@ def build_base_model(config: BaseModelConfig, output: Path) -> dict:
         gguf_path = None
         model, tokenizer = snapshot_hub_model(config.hub_id, config.revision, config.dtype)
     else:
-        from pipeline.assets import smollm2_gguf_path
+        from pipeline.core.assets import smollm2_gguf_path
 
         gguf_path = smollm2_gguf_path()
         model, tokenizer = convert_packaged_gguf(gguf_path, config.dtype)

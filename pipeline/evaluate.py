@@ -20,8 +20,8 @@ with the model's generation_config and tokenizer eos ids. Without this, models w
 the end-of-turn token run on to max_new_tokens and distort both Flesch and similarity. Answers
 are cut at the first stop id and decoded without special tokens.
 
-Scoring (pipeline.evalmetrics, shared with the OpenAI arm): Flesch reading ease per answer
-(pipeline.textmetrics), cosine similarity of answer and reference answer embeddings (the
+Scoring (pipeline.core.evalmetrics, shared with the OpenAI arm): Flesch reading ease per answer
+(pipeline.core.textmetrics), cosine similarity of answer and reference answer embeddings (the
 `embeddings` params), then % conversational with a bootstrap interval, mean/median Flesch, mean
 similarity and answer length.
 
@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.config import (
+from pipeline.core.config import (
     ADAPTERS_DIR,
     BASE_MODEL_DIR,
     METRICS_DIR,
@@ -59,7 +59,7 @@ from pipeline.config import (
     TrainConfig,
     load_config,
 )
-from pipeline.errors import TonetuneError, exit_on_user_error
+from pipeline.core.errors import TonetuneError, exit_on_user_error
 
 if TYPE_CHECKING:
     import numpy as np
@@ -110,7 +110,7 @@ class GenerationResult:
 
 def read_validation(path: Path, limit: int | None) -> pd.DataFrame:
     """The validation split (question + reference answer), first `limit` rows if set."""
-    from pipeline.tables import read_table
+    from pipeline.core.tables import read_table
 
     frame = read_table(path, ("question", "answer"), "the validation split; run `dvc repro split` first")
     if frame.empty:
@@ -155,7 +155,7 @@ def check_base_model(model_dir: Path) -> None:
 
 def system_prompts() -> tuple[str, str]:
     """The paper's (verbose, concise) system prompts, appendix A.5."""
-    from pipeline.system_prompts import CONCISE_SYSTEM_PROMPT, VERBOSE_SYSTEM_PROMPT
+    from pipeline.core.system_prompts import CONCISE_SYSTEM_PROMPT, VERBOSE_SYSTEM_PROMPT
 
     return VERBOSE_SYSTEM_PROMPT, CONCISE_SYSTEM_PROMPT
 
@@ -304,7 +304,7 @@ def end_of_turn_ids(tokenizer, generation_config=None) -> list[int]:
 def build_prompts(tokenizer, system_prompt: str, questions: Sequence[str]) -> list[str]:
     """Chat-formatted prompts (system + user turn + the assistant header) as text, built by the
     same `chat_messages` the train stage uses, so an adapter sees the prompt it was trained on."""
-    from pipeline.system_prompts import chat_messages
+    from pipeline.core.system_prompts import chat_messages
 
     return [
         tokenizer.apply_chat_template(chat_messages(question, system_prompt), tokenize=False, add_generation_prompt=True)
@@ -471,7 +471,7 @@ def score_answers(
     import numpy as np
     import pandas as pd
 
-    from pipeline.textmetrics import cosine_similarity, flesch_reading_ease_batch
+    from pipeline.core.textmetrics import cosine_similarity, flesch_reading_ease_batch
 
     flesch = flesch_reading_ease_batch(result.answers)
     flesch[[not answer for answer in result.answers]] = np.nan
@@ -537,7 +537,7 @@ def log_evaluation(
     table on `run_id`, or on a new run `eval-<model>` when there is none; returns the run id."""
     import mlflow
 
-    from pipeline.tracking import code_version_tags, log_dataset_input
+    from pipeline.core.tracking import code_version_tags, log_dataset_input
 
     client = mlflow.MlflowClient()
     metrics = {
@@ -669,7 +669,7 @@ class Evaluation:
 
     def record(self, spec: ModelSpec, result: GenerationResult) -> dict[str, Any]:
         """Score one model's answers, write its predictions and metrics, log them; return the record."""
-        from pipeline.evalmetrics import metrics_record, summarize_predictions
+        from pipeline.core.evalmetrics import metrics_record, summarize_predictions
 
         settings = self.config.evaluate
         predictions = score_answers(self.validation, result, self.reference_vectors, self.embedder)
@@ -695,13 +695,13 @@ class Evaluation:
 
 def prepare(config: Config, validation: pd.DataFrame, use_mlflow: bool) -> Evaluation:
     """Load the embedder, embed the references once, and connect to MLflow."""
-    from pipeline.textmetrics import load_embedder
+    from pipeline.core.textmetrics import load_embedder
 
     client = experiment_id = None
     if use_mlflow:
         import mlflow
 
-        from pipeline.tracking import configure_mlflow
+        from pipeline.core.tracking import configure_mlflow
 
         experiment_id = configure_mlflow(config.tracking)
         client = mlflow.MlflowClient()

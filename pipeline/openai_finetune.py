@@ -29,7 +29,7 @@ A fine-tuning run, in order (each step is skipped when it was done before, see "
 6. evaluation through chat completions with the concise prompt (the base model: the verbose one),
    through the generator's client (pipeline.generate.client: concurrency, rate limits, retries,
    a durable response cache, so a re-run pays for nothing already answered), scored by the same
-   code as the LoRA adapters (pipeline.evaluate.score_answers + pipeline.evalmetrics).
+   code as the LoRA adapters (pipeline.evaluate.score_answers + pipeline.core.evalmetrics).
 
 Idempotence. A job is identified by (base model, sha256 of the training file [and of the
 validation file], method and hyperparameters, seed): the identity digest. Every file id, job id
@@ -74,8 +74,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from pipeline.config import METRICS_DIR, REPORTS_DIR, VAL_SPLIT_PATH, Config, OpenAIConfig, load_config
-from pipeline.errors import TonetuneError, exit_on_user_error
+from pipeline.core.config import METRICS_DIR, REPORTS_DIR, VAL_SPLIT_PATH, Config, OpenAIConfig, load_config
+from pipeline.core.errors import TonetuneError, exit_on_user_error
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -121,7 +121,7 @@ def model_name(base_model: str, n_train: int | None = None) -> str:
 
 def read_split(path: Path, what: str) -> pd.DataFrame:
     """A split parquet with question and answer columns (one line when it is missing or wrong)."""
-    from pipeline.tables import read_table
+    from pipeline.core.tables import read_table
 
     frame = read_table(path, ("question", "answer"), f"the {what} split; run `dvc repro split` first")
     return frame.reset_index(drop=True)
@@ -129,7 +129,7 @@ def read_split(path: Path, what: str) -> pd.DataFrame:
 
 def chat_examples(frame: pd.DataFrame, system_prompt: str) -> list[dict[str, Any]]:
     """One fine-tuning example per row: system prompt, the question, the answer to learn."""
-    from pipeline.system_prompts import chat_messages
+    from pipeline.core.system_prompts import chat_messages
 
     return [
         {"messages": [*chat_messages(str(question), system_prompt), {"role": "assistant", "content": str(answer)}]}
@@ -559,7 +559,7 @@ def start_run(config: Config, name: str, run_id: str | None, tags: dict[str, str
     """Re-open `run_id` when the store still has it, else start a run named `name`."""
     import mlflow
 
-    from pipeline.tracking import code_version_tags, configure_mlflow
+    from pipeline.core.tracking import code_version_tags, configure_mlflow
 
     configure_mlflow(config.tracking)
     if run_id:
@@ -580,11 +580,11 @@ def ask_all(model: str, system_prompt: str, questions: list[str], config: Config
     client (cache, concurrency, rate limits, retries). A question still unanswered after its
     retries fails the stage in one line; the answers received are cached, so a re-run pays only
     for the rest. `stopped` is finish_reason == "stop" (not cut off at max_tokens)."""
-    from pipeline.config import GenerateConfig
+    from pipeline.core.config import GenerateConfig
+    from pipeline.core.system_prompts import chat_messages
     from pipeline.evaluate import GenerationResult
     from pipeline.generate.cache import ResponseCache
     from pipeline.generate.client import ChatClient, OpenAIBackend, RequestFailed, RequestSettings, StepKey
-    from pipeline.system_prompts import chat_messages
 
     settings = config.openai
     client_config = GenerateConfig(
@@ -634,10 +634,10 @@ def ask_all(model: str, system_prompt: str, questions: list[str], config: Config
 def score(name: str, kind: str, base_model: str, answers, validation: pd.DataFrame, config: Config,
           extra: dict[str, Any]) -> tuple[dict[str, Any], pd.DataFrame]:
     """The predictions table and metrics record, computed exactly as for the LoRA adapters."""
-    from pipeline.evalmetrics import metrics_record, summarize_predictions
+    from pipeline.core.evalmetrics import metrics_record, summarize_predictions
+    from pipeline.core.textmetrics import load_embedder
     from pipeline.evaluate import score_answers
     from pipeline.report import openai_family
-    from pipeline.textmetrics import load_embedder
 
     embedder = load_embedder(config.embeddings)
     references = embedder.encode(validation["answer"].astype(str).tolist())
@@ -653,9 +653,9 @@ def evaluate_model(name: str, kind: str, base_model: str, model_id: str, prompt_
     """Answer, score, write predictions.parquet + metrics.json, and log both to the active run."""
     import mlflow
 
+    from pipeline.core.system_prompts import SYSTEM_PROMPTS
+    from pipeline.core.tracking import log_dataset_input
     from pipeline.evaluate import MLFLOW_METRIC_PREFIX, _predictions_artifact, write_predictions
-    from pipeline.system_prompts import SYSTEM_PROMPTS
-    from pipeline.tracking import log_dataset_input
 
     questions = validation["question"].astype(str).tolist()
     print(f"openai: evaluating {model_id} ({prompt_name} prompt) on {len(questions)} validation questions", flush=True)
@@ -911,9 +911,9 @@ def run_finetune(config: Config, target: Target, out_dir: Path, api: FineTuningA
     """Fine-tune (or resume), record everything in MLflow, evaluate; returns the status record."""
     import mlflow
 
+    from pipeline.core.system_prompts import CONCISE_SYSTEM_PROMPT
+    from pipeline.core.tracking import log_dataset_input
     from pipeline.evaluate import read_validation
-    from pipeline.system_prompts import CONCISE_SYSTEM_PROMPT
-    from pipeline.tracking import log_dataset_input
 
     settings = config.openai
     train = read_split(target.train_path, "training")

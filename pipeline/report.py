@@ -1,6 +1,6 @@
 """Stage `report`: the paper's results, in the paper's shapes, from the per-model metrics files.
 
-Reads metrics/eval/*.json (written by `evaluate`, one per model; see pipeline.evalmetrics for
+Reads metrics/eval/*.json (written by `evaluate`, one per model; see pipeline.core.evalmetrics for
 the record) and, when the OpenAI arm has run, metrics/openai/*.json, and writes:
 
 - reports/results.md: the first table of appendix A.6 (base vs best fine-tuned % conversational
@@ -28,8 +28,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.config import METRICS_DIR, REPORTS_DIR, OpenAIConfig, load_config
-from pipeline.errors import TonetuneError, exit_on_user_error
+from pipeline.core.config import METRICS_DIR, REPORTS_DIR, OpenAIConfig, load_config
+from pipeline.core.errors import TonetuneError, exit_on_user_error
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -64,7 +64,7 @@ def load_records(folders: Iterable[Path] = METRICS_DIRS) -> list[dict[str, Any]]
                 raise TonetuneError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from None
             missing = [key for key in ("model", "kind", "pct_conversational") if key not in record]
             if missing:
-                raise TonetuneError(f"{path}: not a metrics record, missing {missing} (see pipeline/evalmetrics.py)")
+                raise TonetuneError(f"{path}: not a metrics record, missing {missing} (see pipeline/core/evalmetrics.py)")
             records.append(record)
     return records
 
@@ -462,7 +462,7 @@ def log_report(paths: Sequence[Path], records: Sequence[dict[str, Any]], trackin
     """One MLflow run `report` with results.md, the figures and the plot data; returns its id."""
     import mlflow
 
-    from pipeline.tracking import code_version_tags, configure_mlflow
+    from pipeline.core.tracking import code_version_tags, configure_mlflow
 
     configure_mlflow(tracking)
     with mlflow.start_run(run_name="report") as run:

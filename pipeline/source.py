@@ -20,8 +20,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.config import SECTIONS_PATH, SourceConfig, load_config
-from pipeline.errors import TonetuneError, exit_on_user_error
+from pipeline.core.config import SECTIONS_PATH, SourceConfig, load_config
+from pipeline.core.errors import TonetuneError, exit_on_user_error
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -128,7 +128,7 @@ def load_raw_corpus(config: SourceConfig) -> pd.DataFrame:
 
 def write_sections(sections: pd.DataFrame, path: Path) -> None:
     """Write atomically (temp file + rename) so a crash never leaves half a parquet file."""
-    from pipeline.tables import write_table
+    from pipeline.core.tables import write_table
 
     write_table(sections, path)
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.config import (
+from pipeline.core.config import (
     GENERATION_MANIFEST_PATH,
     METRICS_DIR,
     PAIRS_PATH,
@@ -35,7 +35,7 @@ from pipeline.config import (
     SplitConfig,
     load_config,
 )
-from pipeline.errors import TonetuneError, exit_on_user_error
+from pipeline.core.errors import TonetuneError, exit_on_user_error
 
 if TYPE_CHECKING:
     import numpy as np
@@ -75,7 +75,7 @@ def plan_split(n_rows: int, val_size: int, train_sizes: list[int], seed: int) ->
 
 def check_gate(summary_path: Path, pairs_path: Path) -> dict:
     """The validate stage's verdict, only if it passed for exactly this pairs.parquet."""
-    from pipeline.dvcmeta import file_md5
+    from pipeline.core.dvcmeta import file_md5
 
     if not pairs_path.exists():
         raise TonetuneError(f"{pairs_path} not found: run the generate stage first")
@@ -111,7 +111,7 @@ def split_stats(frame: pd.DataFrame) -> dict[str, float | int]:
     """Rows, Flesch (recomputed) mean/median/min and mean answer/question length of one split."""
     import numpy as np
 
-    from pipeline.textmetrics import flesch_reading_ease_batch
+    from pipeline.core.textmetrics import flesch_reading_ease_batch
 
     flesch = flesch_reading_ease_batch(frame["answer"].tolist())
     return {
@@ -162,7 +162,7 @@ def log_split_run(config, frames: dict[str, pd.DataFrame], paths: dict[str, Path
     """One MLflow run `split`: each file as a dataset input (DVC md5 as digest), lineage tags."""
     import mlflow
 
-    from pipeline.tracking import code_version_tags, configure_mlflow, log_dataset_input
+    from pipeline.core.tracking import code_version_tags, configure_mlflow, log_dataset_input
 
     configure_mlflow(config.tracking)
     # MLflow warns about every pandas dataset: the local path "could be" two source types, and

@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.config import (
+from pipeline.core.config import (
     ADAPTERS_DIR,
     BASE_MODEL_DIR,
     VAL_SPLIT_PATH,
@@ -59,8 +59,8 @@ from pipeline.config import (
     load_config,
     train_split_path,
 )
-from pipeline.errors import TonetuneError, exit_on_user_error
-from pipeline.system_prompts import CONCISE_SYSTEM_PROMPT, chat_messages
+from pipeline.core.errors import TonetuneError, exit_on_user_error
+from pipeline.core.system_prompts import CONCISE_SYSTEM_PROMPT, chat_messages
 
 if TYPE_CHECKING:
     import datasets
@@ -176,7 +176,7 @@ def check_inputs(point: GridPoint, paths: TrainPaths) -> None:
 # --------------------------------------------------------------------------- data
 def read_split(path: Path, expected_rows: int | None = None) -> pd.DataFrame:
     """A split parquet with non-empty `question` and `answer` columns (and `expected_rows` rows)."""
-    from pipeline.tables import read_table
+    from pipeline.core.tables import read_table
 
     frame = read_table(path, REQUIRED_COLUMNS, "run the split stage first (dvc repro split)")
     if frame.empty:
@@ -683,7 +683,7 @@ def start_tracking(config: Config, point: GridPoint, resume: ResumeState):
     """Start (or re-open, when resuming) the grid point's MLflow run under its grid parent."""
     import mlflow
 
-    from pipeline.tracking import code_version_tags, configure_mlflow
+    from pipeline.core.tracking import code_version_tags, configure_mlflow
 
     experiment_id = configure_mlflow(config.tracking)
     if resume.mlflow_run_id:
@@ -742,7 +742,7 @@ def prepare_run(point: GridPoint, config: TrainConfig, paths: TrainPaths) -> Pre
     """Read and check the splits, tokenizer lengths, step count, hashes and the run fingerprint."""
     from transformers import AutoTokenizer
 
-    from pipeline.dvcmeta import file_md5
+    from pipeline.core.dvcmeta import file_md5
     from registry.model import base_model_reference
 
     train_frame = read_split(paths.train_split, point.n_train)
@@ -763,7 +763,7 @@ def record_run_inputs(point: GridPoint, config: TrainConfig, prepared: PreparedR
     """Params and dataset inputs of a new run (a resumed run has them already)."""
     import mlflow
 
-    from pipeline.tracking import log_dataset_input
+    from pipeline.core.tracking import log_dataset_input
 
     mlflow.log_params(run_params(point, config, prepared.base_reference, prepared.stats, prepared.total_steps,
                                  prepared.train_md5, prepared.val_md5))

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.config import (
+from pipeline.core.config import (
     METRICS_DIR,
     PAIRS_PATH,
     REPORTS_DIR,
@@ -44,13 +44,13 @@ from pipeline.config import (
     ValidateConfig,
     load_config,
 )
-from pipeline.errors import TonetuneError, exit_on_user_error
+from pipeline.core.errors import TonetuneError, exit_on_user_error
 
 if TYPE_CHECKING:
     import numpy as np
     import pandas as pd
 
-    from pipeline.textmetrics import Embedder
+    from pipeline.core.textmetrics import Embedder
 
 DATA_DOCS_DIR = REPORTS_DIR / "data_quality"
 SUMMARY_PATH = METRICS_DIR / "data_quality.json"
@@ -92,7 +92,7 @@ class CheckOutcome:
 
 def read_pairs(path: Path) -> pd.DataFrame:
     """Read pairs.parquet and check it has the columns the gate needs (cheap, before any model)."""
-    from pipeline.tables import read_table
+    from pipeline.core.tables import read_table
 
     frame = read_table(path, REQUIRED_COLUMNS, "run the generate stage first (dvc repro generate)")
     for column in REQUIRED_COLUMNS:
@@ -158,7 +158,7 @@ def recompute_columns(frame: pd.DataFrame, embedder: Embedder) -> pd.DataFrame:
     """
     import numpy as np
 
-    from pipeline.textmetrics import cosine_similarity, flesch_reading_ease_batch
+    from pipeline.core.textmetrics import cosine_similarity, flesch_reading_ease_batch
 
     frame = frame.copy()
     answers_ok = usable_text(frame["answer"]).to_numpy()
@@ -330,7 +330,7 @@ def outcomes_from(validation_result, checks: list[Check], frame: pd.DataFrame, m
 
 def build_summary(outcomes: list[CheckOutcome], frame: pd.DataFrame, pairs_path: Path, config) -> dict:
     """The metrics file: gate verdict, counts, the md5 `split` checks, and per-check results."""
-    from pipeline.dvcmeta import file_md5
+    from pipeline.core.dvcmeta import file_md5
 
     failed = [outcome.name for outcome in outcomes if not outcome.success]
     return {
@@ -432,7 +432,7 @@ def main(argv: list[str] | None = None) -> None:
     config = load_config()
     frame = read_pairs(args.pairs)
 
-    from pipeline.textmetrics import load_embedder
+    from pipeline.core.textmetrics import load_embedder
 
     scored, outcomes = run_gate(frame, config, load_embedder(config.embeddings), args.docs_dir)
     summary = build_summary(outcomes, scored, args.pairs, config)

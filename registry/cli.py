@@ -15,7 +15,7 @@ import argparse
 import json
 import sys
 
-from pipeline.errors import exit_on_user_error
+from pipeline.core.errors import exit_on_user_error
 
 
 def cmd_lineage(args: argparse.Namespace) -> int:
@@ -56,7 +56,7 @@ def _tag_number(tags: dict, key: str, digits: int) -> str:
 
 def cmd_list(args: argparse.Namespace) -> int:
     """Versions of the registered model: aliases, legacy stage, key metrics, training run."""
-    from pipeline.config import load_config
+    from pipeline.core.config import load_config
     from registry.promote import all_versions, open_client
 
     config = load_config()
@@ -95,7 +95,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 def cmd_rollback(args: argparse.Namespace) -> int:
     """Move `production` back to `previous` (and `previous` one further back)."""
-    from pipeline.config import load_config
+    from pipeline.core.config import load_config
     from registry.promote import report, rollback
 
     return report(rollback(load_config()))
@@ -103,7 +103,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 def cmd_summary(args: argparse.Namespace) -> int:
     """The Production model's name, version and metrics, and how to load and audit it."""
-    from pipeline.config import load_config
+    from pipeline.core.config import load_config
     from registry.promote import PRODUCTION, open_client, version_by_alias
 
     config = load_config()

@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import GENERATION_MANIFEST_PATH
-from pipeline.dvcmeta import DVC_LOCK, file_md5, locked_md5, locked_outputs, read_lock
+from pipeline.core.config import GENERATION_MANIFEST_PATH
+from pipeline.core.dvcmeta import DVC_LOCK, file_md5, locked_md5, locked_outputs, read_lock
 
 MATCH, MODIFIED, MISSING, NOT_TRACKED = "MATCH", "MODIFIED", "MISSING", "NOT TRACKED"
 GENERATE_STAGE = "generate"
@@ -184,9 +184,9 @@ def read_manifest(path: Path = GENERATION_MANIFEST_PATH) -> dict[str, Any]:
 
 def store_uri() -> str:
     """The tracking store the pipeline uses ($MLFLOW_TRACKING_URI, else params.yaml's)."""
-    from pipeline.config import TrackingConfig, load_config
-    from pipeline.errors import TonetuneError
-    from pipeline.tracking import tracking_uri
+    from pipeline.core.config import TrackingConfig, load_config
+    from pipeline.core.errors import TonetuneError
+    from pipeline.core.tracking import tracking_uri
 
     try:
         tracking = load_config().tracking
@@ -201,7 +201,7 @@ def find_run(run_id: str | None, uri: str) -> RunLink:
         return RunLink(None, uri, None, "no run id recorded")
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
         return RunLink(run_id, uri, None, f"tracking store {uri} not found here")
-    from pipeline.tracking import disable_telemetry
+    from pipeline.core.tracking import disable_telemetry
 
     disable_telemetry()
     from mlflow.exceptions import MlflowException

@@ -35,8 +35,8 @@ from typing import Any
 
 import mlflow.pyfunc
 
-from pipeline.errors import TonetuneError
-from pipeline.system_prompts import CONCISE_SYSTEM_PROMPT, chat_messages
+from pipeline.core.errors import TonetuneError
+from pipeline.core.system_prompts import CONCISE_SYSTEM_PROMPT, chat_messages
 
 BASE_REFERENCE_FILE = "base_model.json"
 BASE_PROVENANCE_FILE = "tonetune_base.json"

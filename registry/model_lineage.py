@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import TonetuneError
+from pipeline.core.errors import TonetuneError
 from registry.lineage import MATCH, MISSING, MODIFIED, NOT_TRACKED, LineageReport
 
 DIFFERS = "DIFFERS"  # the file matches dvc.lock, but dvc.lock now records another file than the one trained on
@@ -151,7 +151,7 @@ def lineage_for_model(uri: str, client=None, check_run: bool = True) -> ModelLin
     """Assemble the lineage chain of one registered model version (see the module docstring)."""
     from mlflow.exceptions import MlflowException
 
-    from pipeline.dvcmeta import lock_digest
+    from pipeline.core.dvcmeta import lock_digest
     from registry.lineage import lineage_for_file
 
     if client is None:
@@ -205,7 +205,7 @@ def open_store_client():
     uri = store_uri()
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
         raise TonetuneError(f"no MLflow store at {uri}: run the pipeline first (dvc repro)")
-    from pipeline.tracking import disable_telemetry
+    from pipeline.core.tracking import disable_telemetry
 
     disable_telemetry()
     from mlflow import MlflowClient

@@ -58,8 +58,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import METRICS_DIR, Config, load_config
-from pipeline.errors import TonetuneError, exit_on_user_error
+from pipeline.core.config import METRICS_DIR, Config, load_config
+from pipeline.core.errors import TonetuneError, exit_on_user_error
 
 EVAL_DIR = METRICS_DIR / "eval"
 DATA_QUALITY_PATH = METRICS_DIR / "data_quality.json"
@@ -105,7 +105,7 @@ class Candidate:
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> Candidate:
-        """From a metrics/eval/<model>.json record (pipeline.evalmetrics.metrics_record)."""
+        """From a metrics/eval/<model>.json record (pipeline.core.evalmetrics.metrics_record)."""
         return cls(
             model=str(record["model"]),
             run_id=record.get("mlflow_run_id"),
@@ -230,8 +230,8 @@ def split_run_for(client, experiment_id: str, stem: str, md5: str):
 
 def pairs_md5_from_lock(train_path: str, md5: str, lock_path: Path) -> str | None:
     """pairs.parquet md5 that dvc.lock's `split` stage read, if dvc.lock records this train file."""
-    from pipeline.config import PAIRS_PATH
-    from pipeline.dvcmeta import locked_md5, read_lock
+    from pipeline.core.config import PAIRS_PATH
+    from pipeline.core.dvcmeta import locked_md5, read_lock
 
     locked = locked_md5(train_path, lock_path)
     if not locked or locked[0] != md5:
@@ -309,8 +309,8 @@ def _fmt(value: Any, digits: int) -> str:
 
 def version_tags(candidate: Candidate, base: dict[str, Any], run, quality: DataQuality, config: Config) -> dict[str, str]:
     """Everything a version records about where it came from (no environment, no secrets)."""
-    from pipeline.dvcmeta import lock_digest
-    from pipeline.tracking import git_commit
+    from pipeline.core.dvcmeta import lock_digest
+    from pipeline.core.tracking import git_commit
 
     params = run.data.params
     tags: dict[str, Any] = {
@@ -398,7 +398,7 @@ TONETUNE_BASE_MODEL_DIR pointing at a copy with the same weights).
 def open_client(config: Config):
     """An MlflowClient on the project's store; a sqlite store that does not exist is an error
     (a lookup must not create an empty mlflow.db)."""
-    from pipeline.tracking import disable_telemetry, tracking_uri
+    from pipeline.core.tracking import disable_telemetry, tracking_uri
 
     uri = tracking_uri(config.tracking)
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
@@ -707,8 +707,8 @@ def pick_candidate(client, name: str, candidates: list[Candidate], floor: float)
 def promote_best(config: Config, eval_dir: Path = EVAL_DIR, summary_path: Path = DATA_QUALITY_PATH,
                  lock_path: Path | None = None, force: bool = False, reason: str | None = None) -> Outcome:
     """The DVC stage: promote the best adapter of metrics/eval if the gate lets it through."""
-    from pipeline.dvcmeta import DVC_LOCK
-    from pipeline.tracking import tracking_uri
+    from pipeline.core.dvcmeta import DVC_LOCK
+    from pipeline.core.tracking import tracking_uri
 
     check_force(force, reason)
     name = config.promote.registered_model_name
@@ -770,8 +770,8 @@ def promote_version(config: Config, number: str, summary_path: Path = DATA_QUALI
     """`registry promote VERSION`: an existing version, under the same gate unless forced."""
     from mlflow.exceptions import MlflowException
 
-    from pipeline.dvcmeta import DVC_LOCK
-    from pipeline.tracking import tracking_uri
+    from pipeline.core.dvcmeta import DVC_LOCK
+    from pipeline.core.tracking import tracking_uri
 
     check_force(force, reason)
     name = config.promote.registered_model_name
@@ -816,7 +816,7 @@ def promote_version(config: Config, number: str, summary_path: Path = DATA_QUALI
 
 def rollback(config: Config) -> Outcome:
     """Move `production` back to `previous`, and `previous` to the one before it (history tag)."""
-    from pipeline.tracking import tracking_uri
+    from pipeline.core.tracking import tracking_uri
 
     name = config.promote.registered_model_name
     client = open_client(config)

@@ -68,7 +68,7 @@ def smollm2_tokenizer_dir(tmp_path_factory) -> Path:
     """SmolLM2's real tokenizer and chat template, extracted once from the packaged GGUF."""
     from transformers import AutoTokenizer
 
-    from pipeline.assets import smollm2_gguf_path
+    from pipeline.core.assets import smollm2_gguf_path
 
     gguf = smollm2_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

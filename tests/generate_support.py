@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline.config import GenerateConfig
+from pipeline.core.config import GenerateConfig
 from pipeline.generate.engine import Section
 
 API_KEY = "sk-" + "test-DO-NOT-LEAK-7f3a9c"  # a sentinel, split so secret scanners do not flag it
@@ -110,7 +110,7 @@ def openai_backend(server, config: GenerateConfig):
 @pytest.fixture(scope="session")
 def embedder():
     """The real packaged MiniLM (loaded once; ~7 s on an idle 2-core machine)."""
-    from pipeline.config import EmbeddingsConfig
-    from pipeline.textmetrics import load_embedder
+    from pipeline.core.config import EmbeddingsConfig
+    from pipeline.core.textmetrics import load_embedder
 
     return load_embedder(EmbeddingsConfig())

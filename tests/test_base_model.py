@@ -12,9 +12,9 @@ import sys
 import pytest
 
 from pipeline import base_model
-from pipeline.assets import smollm2_gguf_path
-from pipeline.config import BaseModelConfig
-from pipeline.errors import TonetuneError
+from pipeline.core.assets import smollm2_gguf_path
+from pipeline.core.config import BaseModelConfig
+from pipeline.core.errors import TonetuneError
 from tests.conftest import REPO_ROOT
 
 

@@ -15,8 +15,8 @@ import time
 import pytest
 import yaml
 
-from pipeline.config import load_config, parse_config
-from pipeline.errors import ConfigError
+from pipeline.core.config import load_config, parse_config
+from pipeline.core.errors import ConfigError
 from tests.conftest import REPO_ROOT
 
 PYTHON = sys.executable

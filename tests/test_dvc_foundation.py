@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.dvcmeta import file_md5, locked_outputs
+from pipeline.core.dvcmeta import file_md5, locked_outputs
 from tests.conftest import REPO_ROOT
 
 VENV_BIN = Path(sys.executable).parent

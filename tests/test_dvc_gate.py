@@ -66,7 +66,7 @@ def stage_definitions() -> dict:
 @pytest.fixture(scope="module")
 def dvc_repo(tmp_path_factory):
     """Build the repo, run the pipeline on bad data, then on good data; record what happened."""
-    from pipeline.assets import ensure_nltk_cmudict
+    from pipeline.core.assets import ensure_nltk_cmudict
 
     ensure_nltk_cmudict()  # share the project's offline CMU dictionary with the subprocesses
     root = tmp_path_factory.mktemp("dvc_gate")

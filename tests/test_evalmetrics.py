@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import evalmetrics
+from pipeline.core import evalmetrics
 
 # Flesch = 206.835 - 1.015 * words/sentence - 84.6 * syllables/word, worked out by hand:
 HAND_FLESCH = {
@@ -21,7 +21,7 @@ HAND_FLESCH = {
 
 @pytest.mark.parametrize("text", list(HAND_FLESCH))
 def test_flesch_of_fixed_strings_matches_the_formula_by_hand(text):
-    from pipeline.textmetrics import flesch_reading_ease
+    from pipeline.core.textmetrics import flesch_reading_ease
 
     assert flesch_reading_ease(text) == pytest.approx(HAND_FLESCH[text], abs=1e-6)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import evaluate
-from pipeline.errors import TonetuneError
+from pipeline.core.errors import TonetuneError
 
 QUESTIONS = [
     "Why is the sky blue?",
@@ -300,9 +300,9 @@ def test_stage_writes_predictions_metrics_and_mlflow_runs(stage_dir, mlflow_uri,
     import mlflow
     import pandas as pd
 
-    from pipeline.config import load_config
-    from pipeline.evalmetrics import summarize_predictions
-    from pipeline.tracking import configure_mlflow
+    from pipeline.core.config import load_config
+    from pipeline.core.evalmetrics import summarize_predictions
+    from pipeline.core.tracking import configure_mlflow
 
     experiment_id = configure_mlflow(load_config().tracking)
     with mlflow.start_run(run_name="lora-bf16-r4-lr0.001-n10") as training_run:  # found by name

@@ -12,9 +12,9 @@ import threading
 
 import numpy as np
 
+from pipeline.core.textmetrics import flesch_reading_ease
 from pipeline.generate.cache import ResponseCache
 from pipeline.generate.engine import Section
-from pipeline.textmetrics import flesch_reading_ease
 from tests import generate_support
 from tests.fakes.openai_server import (
     FakeOpenAIServer,

@@ -204,7 +204,7 @@ def test_replay_fences_a_fixed_subset_of_passages(tmp_path):
     (_record("x", qa_replies="nope"), "'qa_replies' must be a list"),
 ])
 def test_replay_loader_names_file_line_and_problem(tmp_path, bad, message):
-    from pipeline.errors import TonetuneError
+    from pipeline.core.errors import TonetuneError
     from pipeline.generate.replay import load_recordings
 
     directory = write_recordings(tmp_path / "rec", [_record("ok"), bad])

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.dvcmeta import file_md5
+from pipeline.core.dvcmeta import file_md5
 from registry import cli
 from registry.lineage import lineage_for_file, render_text, upstream_stages
 

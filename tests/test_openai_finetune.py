@@ -22,8 +22,8 @@ import pandas as pd
 import pytest
 
 from pipeline import openai_finetune as oft
-from pipeline.config import OpenAIConfig, load_config
-from pipeline.system_prompts import CONCISE_SYSTEM_PROMPT, VERBOSE_SYSTEM_PROMPT
+from pipeline.core.config import OpenAIConfig, load_config
+from pipeline.core.system_prompts import CONCISE_SYSTEM_PROMPT, VERBOSE_SYSTEM_PROMPT
 from tests.conftest import REPO_ROOT
 from tests.fakes.openai_server import FakeOpenAIServer, FakeReply, JobPlan, tone_behaviour
 
@@ -183,7 +183,7 @@ def test_ledger_survives_a_torn_line_and_merges_updates(tmp_path):
 
 def test_disabled_writes_not_run_fast_and_the_report_lists_the_models_as_not_run(project, write_params, capsys):
     from pipeline import report
-    from pipeline.evalmetrics import metrics_record
+    from pipeline.core.evalmetrics import metrics_record
 
     write_params({"openai": {"enabled": False, "base_models": [BASE], "n_train": [N_TRAIN]}})
     started = time.perf_counter()

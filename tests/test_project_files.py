@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import yaml
 
-from pipeline.config import parse_config
+from pipeline.core.config import parse_config
 from tests.conftest import REPO_ROOT
 
 

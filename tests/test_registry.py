@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.errors import TonetuneError
+from pipeline.core.errors import TonetuneError
 
 SENTINELS = {
     "OPENROUTER_API_KEY": "sk-or-v1-" + "SENTINEL-0b9d3f7e2a41c6",  # split: not a real key
@@ -167,7 +167,7 @@ def log_split_run() -> str:
     import mlflow
     import pandas as pd
 
-    from pipeline.tracking import log_dataset_input
+    from pipeline.core.tracking import log_dataset_input
 
     manifest = json.loads(Path("data/generated/manifest.json").read_text())
     with mlflow.start_run(run_name="split") as run:
@@ -204,7 +204,7 @@ def log_training_run(name: str, n_train: int, lora_r: int, learning_rate: str, a
     import mlflow
     import pandas as pd
 
-    from pipeline.tracking import code_version_tags, log_dataset_input
+    from pipeline.core.tracking import code_version_tags, log_dataset_input
     from registry.model import log_adapter_model
 
     train_path, val_path = Path(f"data/splits/train_{n_train}.parquet"), Path("data/splits/val.parquet")
@@ -227,8 +227,8 @@ def workspace(server, tmp_path_factory, tiny_llama_dir):
     """The repo-shaped folder every test runs in, with its MLflow runs (see the module docstring)."""
     import mlflow
 
-    from pipeline.config import TrackingConfig
-    from pipeline.tracking import configure_mlflow
+    from pipeline.core.config import TrackingConfig
+    from pipeline.core.tracking import configure_mlflow
     from registry.model import base_model_reference
 
     root = tmp_path_factory.mktemp("workspace")
@@ -308,7 +308,7 @@ def write_eval(folder: Path, ws, **adapters: tuple[float, float]) -> Path:
 
 
 def promote(eval_dir: Path, summary: Path = Path("metrics/data_quality.json"), **kwargs):
-    from pipeline.config import load_config
+    from pipeline.core.config import load_config
     from registry.promote import promote_best
 
     return promote_best(load_config(), eval_dir, summary, **kwargs)
@@ -388,7 +388,7 @@ def test_model_uri_must_name_an_alias_or_a_version(uri):
 
 
 def test_lock_lives_next_to_a_sqlite_store_and_a_missing_store_is_not_created(tmp_path, monkeypatch, write_params):
-    from pipeline.config import load_config
+    from pipeline.core.config import load_config
     from registry.promote import lock_path_for, open_client, promotion_lock
 
     database = tmp_path / "mlflow.db"
@@ -420,7 +420,7 @@ def test_promote_registers_the_best_adapter_with_lineage_tags_card_aliases_and_i
     conversational. The version carries the evidence and loads by alias."""
     import mlflow
 
-    from pipeline.dvcmeta import lock_digest
+    from pipeline.core.dvcmeta import lock_digest
     from registry.model import generate_answers, load_adapter_model
 
     eval_dir = write_eval(tmp_path / "eval", ws, A=(60.0, 0.69), B=(60.0, 0.72), C=(40.0, 0.71))

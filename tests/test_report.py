@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import report
-from pipeline.evalmetrics import metrics_record
+from pipeline.core.evalmetrics import metrics_record
 
 FAMILY = "SmolLM2-135M-Instruct"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from pipeline import source
-from pipeline.errors import TonetuneError
+from pipeline.core.errors import TonetuneError
 from tests.conftest import REPO_ROOT
 
 LONG = "Bees make honey from nectar that they collect from flowers and store in wax combs. " * 3  # 252 chars

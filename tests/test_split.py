@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline import split
-from pipeline.dvcmeta import file_md5
-from pipeline.errors import TonetuneError
+from pipeline.core.dvcmeta import file_md5
+from pipeline.core.errors import TonetuneError
 from tests.pairs_fixtures import many_pairs
 
 

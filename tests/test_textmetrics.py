@@ -1,4 +1,4 @@
-"""pipeline.textmetrics against references: Flesch worked by hand from the published formula,
+"""pipeline.core.textmetrics against references: Flesch worked by hand from the published formula,
 cosine against plain numpy, and the near-duplicate index against a brute-force loop."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from pipeline.assets import ensure_nltk_cmudict
-from pipeline.config import EmbeddingsConfig
-from pipeline.textmetrics import (
+from pipeline.core.assets import ensure_nltk_cmudict
+from pipeline.core.config import EmbeddingsConfig
+from pipeline.core.textmetrics import (
     NearDuplicateIndex,
     cosine_matrix,
     cosine_similarity,
@@ -77,7 +77,7 @@ def test_flesch_works_offline_from_the_project_cmudict(tmp_path):
     """A fresh process with no NLTK data of its own must not try to download cmudict."""
     probe = (
         "import sys\n"
-        "from pipeline.textmetrics import flesch_reading_ease\n"
+        "from pipeline.core.textmetrics import flesch_reading_ease\n"
         "print(flesch_reading_ease('Do you like tea?'))\n"
     )
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "NLTK_DATA": str(tmp_path / "empty")}
@@ -88,7 +88,7 @@ def test_flesch_works_offline_from_the_project_cmudict(tmp_path):
 
 def test_importing_textmetrics_stays_light():
     probe = (
-        "import sys, pipeline.textmetrics\n"
+        "import sys, pipeline.core.textmetrics\n"
         "print([m for m in ('textstat', 'torch', 'sentence_transformers', 'nltk') if m in sys.modules])\n"
     )
     result = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True)

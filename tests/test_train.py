@@ -64,7 +64,7 @@ def write_splits(folder: Path, n_train: int = N_TRAIN) -> Path:
 
 def tiny_config(tmp_path: Path, overrides: dict | None = None):
     """The repo's params with the tiny training overrides and a private artifact root."""
-    from pipeline.config import parse_config
+    from pipeline.core.config import parse_config
 
     raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
     raw["train"] = {**raw["train"], **TRAIN_OVERRIDES, **(overrides or {})}
@@ -140,7 +140,7 @@ def test_run_names_match_the_paths_dvc_renders(tmp_path, params_file):
         assert name == run_name(arguments.precision, arguments.lora_r, arguments.learning_rate, arguments.n_train)
         deps = {str(dep.def_path) for dep in stage.deps}
         assert f"data/splits/train_{arguments.n_train}.parquet" in deps
-        assert {"models/base", "pipeline/train.py", "pipeline/system_prompts.py"} <= deps
+        assert {"models/base", "pipeline/train.py", "pipeline/core/system_prompts.py"} <= deps
 
 
 def test_optimizer_steps_match_the_trainer():
@@ -153,7 +153,7 @@ def test_optimizer_steps_match_the_trainer():
 
 
 def test_system_prompts_are_the_papers():
-    from pipeline.system_prompts import CONCISE_SYSTEM_PROMPT, VERBOSE_SYSTEM_PROMPT, chat_messages
+    from pipeline.core.system_prompts import CONCISE_SYSTEM_PROMPT, VERBOSE_SYSTEM_PROMPT, chat_messages
 
     assert CONCISE_SYSTEM_PROMPT == (
         "You are a helpful assistant. You answer questions in a natural, conversational tone, like in a spoken conversation."
@@ -308,7 +308,7 @@ def test_run_is_tracked_with_the_papers_params(trained):
     }
     assert contexts == {"training", "validation"}
     digests = {dataset_input.dataset.name: dataset_input.dataset.digest for dataset_input in run.inputs.dataset_inputs}
-    from pipeline.dvcmeta import file_md5
+    from pipeline.core.dvcmeta import file_md5
 
     assert digests[f"train_{N_TRAIN}"] == file_md5(trained["paths"].train_split)
     assert digests["val"] == file_md5(trained["paths"].val_split)
@@ -362,7 +362,7 @@ def test_pyfunc_refuses_a_missing_or_different_base(trained, tmp_path, monkeypat
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pipeline.errors import TonetuneError
+    from pipeline.core.errors import TonetuneError
 
     uri = trained["result"].model_uri
     monkeypatch.setenv("TONETUNE_BASE_MODEL_DIR", str(tmp_path / "nowhere"))

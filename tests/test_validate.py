@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 
 from pipeline import validate
-from pipeline.config import EmbeddingsConfig, load_config
-from pipeline.textmetrics import flesch_reading_ease, load_embedder
+from pipeline.core.config import EmbeddingsConfig, load_config
+from pipeline.core.textmetrics import flesch_reading_ease, load_embedder
 from tests.pairs_fixtures import (
     CLEAN_ROWS,
     FLESCH_JUST_BELOW_75,
@@ -157,7 +157,7 @@ def test_main_failure_writes_summary_then_exits_1(stage_dir, embedder, capsys):
 
 
 def test_main_success_summary_has_md5_and_rows(stage_dir, embedder, capsys):
-    from pipeline.dvcmeta import file_md5
+    from pipeline.core.dvcmeta import file_md5
 
     clean_pairs().to_parquet("data/generated/pairs.parquet")
     (stage_dir / "reports/data_quality").mkdir(parents=True)
@@ -183,9 +183,9 @@ def test_main_success_summary_has_md5_and_rows(stage_dir, embedder, capsys):
     ids=["missing_file", "missing_column", "non_text"],
 )
 def test_bad_input_is_one_line_before_any_work(stage_dir, setup, message, capsys, monkeypatch):
-    import pipeline.textmetrics
+    import pipeline.core.textmetrics
 
-    monkeypatch.setattr(pipeline.textmetrics, "load_embedder", lambda *a: pytest.fail("loaded a model"))
+    monkeypatch.setattr(pipeline.core.textmetrics, "load_embedder", lambda *a: pytest.fail("loaded a model"))
     setup()
     with pytest.raises(SystemExit) as exit_info:
         validate.main([])

@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import (
+from pipeline.core.config import (
     GENERATE_CACHE_PATH,
     GENERATION_MANIFEST_PATH,
     LEDGER_PATH,
@@ -30,7 +30,7 @@ from pipeline.config import (
     GenerateConfig,
     load_config,
 )
-from pipeline.errors import TonetuneError, exit_on_user_error
+from pipeline.core.errors import TonetuneError, exit_on_user_error
 from pipeline.generate.client import Backend, ChatClient, RequestSettings, host_of
 from pipeline.generate.engine import REASONS, Engine, GenerationResult, ProgressBar, Section
 from pipeline.generate.prompts import PROMPT_VERSION
@@ -159,7 +159,7 @@ def run_params(config: Config, sections_total: int) -> dict[str, Any]:
 def build_manifest(config: Config, result: GenerationResult, run_id: str, sections_path: Path,
                    metrics: dict[str, float]) -> dict[str, Any]:
     """Lineage of the dataset: the run, prompts, model, thresholds, source version, counts."""
-    from pipeline.dvcmeta import file_md5
+    from pipeline.core.dvcmeta import file_md5
     from pipeline.source import corpus_version
 
     generate = config.generate
@@ -205,9 +205,9 @@ def write_outputs_and_log(config: Config, result: GenerationResult, args: argpar
     included)."""
     import mlflow
 
+    from pipeline.core.tracking import code_version_tags, configure_mlflow
     from pipeline.generate import outputs
     from pipeline.generate.prompts import prompts_text
-    from pipeline.tracking import code_version_tags, configure_mlflow
 
     pairs_path = args.output_dir / PAIRS_PATH.name
     ledger_path = args.output_dir / LEDGER_PATH.name
@@ -235,9 +235,9 @@ def main(argv: list[str] | None = None) -> None:
     generate = config.generate
     backend = make_backend(generate, args.replay_dir)  # no key -> one line, nothing sent
 
+    from pipeline.core.textmetrics import load_embedder
     from pipeline.generate.cache import ResponseCache
     from pipeline.generate.outputs import read_sections
-    from pipeline.textmetrics import load_embedder
 
     sections = read_sections(args.sections)
     recorded = sum(backend.has_source(section.source_id) for section in sections)

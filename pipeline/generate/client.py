@@ -31,11 +31,11 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
-from pipeline.errors import TonetuneError
+from pipeline.core.errors import TonetuneError
 from pipeline.generate.cache import ResponseCache, cache_key
 
 if TYPE_CHECKING:
-    from pipeline.config import GenerateConfig
+    from pipeline.core.config import GenerateConfig
 
 Messages = list[dict[str, str]]
 RETRYABLE_STATUS = frozenset({408, 409, 429})

@@ -44,7 +44,7 @@ from pipeline.generate import prompts
 from pipeline.generate.client import CallStats, ChatClient, FatalAPIError, RequestFailed, StepKey
 
 if TYPE_CHECKING:
-    from pipeline.config import GenerateConfig
+    from pipeline.core.config import GenerateConfig
 
 BLOCK_SIZE = 16
 WINDOW_PER_SLOT = 4
@@ -143,7 +143,7 @@ async def ask_question(client: ChatClient, section: Section, candidate: Candidat
 
 async def rephrase_until_simple(client: ChatClient, section: Section, candidate: Candidate, config: GenerateConfig) -> bool:
     """Steps (b) and (c): a conversational rephrasing with Flesch >= threshold, or give up."""
-    from pipeline.textmetrics import flesch_reading_ease
+    from pipeline.core.textmetrics import flesch_reading_ease
 
     candidate.requests += 1
     messages = prompts.rephrase_messages(candidate.question, candidate.factual_answer)
@@ -211,7 +211,7 @@ class Engine:
     """Runs sections through the client concurrently and commits them in source order."""
 
     def __init__(self, client: ChatClient, embedder: Any, config: GenerateConfig, progress: Any = None):
-        from pipeline.textmetrics import NearDuplicateIndex
+        from pipeline.core.textmetrics import NearDuplicateIndex
 
         self.client = client
         self.embedder = embedder

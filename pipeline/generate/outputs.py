@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.errors import TonetuneError
+from pipeline.core.errors import TonetuneError
 from pipeline.generate.engine import Candidate, Section
 
 if TYPE_CHECKING:
@@ -25,7 +25,7 @@ PAIR_COLUMNS = ("id", "source_id", "title", "question", "answer", "factual_answe
 
 def read_sections(path: Path) -> list[Section]:
     """Sections in generation order; a missing, malformed or empty file is a one-line error."""
-    from pipeline.tables import read_table
+    from pipeline.core.tables import read_table
 
     if not path.exists():
         raise TonetuneError(f"sections file not found: {path} (run the source stage first: `dvc repro source`)")

@@ -34,8 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import SECTIONS_PATH
-from pipeline.errors import TonetuneError, exit_on_user_error
+from pipeline.core.config import SECTIONS_PATH
+from pipeline.core.errors import TonetuneError, exit_on_user_error
 from pipeline.generate.client import Messages, Reply, RequestFailed, RequestSettings, StepKey, estimate_tokens
 
 REQUIRED_FIELDS = ("source_id", "title", "question", "factual_answer", "rephrasings")
@@ -205,7 +205,7 @@ def check(directory: Path, sections_path: Path, threshold: float, max_simplify_a
     """Validate every recording and print a summary; returns the list of problems."""
     import pandas as pd
 
-    from pipeline.textmetrics import flesch_reading_ease
+    from pipeline.core.textmetrics import flesch_reading_ease
 
     recordings, problems = read_recordings(directory)
     if sections_path.exists():
@@ -250,7 +250,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    from pipeline.config import load_config
+    from pipeline.core.config import load_config
 
     args = parse_args(argv)
     config = load_config().generate

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from pipeline.config import EmbeddingsConfig
+    from pipeline.core.config import EmbeddingsConfig
 
 PACKAGED_MINILM = "packaged:all-MiniLM-L6-v2"
 PROGRESS_BAR_MIN_TEXTS = 500
@@ -38,7 +38,7 @@ _NORM_EPSILON = 1e-12
 @functools.cache
 def _textstat():
     """textstat, imported once, after the offline CMU dictionary is in place."""
-    from pipeline.assets import ensure_nltk_cmudict
+    from pipeline.core.assets import ensure_nltk_cmudict
 
     ensure_nltk_cmudict()
     import textstat
@@ -119,7 +119,7 @@ def _load_sentence_transformer(model: str, device: str):
     from sentence_transformers import SentenceTransformer
 
     if model == PACKAGED_MINILM:
-        from pipeline.assets import minilm_model_path
+        from pipeline.core.assets import minilm_model_path
 
         location = str(minilm_model_path())
     else:

@@ -13,7 +13,7 @@ import subprocess
 import warnings
 from pathlib import Path
 
-from pipeline.config import TrackingConfig
+from pipeline.core.config import TrackingConfig
 
 TELEMETRY_OFF = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1", "DVC_NO_ANALYTICS": "1"}
 
@@ -109,7 +109,7 @@ def log_dataset_input(frame, path: str | Path, context: str, name: str | None = 
     """
     import mlflow
 
-    from pipeline.dvcmeta import file_md5, locked_md5
+    from pipeline.core.dvcmeta import file_md5, locked_md5
 
     path = Path(path)
     md5 = file_md5(path)

@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pipeline.errors import ConfigError
+from pipeline.core.errors import ConfigError
 
 PARAMS_FILE_ENV = "TONETUNE_PARAMS"
 DEFAULT_PARAMS_FILE = "params.yaml"

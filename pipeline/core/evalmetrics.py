@@ -2,7 +2,7 @@
 
 Shared by every evaluator (the open-weights `evaluate` stage, the OpenAI arm) so all models are
 scored by one definition. Nothing here loads a model or computes Flesch/embeddings itself: the
-callers compute per-answer Flesch (`pipeline.textmetrics`) and cosine similarity, put them in a
+callers compute per-answer Flesch (`pipeline.core.textmetrics`) and cosine similarity, put them in a
 predictions table, and `summarize_predictions` turns that table into the numbers reported, so
 every number can be recomputed from the saved predictions alone.
 
