@@ -84,7 +84,8 @@ def train_ours(frame, precision: str, output_dir: Path) -> dict:
     """One pass of pipeline.train's trainer over `frame` (model load not timed)."""
     from transformers import AutoTokenizer
 
-    from pipeline.train import GridPoint, attach_lora, build_trainer, conversational_examples, load_base_model
+    from pipeline.core.contracts import GridPoint
+    from pipeline.train import attach_lora, build_trainer, conversational_examples, load_base_model
 
     config = load_config().train.model_copy(update={"epochs": 1, "save_steps": 10**6})
     tokenizer = AutoTokenizer.from_pretrained(str(BASE_MODEL_DIR))

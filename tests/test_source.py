@@ -81,9 +81,11 @@ def test_missing_corpus_file_and_package_are_clear_errors(tmp_path, monkeypatch)
         source.read_vital_articles(tmp_path / "nowhere.json")
     with pytest.raises(TonetuneError, match="missing column"):
         source.clean_sections(pd.DataFrame({"title": ["a"], "body": ["b"]}), min_chars=0, seed=0)
-    monkeypatch.setattr(source, "OFFLINE_CORPUS_PACKAGE", "tonetune_no_such_corpus_package")
+    from pipeline.core import assets
+
+    monkeypatch.setattr(assets, "OFFLINE_CORPUS_PACKAGE", "tonetune_no_such_corpus_package")
     with pytest.raises(TonetuneError, match="'tonetune_no_such_corpus_package' is not installed"):
-        source.offline_corpus_path()
+        assets.offline_corpus_path()
 
 
 def run_source(output, env_params=None) -> subprocess.CompletedProcess:
