@@ -6,11 +6,13 @@ PYTHON_BOOTSTRAP ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-# CPU machines here carry torch 2.13.0+cpu as a local wheel; pip only finds it with --find-links.
-WHEELS_DIR ?= /opt/wheels
-FIND_LINKS := $(if $(wildcard $(WHEELS_DIR)),--find-links $(WHEELS_DIR),)
-# Set ALLOW_CUDA=1 on a GPU machine to accept a CUDA torch (and its nvidia-* packages).
+# Set ALLOW_CUDA=1 on a GPU machine (`make setup ALLOW_CUDA=1`): torch==2.13.0 then comes from
+# PyPI as the CUDA build with its nvidia-* packages, which the CPU-only check below otherwise refuses.
 ALLOW_CUDA ?= 0
+# CPU machines here carry torch 2.13.0+cpu as a local wheel; pip only finds it with --find-links
+# (never on a GPU machine: it would win over the CUDA build).
+WHEELS_DIR ?= /opt/wheels
+FIND_LINKS := $(if $(and $(wildcard $(WHEELS_DIR)),$(filter-out 1,$(ALLOW_CUDA))),--find-links $(WHEELS_DIR),)
 STAMP := $(VENV)/.tonetune-installed
 export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
