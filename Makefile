@@ -22,7 +22,7 @@ export TOKENIZERS_PARALLELISM := false
 # Stage commands in dvc.yaml call `python`: it must be the venv's, whoever runs make.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: help setup demo test test-fast bench lint ui clean-outputs
+.PHONY: help setup demo test test-fast bench gpu-check lint ui clean-outputs
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
@@ -55,7 +55,10 @@ test-fast: setup  ## the test suite without tests marked slow
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: setup  ## run the benchmarks and print their figures (see BENCHMARKS.md)
-	for script in bench/*.py; do $(PY) $$script; done
+	for script in $(filter-out bench/gpu_check.py,$(wildcard bench/*.py)); do $(PY) $$script; done
+
+gpu-check: setup  ## GPU: real train (bf16, int8) + evaluate on random 135M/1B models, paper-grid GPU-hours
+	$(PY) bench/gpu_check.py $(GPU_CHECK_ARGS)
 
 lint: setup  ## ruff
 	$(VENV)/bin/ruff check .
