@@ -6,7 +6,9 @@ it reaches that stage, after the earlier (paid) stages ran; `dvc status` does no
 reports params as "new" while there is no dvc.lock). The check DVC itself makes is
 `ParamsDependency.get_hash()` (what `dvc repro`/`dvc commit` call to record a stage's params),
 so the test calls it for every param dependency of every stage, in a temporary git repository
-holding dvc.yaml, the code and the composed params.yaml.
+holding dvc.yaml, the code and the composed params.yaml; then it runs `dvc repro --dry` there
+over placeholder data deps (a dry run hashes deps, so missing data would stop it at the first
+stage that needs some) and expects every stage to be walked.
 """
 
 from __future__ import annotations
@@ -71,6 +73,35 @@ def dvc_param_problems(project: Path) -> tuple[list[str], dict[str, str]]:
         return [stage.name for stage in stages], problems
 
 
+def placeholder_data_deps(project: Path) -> int:
+    """A stand-in file (or folder) for every data dep no stage has produced yet, so that
+    `dvc repro --dry`, which hashes deps, gets past the first stage that needs data."""
+    from dvc.dependency.param import ParamsDependency
+    from dvc.repo import Repo
+
+    made = 0
+    with Repo(str(project)) as repo:
+        for stage in repo.index.stages:
+            for dep in stage.deps:
+                path = Path(dep.fs_path)
+                if isinstance(dep, ParamsDependency) or path.exists():
+                    continue
+                if path.suffix:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_text("placeholder\n")
+                else:
+                    path.mkdir(parents=True, exist_ok=True)
+                    (path / "placeholder").write_text("placeholder\n")
+                made += 1
+    return made
+
+
+def dvc_repro_dry(project: Path) -> subprocess.CompletedProcess:
+    subprocess.run(["git", "add", "-A"], cwd=project, check=True, capture_output=True)
+    return subprocess.run([sys.executable, "-m", "dvc", "repro", "--dry"], cwd=project, env=_env(),
+                          capture_output=True, text=True, timeout=600)
+
+
 def grid_size(params: dict) -> int:
     grid = params["train"]["grid"]
     return len(grid["precision"]) * len(grid["lora_r"]) * len(grid["learning_rate"]) * len(grid["n_train"])
@@ -121,6 +152,13 @@ def test_applied_profile_is_accepted_by_dvc_for_every_stage(profile, tmp_path):
     assert n_train_stages == grid_size(composed)
     assert {"validate", "split", "evaluate", "report", "promote"} <= set(stages)
 
+    # The same through DVC's command line: `dvc repro --dry` walks every stage (data deps are
+    # placeholders; nothing runs) without MissingParamsError.
+    assert placeholder_data_deps(project) > 0
+    dry = dvc_repro_dry(project)
+    assert dry.returncode == 0, dry.stdout[-2000:] + dry.stderr[-2000:]
+    assert dry.stdout.count("Running stage") == len(stages)
+
     # Applying again over a composed file would compose a profile over a profile: refused.
     again = apply(project, profile)
     assert again.returncode == 2
@@ -148,6 +186,9 @@ def test_dvc_check_detects_a_param_the_file_lacks(tmp_path):
     train_stages = [name for name in stages if name.startswith("train@")]
     assert train_stages and all("train.sampling" in problems[name] for name in train_stages)
     assert "split" not in problems
+    placeholder_data_deps(project)
+    dry = dvc_repro_dry(project)
+    assert dry.returncode != 0 and "Parameters 'validate' are missing from 'params.yaml'" in dry.stderr
     # ... and `apply --check` refuses such a base without touching anything.
     (project / "params.yaml").write_text("source:\n  min_chars: 700\n")
     result = apply(project, "paper", "--check")
