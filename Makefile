@@ -55,7 +55,7 @@ test-fast: setup  ## the test suite without tests marked slow
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: setup  ## run the benchmarks and print their figures (see BENCHMARKS.md)
-	for script in $(filter-out bench/gpu_check.py,$(wildcard bench/*.py)); do $(PY) $$script; done
+	for script in $(filter-out bench/gpu_check.py bench/gpu_wheels.py,$(wildcard bench/*.py)); do $(PY) $$script; done
 
 gpu-check: setup  ## GPU: real train (bf16, int8) + evaluate on random 135M/1B models, paper-grid GPU-hours
 	$(PY) bench/gpu_check.py $(GPU_CHECK_ARGS)

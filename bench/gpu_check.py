@@ -227,7 +227,8 @@ class StageRun:
 def run_stage(project: Path, module: str, args: list[str], device: str, timeout: float) -> StageRun:
     env = dict(os.environ)
     env.update({
-        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        # The project, then the caller's path (with --site's carried packages): all before site-packages.
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")])),
         "TONETUNE_PARAMS": str(project / "params.yaml"),
         "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}",
         "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
@@ -443,6 +444,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-seq-length", type=int, help="override train.max_seq_length (default: the paper's; --tiny 256)")
     parser.add_argument("--stage-timeout", type=float, default=1800, help="seconds per stage process")
     parser.add_argument("--tokenizer-dir", type=Path, help="SmolLM2 tokenizer folder (default: the packaged GGUF's)")
+    parser.add_argument("--site", type=Path, help="folder of carried packages to put first on the path, here and in "
+                        "the stages (see bench/gpu_wheels.py)")
     parser.add_argument("--out", type=Path, help="write gpu_check.json (and keep the project folders) here")
     args = parser.parse_args(argv)
     defaults = {"examples": 8, "val": 4, "epochs": 1, "max_new_tokens": 8, "eval_batch_size": 4, "max_seq_length": 256} \
@@ -455,7 +458,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.site:
+        args.site = args.site.resolve()
+        sys.path.insert(0, str(args.site))
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(args.site), os.environ.get("PYTHONPATH")]))
     try:
+        if args.site and not args.site.is_dir():
+            raise CheckError(f"--site {args.site}: no such folder")
         shapes = [name.strip() for name in args.shapes.split(",") if name.strip()]
         unknown = sorted(set(shapes) - set(SHAPES))
         if unknown or not shapes:

@@ -90,3 +90,36 @@ def test_gpu_check_cpu_dry_run(tmp_path):
     assert grid["train_gpu_hours"] > 0 and grid["eval_gpu_hours_upper_bound"] > 0
     assert "hours on this CPU (a dry run: not a GPU figure) of training" in result.stdout
     assert "| evaluate |" in result.stdout
+
+
+def test_gpu_wheels_slims_bitsandbytes_to_the_cuda_libraries_asked_for(tmp_path):
+    """A wheel shaped like bitsandbytes' (one native library per toolkit, RECORD listing them)."""
+    import zipfile
+
+    libraries = ["cpu", "cuda118", "cuda126", "cuda130", "cuda132", "rocm63", "xpu"]
+    wheel = tmp_path / "in" / "bitsandbytes-0.50.2-py3-none-manylinux_2_24_x86_64.whl"
+    wheel.parent.mkdir()
+    record = [f"bitsandbytes/libbitsandbytes_{name}.so,sha256=x,3" for name in libraries] + ["bitsandbytes/__init__.py,,"]
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for name in libraries:
+            archive.writestr(f"bitsandbytes/libbitsandbytes_{name}.so", b"elf")
+        archive.writestr("bitsandbytes/__init__.py", "")
+        archive.writestr("bitsandbytes-0.50.2.dist-info/RECORD", "\n".join(record) + "\n")
+    result = run_script(["bench/gpu_wheels.py", "slim-bnb", str(wheel), str(tmp_path / "out"), "--cuda", "130"])
+    assert result.returncode == 0, result.stderr
+    with zipfile.ZipFile(tmp_path / "out" / wheel.name) as archive:
+        names = set(archive.namelist())
+        kept_record = archive.read("bitsandbytes-0.50.2.dist-info/RECORD").decode()
+    assert {n for n in names if n.endswith(".so")} == {"bitsandbytes/libbitsandbytes_cpu.so",
+                                                       "bitsandbytes/libbitsandbytes_cuda130.so"}
+    assert "cuda118" not in kept_record and "libbitsandbytes_cuda130.so" in kept_record
+    assert "bitsandbytes/__init__.py" in names
+
+
+def test_gpu_check_refuses_bad_arguments_in_one_line(tmp_path):
+    for args, fragment in [(["--site", str(tmp_path / "nowhere")], "no such folder"),
+                           (["--shapes", "gpt5"], "choose from smol135m, llama1b")]:
+        result = run_script(["bench/gpu_check.py", "--tiny", "--device", "cpu", *args], timeout=300)
+        assert result.returncode == 2
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.stderr
