@@ -1037,7 +1037,8 @@ def cancel_job(api: FineTuningAPI, ledger: JobLedger, spec: JobSpec, out_dir: Pa
 
 def collect(config: Config, runs_dir: Path = RUNS_DIR, out_dir: Path = COLLECTED_DIR) -> list[Path]:
     """Copy the metrics records of the models params name (and that were evaluated) to
-    metrics/openai/, which the report reads; models without one are shown there as not run."""
+    metrics/openai/, which the report reads; models without one are shown there as not run.
+    metrics/openai/summary.yaml counts them (scalars for `dvc metrics show`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob("*.json"):
         stale.unlink()
@@ -1052,6 +1053,10 @@ def collect(config: Config, runs_dir: Path = RUNS_DIR, out_dir: Path = COLLECTED
             written.append(write_atomic(out_dir / f"{name}.json", source.read_bytes()))
         else:
             missing.append(f"{name} ({status or 'no status'})")
+    # Always written, so the DVC metrics folder is never empty (an empty one reads as deleted in a
+    # fresh clone); .yaml (JSON is YAML) so the report's *.json records loader skips it.
+    summary = {"enabled": settings.enabled, "models_expected": len(names), "models_evaluated": len(written)}
+    write_atomic(out_dir / "summary.yaml", (json.dumps(summary) + "\n").encode())
     reason = "" if settings.enabled else " (openai.enabled is false)"
     print(f"openai: {len(written)} model(s) evaluated -> {out_dir}; not run{reason}: {', '.join(missing) or 'none'}")
     return written

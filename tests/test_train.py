@@ -130,9 +130,14 @@ def test_run_names_match_the_paths_dvc_renders(tmp_path, params_file):
 
     subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
     (tmp_path / "dvc.yaml").write_text((REPO_ROOT / "dvc.yaml").read_text())
-    params = yaml.safe_load((REPO_ROOT / params_file).read_text())
+    from pipeline.core.config import deep_merge
+
+    # A profile is an overlay on params.yaml (what `python -m pipeline.core.config apply` writes).
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    if params_file != "params.yaml":
+        params = deep_merge(params, yaml.safe_load((REPO_ROOT / params_file).read_text()))
     grid = params["train"]["grid"]
-    (tmp_path / "params.yaml").write_text((REPO_ROOT / params_file).read_text())
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     stages = [stage for stage in Repo(str(tmp_path)).index.stages if stage.name.startswith("train@")]
     expected = len(grid["precision"]) * len(grid["lora_r"]) * len(grid["learning_rate"]) * len(grid["n_train"])
     assert len(stages) == expected
