@@ -156,6 +156,7 @@ def test_good_data_runs_validate_then_split(dvc_repo):
 
 def test_metrics_show_and_params_diff_after_commit(dvc_repo):
     metrics = good_run(dvc_repo)["metrics_show"]
+    repo, env = dvc_repo["repo"], dvc_repo["env"]
     assert "metrics/data_quality.json" in metrics and "metrics/splits.json" in metrics
     assert "train_largest_rows" in metrics and "checks_failed" in metrics
     # Scalars only: `dvc metrics show --json` returns every key of both files (DVC drops lists
