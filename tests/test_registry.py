@@ -33,7 +33,8 @@ SENTINELS = {
     "OPENAI_API_KEY": "sk-proj-" + "SENTINEL-5c1e8a2f9d7b34",  # split: not a real key
 }
 QUESTION = "Why is the sky blue?"
-BASE = {"pct_conversational": 10.0, "similarity_mean": 0.70}
+BASE = {"pct_conversational": 10.0, "similarity_mean": 0.70, "repetition_rate": 0.05, "stopped_pct": 60.0}
+CLEAN = (0.01, 95.0)  # (repetition_rate, stopped_pct) of an adapter that ends its turns and does not loop
 
 
 # --------------------------------------------------------------------------- the server
@@ -66,7 +67,7 @@ def server(tmp_path_factory):
     group and stopped by killing that group. Yields as soon as it is started (booting takes ~7 s
     idle, 50 s on the shared 2-core machine): `workspace` builds its adapters meanwhile and
     calls `ready()`."""
-    from registry.promote import lock_path_for
+    from registry.store import lock_path_for
 
     root = tmp_path_factory.mktemp("mlflow_server")
     database, artifacts = root / "mlflow.db", root / "artifacts"
@@ -288,22 +289,25 @@ def registry_name(request, write_params):
     return name
 
 
-def write_eval(folder: Path, ws, **adapters: tuple[float, float]) -> Path:
+def write_eval(folder: Path, ws, **adapters: tuple) -> Path:
     """metrics/eval as evaluate writes it: `base` + one record per adapter key A/B/C with
-    (pct_conversational, similarity_mean), linked to the adapter's training run."""
+    (pct_conversational, similarity_mean[, repetition_rate, stopped_pct]), linked to the adapter's
+    training run. Degeneration defaults to a clean adapter (CLEAN)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "base.json").write_text(json.dumps({
         "model": "base", "kind": "base", "family": "tiny-llama", "precision": "fp32", "n_train": 0, "n_eval": 2,
         "pct_conversational": BASE["pct_conversational"], "similarity_mean": BASE["similarity_mean"],
-        "flesch_mean": 40.0, "answer_words_mean": 80.0, "mlflow_run_id": None}))
-    for key, (pct, similarity) in adapters.items():
+        "flesch_mean": 40.0, "answer_words_mean": 80.0, "repetition_rate": BASE["repetition_rate"],
+        "stopped_pct": BASE["stopped_pct"], "mlflow_run_id": None}))
+    for key, values in adapters.items():
+        pct, similarity, repetition, stopped = (*values, *CLEAN)[:4]
         run = ws["runs"][key]
         (folder / f"{run['name']}.json").write_text(json.dumps({
             "model": run["name"], "kind": "lora", "family": "tiny-llama", "precision": "fp32", "lora_r": run["lora_r"],
             "learning_rate": run["learning_rate"], "n_train": run["n_train"], "n_eval": 2,
             "pct_conversational": pct, "pct_conversational_ci_low": max(pct - 10, 0), "pct_conversational_ci_high": min(pct + 10, 100),
             "flesch_mean": 70.0, "flesch_median": 71.0, "similarity_mean": similarity, "answer_words_mean": 20.0,
-            "mlflow_run_id": run["run_id"]}))
+            "repetition_rate": repetition, "stopped_pct": stopped, "mlflow_run_id": run["run_id"]}))
     return folder
 
 
@@ -325,7 +329,7 @@ def production_of(name: str) -> str | None:
 
 
 def versions_of(name: str) -> list:
-    from registry.promote import all_versions
+    from registry.store import all_versions
 
     return all_versions(client(), name)
 
@@ -343,21 +347,28 @@ def cli(capsys, *argv: str) -> tuple[int, str, str]:
 # --------------------------------------------------------------------------- the policy (no server)
 
 
-def candidate(model: str, pct: float, similarity: float = 0.7, n_train: int = 100, lora_r: int = 32):
-    from registry.promote import Candidate
+def candidate(model: str, pct: float, similarity: float = 0.7, n_train: int = 100, lora_r: int = 32,
+              repetition: float = 0.01, stopped: float = 95.0):
+    from registry.policy import Candidate
 
-    return Candidate(model, "run", pct, similarity, n_train, lora_r)
+    return Candidate(model, "run", pct, similarity, n_train, lora_r, repetition, stopped)
+
+
+def limits(floor: float = 0.68):
+    from registry.policy import Limits
+
+    return Limits(floor, max_repetition_rate=0.10, min_stopped_pct=50.0)
 
 
 def test_policy_ranks_by_conversational_then_fewer_samples_then_smaller_r():
-    from registry.promote import is_better, is_eligible, rank, similarity_floor
+    from registry.policy import Limits, is_better, is_eligible, rank, similarity_floor
 
     ranked = rank([
         candidate("c-n1000", 80, n_train=1000), candidate("c-r64", 80, n_train=100, lora_r=64),
         candidate("c-best", 80, n_train=100, lora_r=32), candidate("c-low", 60, n_train=25, lora_r=8),
     ])
     assert [c.model for c in ranked] == ["c-best", "c-r64", "c-n1000", "c-low"]
-    floor = similarity_floor(0.70, 0.02)
+    floor = Limits(similarity_floor(0.70, 0.02), 0.10, 50.0)
     assert is_eligible(candidate("ok", 80, similarity=0.681), floor)
     assert not is_eligible(candidate("lossy", 99, similarity=0.679), floor)
     assert not is_eligible(candidate("no-metrics", float("nan")), floor)
@@ -366,8 +377,45 @@ def test_policy_ranks_by_conversational_then_fewer_samples_then_smaller_r():
     assert not is_better(candidate("same", 80), candidate("same-again", 80))  # equal: keep the incumbent
 
 
+def looping_candidate():
+    """An adapter whose answers loop, scored the way evaluate scores it (evalmetrics), as promote
+    reads it back from metrics/eval: very conversational (short sentences), similarity fine."""
+    from pipeline.core.evalmetrics import metrics_record, summarize
+    from registry.policy import Candidate
+
+    loop = "He was also a teacher of the school of Sharia, which is the Islamic law. " * 6
+    answers = [loop, loop, "The sky is blue because air scatters blue light the most.", loop]
+    summary = summarize(answers, [80.0] * 4, [0.7] * 4, 60, 100, 0, stopped=[False, False, True, False])
+    record = metrics_record("lora-looping", "lora", summary, lora_r=8, n_train=100, mlflow_run_id="run")
+    return Candidate.from_record(record)
+
+
+def test_degeneration_guard_refuses_a_looping_adapter_with_one_line_naming_it():
+    from registry.policy import check_guards, gate, guard_report
+
+    looping = looping_candidate()
+    assert looping.repetition_rate > 0.5 and looping.stopped_pct == 25.0 and looping.pct_conversational == 100.0
+    refusals = gate(looping, True, "metrics/data_quality.json", None, limits())
+    assert len(refusals) == 1 and "\n" not in refusals[0], refusals
+    assert refusals[0].startswith("degeneration_guard: repetition rate 0.")
+    assert "above promote.max_repetition_rate 0.10 (it loops)" in refusals[0]
+    assert "25.0% of answers ended their turn, below promote.min_stopped_pct 50%" in refusals[0]
+    # a clean adapter passes both guards; every guard is reported for every candidate
+    clean = candidate("lora-clean", 70)
+    assert [r.passed for r in check_guards(clean, limits())] == [True, True]
+    report = guard_report([clean, looping], limits())
+    assert report[0] == "guards (similarity >= 0.680; repetition rate <= 0.10; ended their turn >= 50%):"
+    assert report[1].startswith("  lora-looping: 100.0% conversational -> NOT eligible (similarity_guard ok")
+    assert "degeneration_guard FAIL" in report[1]
+    assert report[2].startswith("  lora-clean: 70.0% conversational -> eligible (similarity_guard ok")
+    # a metric that was not measured fails the guard rather than passing silently
+    unmeasured = candidate("lora-old", 70, repetition=float("nan"))
+    assert gate(unmeasured, True, "-", None, limits()) == ["degeneration_guard: repetition_rate not measured"]
+
+
 def test_force_needs_a_reason_and_secrets_are_redacted(monkeypatch):
-    from registry.promote import check_force, redact
+    from registry.evidence import redact
+    from registry.policy import check_force
 
     with pytest.raises(TonetuneError, match="--force needs --reason"):
         check_force(True, "  ")
@@ -389,7 +437,8 @@ def test_model_uri_must_name_an_alias_or_a_version(uri):
 
 def test_lock_lives_next_to_a_sqlite_store_and_a_missing_store_is_not_created(tmp_path, monkeypatch, write_params):
     from pipeline.core.config import load_config
-    from registry.promote import lock_path_for, open_client, promotion_lock
+    from pipeline.core.tracking import open_client
+    from registry.store import lock_path_for, promotion_lock
 
     database = tmp_path / "mlflow.db"
     assert lock_path_for(f"sqlite:///{database}") == tmp_path / "mlflow.db.promote.lock"
@@ -399,7 +448,7 @@ def test_lock_lives_next_to_a_sqlite_store_and_a_missing_store_is_not_created(tm
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{database}")
     write_params({})
     with pytest.raises(TonetuneError, match="no MLflow store at sqlite:///.*run the pipeline first"):
-        open_client(load_config())
+        open_client(load_config().tracking)
     assert not database.exists()
 
 
@@ -471,7 +520,10 @@ def test_rerun_is_a_noop_and_cli_list_and_summary_show_production(ws, registry_n
     assert "production" in row and "Production" in row and "55.0" in row and ws["runs"]["A"]["name"] in row
     code, out, _ = cli(capsys, "summary")
     assert code == 0
-    assert f"Production model: {registry_name} v1" in out and "55.0% conversational" in out and "vs base 10.0%" in out
+    assert f"Production model: {registry_name} v1" in out
+    assert "conversational 55.0% vs base 10.0% (+45.0 points)" in out
+    assert "similarity    0.700 vs base 0.700 (+0.000) (the guard allows -0.02)" in out
+    assert "degeneration  ended their turn 95.0% vs base 60.0% (+35.0 points); repeated 4-grams 0.010 vs base 0.050 (-0.040)" in out
     assert f"python -m registry lineage models:/{registry_name}@production" in out
 
 
@@ -526,6 +578,44 @@ def test_gate_refuses_a_worse_candidate_and_a_lossy_one(ws, registry_name, tmp_p
     assert "--force --reason" in out and production_of(registry_name) == "2"
 
 
+def test_a_looping_adapter_is_refused_and_forcing_it_puts_the_overridden_guard_in_the_model_card(
+        ws, registry_name, tmp_path, capsys, monkeypatch):
+    """B is the most conversational but loops (repetition 0.45, 30% ended their turn): the stage
+    refuses it naming the guard, `summary` says why there is no production model, and a forced
+    promotion records which guard it overrode and why in the version's description."""
+    import registry.cli
+
+    eval_dir = write_eval(tmp_path / "eval", ws, B=(95.0, 0.70, 0.45, 30.0))
+    code, out, err = cli(capsys, "promote", "--metrics-dir", str(eval_dir))
+    assert code == 0 and out.startswith("promote: NOT PROMOTED: no adapter is eligible"), (out, err)
+    guard_line = next(line for line in out.splitlines() if line.startswith(f"  {ws['runs']['B']['name']}:"))
+    assert "NOT eligible" in guard_line and "similarity_guard ok" in guard_line
+    assert "degeneration_guard FAIL: repetition rate 0.450 is above promote.max_repetition_rate 0.10 (it loops); " \
+           "30.0% of answers ended their turn, below promote.min_stopped_pct 50%" in guard_line
+    assert versions_of(registry_name) == []
+
+    monkeypatch.setattr(registry.cli, "EVAL_DIR", eval_dir)
+    code, out, _ = cli(capsys, "summary")
+    assert code == 0 and out.startswith(f"No Production model: {registry_name} has no production version.")
+    assert "no version was ever registered" in out and "passes the guards (base similarity 0.700)" in out
+    assert "degeneration_guard FAIL" in out
+
+    reason = "loops only on list questions; reviewed 20 answers by hand"
+    code, out, _ = cli(capsys, "promote", "--metrics-dir", str(eval_dir), "--force", "--reason", reason)
+    assert code == 0 and "FORCED" in out and "overrode degeneration_guard" in out, out
+    assert "skipped" not in out and "promoted by --force (overrode degeneration_guard)" in out
+    version = client().get_model_version(registry_name, "1")
+    assert version.tags["promote.gates_overridden"] == "degeneration_guard"
+    card = version.description
+    for text in ("**FORCED promotion**", "overridden: degeneration_guard.",
+                 "- degeneration_guard: repetition rate 0.450 is above promote.max_repetition_rate 0.10",
+                 f"Reason given: {reason}", "| repeated 4-gram rate | 0.450 | 0.050 |",
+                 "| % answers that ended their turn | 30.0 | 60.0 |"):
+        assert text in card, (text, card)
+    code, out, _ = cli(capsys, "summary")
+    assert code == 0 and "[FORCED: see the model card]" in out and "repeated 4-grams 0.450 vs base 0.050 (+0.400)" in out
+
+
 def test_failed_data_quality_refuses_unless_forced_with_a_reason(ws, registry_name, tmp_path, capsys):
     failed = tmp_path / "data_quality.json"
     failed.write_text(json.dumps({"success": False, "pairs_md5": md5(Path("data/generated/pairs.parquet"))}))
@@ -549,7 +639,7 @@ def test_a_registry_write_that_lost_an_insert_race_is_retried_other_errors_are_n
     try to INSERT, the server answers the loser with a UNIQUE violation. Retried, it updates."""
     from mlflow.exceptions import MlflowException
 
-    from registry.promote import upsert
+    from registry.store import upsert
 
     calls = []
 
@@ -632,9 +722,10 @@ def test_lineage_of_a_model_uri_audits_every_dataset_against_dvc_lock(ws, regist
     assert code == 2 and "no such model version" in err
 
 
-def test_zz_no_api_key_in_any_tag_param_description_or_artifact(ws, registry_name, tmp_path, server):
-    """Runs last in this module: the sentinels were in the environment of every run, promotion
-    and subprocess above. A forced promotion whose reason contains a key (pasted by mistake) must
+def test_no_api_key_in_any_tag_param_description_or_artifact(ws, registry_name, tmp_path, server):
+    """The sentinels are in the environment of every run, promotion and subprocess of this module;
+    the scan covers whatever the server holds when it runs (at least the workspace's runs and this
+    test's own promotion, so it does not depend on running last). A forced promotion whose reason contains a key (pasted by mistake) must
     be redacted too. Scanned: every registered model, version, run (params, tags) and every byte
     of the server's database and artifact store; a marker proves the scan reads what was written."""
     import mlflow
