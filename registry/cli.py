@@ -76,8 +76,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     for alias, number in client.get_registered_model(name).aliases.items():
         aliases.setdefault(str(number), []).append(alias)
     print(f"{name} ({len(versions)} version(s)); base model: "
-          f"{_tag_number(versions[-1].tags, 'base.pct_conversational', 1)}% conversational, "
-          f"similarity {_tag_number(versions[-1].tags, 'base.similarity_mean', 3)}")
+          f"{_tag_number(versions[-1].tags, Tags.base('pct_conversational'), 1)}% conversational, "
+          f"similarity {_tag_number(versions[-1].tags, Tags.base('similarity_mean'), 3)}")
     header = (f"{'version':>7}  {'aliases':<20} {'stage':<10} {'%conv':>6} {'simil.':>6} {'ended%':>6} {'repet.':>6} "
               f"{'n_train':>7} {'r':>4} {'prec.':<5} training run")
     print(header)
@@ -87,9 +87,9 @@ def cmd_list(args: argparse.Namespace) -> int:
         flags = " [forced]" if tags.get(Tags.PROMOTE_FORCED) == "true" else ""
         flags += " [rolled back]" if tags.get(Tags.ROLLED_BACK) == "true" else ""
         print(f"{version.version:>7}  {marks:<20} {version.current_stage or '-':<10} "
-              f"{_tag_number(tags, 'metric.pct_conversational', 1):>6} {_tag_number(tags, 'metric.similarity_mean', 3):>6} "
-              f"{_tag_number(tags, 'metric.stopped_pct', 1):>6} {_tag_number(tags, 'metric.repetition_rate', 3):>6} "
-              f"{tags.get('param.n_train', '-'):>7} {tags.get('param.lora_r', '-'):>4} {tags.get('param.precision', '-'):<5} "
+              f"{_tag_number(tags, Tags.metric('pct_conversational'), 1):>6} {_tag_number(tags, Tags.metric('similarity_mean'), 3):>6} "
+              f"{_tag_number(tags, Tags.metric('stopped_pct'), 1):>6} {_tag_number(tags, Tags.metric('repetition_rate'), 3):>6} "
+              f"{tags.get(Tags.param('n_train'), '-'):>7} {tags.get(Tags.param('lora_r'), '-'):>4} {tags.get(Tags.param('precision'), '-'):<5} "
               f"{tags.get(Tags.TRAINING_RUN_NAME, '-')} ({version.run_id or '-'}){flags}")
     return 0
 
@@ -109,9 +109,9 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 def _difference(tags: dict, key: str, digits: int, unit: str = "") -> str:
     """`0.553 vs base 0.590 (-0.037)`: a version's metric, the base's, and the difference."""
     try:
-        mine, base = float(tags[f"metric.{key}"]), float(tags[f"base.{key}"])
+        mine, base = float(tags[Tags.metric(key)]), float(tags[Tags.base(key)])
     except (KeyError, ValueError):
-        return f"{_tag_number(tags, f'metric.{key}', digits)}{unit} vs base {_tag_number(tags, f'base.{key}', digits)}{unit}"
+        return f"{_tag_number(tags, Tags.metric(key), digits)}{unit} vs base {_tag_number(tags, Tags.base(key), digits)}{unit}"
     points = " points" if unit == "%" else ""
     return f"{mine:.{digits}f}{unit} vs base {base:.{digits}f}{unit} ({mine - base:+.{digits}f}{points})"
 
@@ -159,12 +159,12 @@ def cmd_summary(args: argparse.Namespace) -> int:
     uri = f"models:/{name}@{PRODUCTION}"
     forced = " [FORCED: see the model card]" if tags.get(Tags.PROMOTE_FORCED) == "true" else ""
     print(f"Production model: {name} v{version.version} (alias {PRODUCTION}, stage {version.current_stage}){forced}")
-    print(f"  adapter       {tags.get(Tags.TRAINING_RUN_NAME, '-')}: precision {tags.get('param.precision', '-')}, "
-          f"LoRA r {tags.get('param.lora_r', '-')}, learning rate {tags.get('param.learning_rate', '-')}, "
-          f"{tags.get('param.n_train', '-')} training samples, base {tags.get('param.base_model_id', '-')}")
+    print(f"  adapter       {tags.get(Tags.TRAINING_RUN_NAME, '-')}: precision {tags.get(Tags.param('precision'), '-')}, "
+          f"LoRA r {tags.get(Tags.param('lora_r'), '-')}, learning rate {tags.get(Tags.param('learning_rate'), '-')}, "
+          f"{tags.get(Tags.param('n_train'), '-')} training samples, base {tags.get(Tags.param('base_model_id'), '-')}")
     print(f"  conversational {_difference(tags, 'pct_conversational', 1, '%')} "
-          f"[95% interval {_tag_number(tags, 'metric.pct_conversational_ci_low', 1)}, "
-          f"{_tag_number(tags, 'metric.pct_conversational_ci_high', 1)}] (n = {_tag_number(tags, 'metric.n_eval', 0)})")
+          f"[95% interval {_tag_number(tags, Tags.metric('pct_conversational_ci_low'), 1)}, "
+          f"{_tag_number(tags, Tags.metric('pct_conversational_ci_high'), 1)}] (n = {_tag_number(tags, Tags.metric('n_eval'), 0)})")
     print(f"  similarity    {_difference(tags, 'similarity_mean', 3)} (the guard allows "
           f"-{config.promote.similarity_tolerance:g})")
     print(f"  degeneration  ended their turn {_difference(tags, 'stopped_pct', 1, '%')}; repeated 4-grams "

@@ -208,10 +208,10 @@ def render_text(report: ModelLineageReport) -> str:
     lines.append(f"  version     {report.name} v{report.version} (aliases: {', '.join(report.aliases) or '-'}; "
                  f"stage {report.stage or '-'}; registered {report.created or '-'})")
     lines.append(f"              source {report.source or '-'}")
-    lines.append(f"  metrics     {_metric(tags, 'metric.pct_conversational', 1)}% conversational "
-                 f"[{_metric(tags, 'metric.pct_conversational_ci_low', 1)}, {_metric(tags, 'metric.pct_conversational_ci_high', 1)}], "
-                 f"similarity {_metric(tags, 'metric.similarity_mean', 3)} (base: "
-                 f"{_metric(tags, 'base.pct_conversational', 1)}%, {_metric(tags, 'base.similarity_mean', 3)})")
+    lines.append(f"  metrics     {_metric(tags, Tags.metric('pct_conversational'), 1)}% conversational "
+                 f"[{_metric(tags, Tags.metric('pct_conversational_ci_low'), 1)}, {_metric(tags, Tags.metric('pct_conversational_ci_high'), 1)}], "
+                 f"similarity {_metric(tags, Tags.metric('similarity_mean'), 3)} (base: "
+                 f"{_metric(tags, Tags.base('pct_conversational'), 1)}%, {_metric(tags, Tags.base('similarity_mean'), 3)})")
     if tags.get(Tags.PROMOTE_FORCED) == "true":
         lines.append(f"              FORCED promotion: {tags.get(Tags.PROMOTE_FORCE_REASON)} (overrode {tags.get(Tags.PROMOTE_OVERRIDDEN)})")
     found = "found" if report.run_found else "NOT FOUND in the tracking store"
@@ -232,7 +232,7 @@ def render_text(report: ModelLineageReport) -> str:
         lines.extend("     " + line for line in render_file(first).splitlines()[1:])
     else:
         lines.append("  -> dataset   (the training run logged no datasets)")
-    lines.append(f"  -> commit    trained at {report.git_commit or '-'}; promoted at {tags.get('promote.git_commit', '-')}")
+    lines.append(f"  -> commit    trained at {report.git_commit or '-'}; promoted at {tags.get(Tags.PROMOTE_GIT_COMMIT, '-')}")
     lock_then, lock_now = report.dvc_lock_md5_at_promotion, report.dvc_lock_md5_now
     same = "unchanged since" if lock_then and lock_then == lock_now else "CHANGED since" if lock_then else "not recorded at"
     lines.append(f"              dvc.lock md5 {lock_now or '-'} ({same} promotion{'' if same != 'CHANGED since' else f': was {lock_then}'})")

@@ -420,6 +420,17 @@ def test_degeneration_guard_refuses_a_looping_adapter_with_one_line_naming_it():
     assert gate(unmeasured, True, "-", None, limits()) == ["degeneration_guard: repetition_rate not measured"]
 
 
+def test_tag_keys_are_built_and_parsed_by_one_contract():
+    from pipeline.core.contracts import Tags
+
+    key = Tags.dataset("train_150", "dvc_md5")
+    assert key == "dataset.train_150.dvc_md5" and Tags.parse_dataset(key) == ("train_150", "dvc_md5")
+    assert Tags.parse_dataset("dataset.my.split.v2.path") == ("my.split.v2", "path")  # names may hold dots
+    assert Tags.parse_dataset("dataset.orphan") is None and Tags.parse_dataset("metric.x") is None
+    assert Tags.metric("stopped_pct") == "metric.stopped_pct" and Tags.base("repetition_rate") == "base.repetition_rate"
+    assert Tags.stage_of({"tonetune.stage": "train"}) == "train" == Tags.stage_of({"stage": "train"})
+
+
 def test_force_needs_a_reason_and_secrets_are_redacted(monkeypatch):
     from registry.evidence import redact
     from registry.policy import check_force

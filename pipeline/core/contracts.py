@@ -134,6 +134,21 @@ class Tags:
     PRODUCTION_HISTORY = "tonetune.production_history"
 
     @staticmethod
+    def metric(key: str) -> str:
+        """`metric.<key>`: a version's own metric."""
+        return f"{Tags.METRIC_PREFIX}{key}"
+
+    @staticmethod
+    def base(key: str) -> str:
+        """`base.<key>`: the base model's metric in the same evaluation round."""
+        return f"{Tags.BASE_PREFIX}{key}"
+
+    @staticmethod
+    def param(key: str) -> str:
+        """`param.<key>`: a training-run param recorded on the version."""
+        return f"{Tags.PARAM_PREFIX}{key}"
+
+    @staticmethod
     def dataset(name: str, field: str) -> str:
         """`dataset.<name>.<field>` (field: path, dvc_md5, dvc_stage, matches_dvc_lock)."""
         return f"{Tags.DATASET_PREFIX}{name}.{field}"
