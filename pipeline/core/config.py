@@ -254,13 +254,16 @@ class EvaluateConfig(Section):
 
 
 class PromoteConfig(Section):
-    """Registry policy: best % conversational, similarity guarded against the base model (an
-    adapter may be at most `similarity_tolerance` below the base's mean similarity); ties go to
-    fewer training samples, then smaller r. See registry/promote.py."""
+    """Registry policy: best % conversational among adapters that pass two guards: similarity
+    (at most `similarity_tolerance` below the base's mean similarity) and degeneration (mean
+    repeated-4-gram share <= `max_repetition_rate`, % answers that ended their turn >=
+    `min_stopped_pct`); ties go to fewer training samples, then smaller r. See registry/policy.py."""
 
     # Used in models:/<name>@production URIs and registry filters: no '/', '@', quotes or spaces.
     registered_model_name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")] = "tonetune-conversational"
     similarity_tolerance: Cosine = 0.02
+    max_repetition_rate: Annotated[float, Field(ge=0, le=1)] = 0.10
+    min_stopped_pct: Annotated[float, Field(ge=0, le=100)] = 50.0
 
 
 class OpenAIConfig(Section):

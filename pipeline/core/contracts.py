@@ -1,4 +1,5 @@
-"""What stages hand each other, named in one place: artifact file names and the adapter naming.
+"""What stages hand each other, named in one place: artifact file names, the adapter naming and
+the MLflow tag keys (`Tags`: who writes each key, who reads it).
 
 An adapter folder, its MLflow training run and its DVC output path share one name,
 `lora-<precision>-r<R>-lr<LR>-n<N>`. `adapter_name` writes it and `parse_adapter_name` reads it,
@@ -81,3 +82,86 @@ def openai_family(model: str) -> str:
     while parts and parts[-1].isdigit():
         parts.pop()
     return "-".join(parts) or model
+
+
+# --------------------------------------------------------------------------- MLflow tag keys
+
+
+class Tags:
+    """MLflow tag keys the stages write and the registry reads: writer -> reader beside each.
+    First the tags on tracking runs, then the ones promotion writes on model versions."""
+
+    STAGE = "stage"  # every stage's run (generate, split, evaluate, report, train, openai_finetune) -> promote
+    STAGE_LEGACY = "tonetune.stage"  # train, openai_finetune (older key, written beside STAGE) -> readers accept both
+    GRID = "grid"  # train: the grid id on the parent and its children
+    ROLE = "tonetune.role"  # train: "train-grid" (parent run) / "train" (one grid point)
+    ADAPTER_MODEL_URI = "adapter_model_uri"  # train: the logged pyfunc -> promote registers it
+    PAIRS_MD5 = "pairs_md5"  # split (and a training run, if it records it) -> promote's data-quality evidence
+    DATA_QUALITY_SUCCESS = "data_quality_success"  # split: "true"/"false" -> promote
+    GENERATION_RUN_ID = "generation_run_id"  # split -> promote, lineage
+    GIT_COMMIT = "git_commit"  # tracking.code_version_tags -> promote, lineage
+    MLFLOW_GIT_COMMIT = "mlflow.source.git.commit"  # the same, under MLflow's own key (the UI shows it)
+    DATASET_PREFIX = "dataset."  # tracking.log_dataset_input: dataset.<name>.{path,dvc_md5,dvc_stage,matches_dvc_lock}
+    DATASET_INPUT_PATH = "path"  # the same path/md5 as tags of the MLflow dataset input itself
+    DATASET_INPUT_MD5 = "dvc_md5"
+    TRAINING_CONTEXT = "training"  # the dataset input context of the split a model was trained on
+
+    # Model-version tags (written by registry promote/rollback, read by registry list/summary/lineage)
+    TRAINING_RUN_ID = "tonetune.training_run_id"
+    TRAINING_RUN_NAME = "tonetune.training_run_name"
+    EVAL_MODEL = "tonetune.eval_model"
+    EXPERIMENT_ID = "tonetune.experiment_id"
+    METRIC_PREFIX = "metric."  # metric.<key of metrics/eval/<model>.json> of this version
+    BASE_PREFIX = "base."  # base.<key>: the base model's metric, same evaluation round
+    PARAM_PREFIX = "param."  # param.<training run param>
+    DQ_SUCCESS = "data_quality.success"
+    DQ_PAIRS_MD5 = "data_quality.pairs_md5"
+    DQ_SOURCE = "data_quality.source"
+    DVC_LOCK_MD5 = "dvc_lock_md5"
+    PROMOTE_GIT_COMMIT = "promote.git_commit"
+    PROMOTE_POLICY = "promote.policy"
+    PROMOTE_MODE = "promote.mode"  # policy / version / forced
+    PROMOTE_AT = "promote.at"
+    PROMOTE_FORCED = "promote.forced"  # "true"/"false"
+    PROMOTE_FORCE_REASON = "promote.force_reason"
+    PROMOTE_OVERRIDDEN = "promote.gates_overridden"  # guard names, comma-separated
+    PROMOTE_OVERRIDES = "promote.overrides"  # each overridden refusal in full, one per line
+    ROLLED_BACK = "tonetune.rolled_back"
+    ROLLED_BACK_AT = "tonetune.rolled_back_at"
+    RESTORED_FROM = "tonetune.restored_by_rollback_from"
+    RESTORED_AT = "tonetune.restored_at"
+    # Registered-model tag: versions that were Production, oldest first (rollback pops it)
+    PRODUCTION_HISTORY = "tonetune.production_history"
+
+    @staticmethod
+    def metric(key: str) -> str:
+        """`metric.<key>`: a version's own metric."""
+        return f"{Tags.METRIC_PREFIX}{key}"
+
+    @staticmethod
+    def base(key: str) -> str:
+        """`base.<key>`: the base model's metric in the same evaluation round."""
+        return f"{Tags.BASE_PREFIX}{key}"
+
+    @staticmethod
+    def param(key: str) -> str:
+        """`param.<key>`: a training-run param recorded on the version."""
+        return f"{Tags.PARAM_PREFIX}{key}"
+
+    @staticmethod
+    def dataset(name: str, field: str) -> str:
+        """`dataset.<name>.<field>` (field: path, dvc_md5, dvc_stage, matches_dvc_lock)."""
+        return f"{Tags.DATASET_PREFIX}{name}.{field}"
+
+    @staticmethod
+    def parse_dataset(key: str) -> tuple[str, str] | None:
+        """(name, field) of a `dataset.<name>.<field>` key, else None (names may hold dots)."""
+        if not key.startswith(Tags.DATASET_PREFIX):
+            return None
+        name, dot, field = key.removeprefix(Tags.DATASET_PREFIX).rpartition(".")
+        return (name, field) if dot and name and field else None
+
+    @staticmethod
+    def stage_of(tags: dict[str, str]) -> str | None:
+        """The stage a run belongs to, under either key."""
+        return tags.get(Tags.STAGE) or tags.get(Tags.STAGE_LEGACY)
