@@ -446,3 +446,147 @@ def test_killed_while_polling_resumes_the_same_job_and_can_cancel_it(server, cap
     assert code == 0 and "is cancelled" in out and fake.cancels == 1
     code, _, err = run_main(FINETUNE_ARGS, capsys)
     assert code == 2 and "cancelled" in err and fake.jobs_created == 2
+
+
+# --------------------------------------------------------------------------- money (issue 14)
+
+
+@pytest.mark.parametrize("argv", [FINETUNE_ARGS, ["--base-model", BASE, "--val", str(VAL)]], ids=["finetune", "base"])
+def test_an_unpriced_base_model_is_refused_before_anything_is_sent(server, write_params, capsys, argv):
+    write_params({"openai": {"enabled": True, "base_models": [BASE], "n_train": [N_TRAIN], "prices": {}}})
+    code, _, err = run_main(argv, capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert f"'{BASE}' has no price in openai.prices" in err and "openai.allow_unpriced: true" in err
+    assert server.requests == [] and not ospec.LEDGER_PATH.exists()
+
+
+def test_allow_unpriced_runs_on_purpose(server, write_params, capsys):
+    write_params({"openai": {"enabled": True, "base_models": [BASE], "n_train": [N_TRAIN], "prices": {},
+                             "allow_unpriced": True, "batch_size": 4, "poll_interval_s": 0.001,
+                             "poll_max_interval_s": 0.01}})
+    code, _, err = run_main([*FINETUNE_ARGS, "--no-eval"], capsys)
+    assert code == 0, err
+    assert server.fine_tuning.jobs_created == 1
+
+
+def test_a_job_above_the_cost_cap_is_refused_before_it_is_created(server, write_params, capsys):
+    write_params({"openai": {"enabled": True, "base_models": [BASE], "n_train": [N_TRAIN], "max_cost_usd": 0.0001}})
+    training = ospec.jsonl_bytes(ospec.chat_examples(pd.DataFrame(qa_rows(N_TRAIN)), CONCISE_SYSTEM_PROMPT))
+    expected = ospec.training_tokens(training) * 5 * 3.0 / 1e6  # tokens x 5 epochs x $3/M (params' price)
+    code, _, err = run_main(FINETUNE_ARGS, capsys)
+    [line] = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and f"estimated training cost ${expected:.4f}" in line
+    assert "above openai.max_cost_usd $0.0001: no job created" in line
+    assert server.fine_tuning.jobs_created == 0 and server.fine_tuning.uploads == 0
+    [run] = runs_named(FT_NAME)
+    assert run.data.params["estimated_training_cost_usd"] == str(expected)
+    assert "max_cost_usd" in run.data.tags["openai.error"]
+    # Under the cap the same job goes ahead.
+    write_params({"openai": {"enabled": True, "base_models": [BASE], "n_train": [N_TRAIN], "max_cost_usd": 10.0,
+                             "batch_size": 4, "poll_interval_s": 0.001, "poll_max_interval_s": 0.01}})
+    code, _, err = run_main([*FINETUNE_ARGS, "--no-eval"], capsys)
+    assert code == 0, err
+    assert server.fine_tuning.jobs_created == 1
+
+
+def test_a_rerun_keeps_the_first_runs_cost_and_call_metrics(server, capsys):
+    import mlflow
+
+    assert run_main(FINETUNE_ARGS, capsys)[0] == 0
+    [run] = runs_named(FT_NAME)
+    first = run.data.metrics
+    assert first["eval_api_calls"] == 6 and first["eval_cache_hits"] == 0 and first["eval_cost_usd"] > 0
+    assert run_main(FINETUNE_ARGS, capsys)[0] == 0
+    [run] = runs_named(FT_NAME)
+    client = mlflow.MlflowClient()
+    for key in ("eval_api_calls", "eval_cache_hits", "eval_input_tokens", "eval_output_tokens", "eval_cost_usd"):
+        history = client.get_metric_history(run.info.run_id, key)
+        assert [m.value for m in history] == [first[key]], key  # logged once, by the first run
+    assert run.data.metrics["rerun_eval_api_calls"] == 0 and run.data.metrics["rerun_eval_cache_hits"] == 6
+    assert run_main(FINETUNE_ARGS, capsys)[0] == 0
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "rerun_eval_api_calls")]
+    assert steps == [1, 2]  # one point per re-run
+
+
+# --------------------------------------------------------------------------- provider tolerance (issue 14)
+
+
+OPTIONAL = {
+    "files-list": ("GET", "/v1/files", "GET /files", "uploads are matched through the ledger only"),
+    "jobs-list": ("GET", "/v1/fine_tuning/jobs", "GET /fine_tuning/jobs", "jobs are found through the ledger only"),
+    "events": ("GET", "/v1/fine_tuning/jobs/{job_id}/events", "GET /fine_tuning/jobs/{job_id}/events",
+               "following the job by its status only"),
+    "checkpoints": ("GET", "/v1/fine_tuning/jobs/{job_id}/checkpoints", "GET /fine_tuning/jobs/{job_id}/checkpoints",
+                    "no checkpoint metrics"),
+    "file-content": ("GET", "/v1/files/{file_id}/content", "GET /files/{file_id}/content", "no step_metrics.csv"),
+}
+
+
+@pytest.mark.parametrize("status", [404, 405])
+@pytest.mark.parametrize("route", sorted(OPTIONAL))
+def test_a_provider_without_an_optional_route_still_completes(server, capsys, route, status):
+    method, pattern, name, consequence = OPTIONAL[route]
+    server.disable(method, pattern, status)
+    code, out, err = run_main(FINETUNE_ARGS, capsys)
+    assert code == 0, err
+    assert server.refused[f"{method} {pattern}"] >= 1  # it was asked, and refused
+    notices = [line for line in err.splitlines() if "does not serve" in line]
+    assert notices == [f"openai: 127.0.0.1 does not serve {name} (HTTP {status}): {consequence}"]
+    assert server.fine_tuning.jobs_created == 1 and server.fine_tuning.uploads == 1
+    assert status_of(FT_NAME)["status"] == "evaluated"
+    [run] = runs_named(FT_NAME)
+    assert run.data.tags["openai.degraded_routes"] == name
+    assert {"kind": "degraded", "route": name}.items() <= next(
+        r for r in JobLedger().records() if r["kind"] == "degraded").items()
+
+
+@pytest.mark.parametrize("status", [404, 405])
+def test_without_file_retrieve_the_recorded_file_is_trusted(server, capsys, status):
+    assert run_main([*FINETUNE_ARGS, "--no-eval"], capsys)[0] == 0
+    server.disable("GET", "/v1/files/{file_id}", status)
+    code, _, err = run_main([*FINETUNE_ARGS, "--no-eval", "--new-job"], capsys)
+    assert code == 0, err
+    assert server.refused["GET /v1/files/{file_id}"] == 1
+    assert (f"openai: 127.0.0.1 does not serve GET /files/{{file_id}} (HTTP {status}): the recorded file id is used "
+            "without checking it still exists") in err
+    assert server.fine_tuning.uploads == 1 and server.fine_tuning.jobs_created == 2
+
+
+def test_a_deleted_file_is_still_uploaded_again(server, capsys):
+    """A 404 that names the file (the API's "No such File object: file-...") means it is gone."""
+    assert run_main([*FINETUNE_ARGS, "--no-eval"], capsys)[0] == 0
+    [file_id] = [f for f, record in server.fine_tuning.files.items() if record["purpose"] == "fine-tune"]
+    del server.fine_tuning.files[file_id]
+    code, _, err = run_main([*FINETUNE_ARGS, "--no-eval", "--new-job"], capsys)
+    assert code == 0, err
+    assert "does not serve" not in err and server.fine_tuning.uploads == 2
+
+
+@pytest.mark.parametrize("method, pattern", [
+    ("POST", "/v1/files"), ("POST", "/v1/fine_tuning/jobs"), ("GET", "/v1/fine_tuning/jobs/{job_id}"),
+    ("POST", "/v1/chat/completions"),
+], ids=["upload", "create-job", "retrieve-job", "chat"])
+def test_a_missing_required_route_still_fails_loudly(server, capsys, method, pattern):
+    server.disable(method, pattern)
+    code, _, err = run_main(FINETUNE_ARGS, capsys)
+    [line] = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and "HTTP 404 from 127.0.0.1" in line and "Invalid URL" in line
+    assert "does not serve" not in err
+
+
+def test_a_lost_creation_reply_is_not_resent_when_jobs_cannot_be_listed(server, capsys):
+    server.disable("GET", "/v1/fine_tuning/jobs")
+    server.fine_tuning.lose_create_replies = 1
+    code, _, err = run_main([*FINETUNE_ARGS, "--no-eval"], capsys)
+    [line] = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and "does not list jobs" in line and "not sending it again" in line
+    assert len(requests_to(server, "POST", "/v1/fine_tuning/jobs")) == 1 and server.fine_tuning.jobs_created == 1
+
+
+def test_a_wrong_shape_line_in_the_evaluation_cache_is_skipped(server, capsys):
+    ospec.CACHE_PATH.parent.mkdir(parents=True, exist_ok=True)
+    ospec.CACHE_PATH.write_text('{"key": "abc", "value": "oops"}\n')
+    code, _, err = run_main(["--base-model", BASE, "--val", str(VAL)], capsys)
+    assert code == 0, err
+    assert (f"openai: cache {ospec.CACHE_PATH}: skipped 1 unusable line(s) (not JSON, or not a {{key, value}} "
+            "response of the right shape and types); those requests will be asked again") in err

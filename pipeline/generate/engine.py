@@ -254,6 +254,12 @@ class Engine:
                     pending.append(self._launch(blocks[next_block], abort))
                     next_block += 1
                 if not pending:
+                    if next_block < len(blocks):  # nothing launched: only the budget stops that
+                        section = blocks[next_block][0]
+                        self.ledger.append(Candidate(section.position, section.source_id, section.title,
+                                                     reason="budget_exhausted",
+                                                     error=f"cost cap ${self.client.budget.cap_usd:g} reached"))
+                        stop_reason = "budget_exhausted"
                     break
                 candidates = await self._finished(pending[0], abort)
                 pending.popleft()

@@ -210,7 +210,7 @@ def check_training_budget(data: bytes, spec: JobSpec, config: OpenAIConfig) -> f
     cost = training_cost_usd(data, spec, config)
     if config.max_cost_usd is not None and cost is not None and cost > config.max_cost_usd:
         raise TonetuneError(
-            f"estimated training cost ${cost:.2f} ({training_tokens(data)} tokens x {spec.n_epochs} epochs x "
+            f"estimated training cost ${cost:.4f} ({training_tokens(data)} tokens x {spec.n_epochs} epochs x "
             f"${config.prices[spec.base_model].training_per_mtok:g}/M for {spec.base_model}) is above "
             f"openai.max_cost_usd ${config.max_cost_usd:g}: no job created"
         )
