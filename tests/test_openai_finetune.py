@@ -515,7 +515,7 @@ OPTIONAL = {
     "files-list": ("GET", "/v1/files", "GET /files", "uploads are matched through the ledger only"),
     "jobs-list": ("GET", "/v1/fine_tuning/jobs", "GET /fine_tuning/jobs", "jobs are found through the ledger only"),
     "events": ("GET", "/v1/fine_tuning/jobs/{job_id}/events", "GET /fine_tuning/jobs/{job_id}/events",
-               "following the job by its status only"),
+               "following the job by its status only (no per-step metrics while it runs)"),
     "checkpoints": ("GET", "/v1/fine_tuning/jobs/{job_id}/checkpoints", "GET /fine_tuning/jobs/{job_id}/checkpoints",
                     "no checkpoint metrics"),
     "file-content": ("GET", "/v1/files/{file_id}/content", "GET /files/{file_id}/content", "no step_metrics.csv"),

@@ -36,10 +36,17 @@ from pipeline.core.config import (
     GenerateConfig,
     load_config,
 )
+from pipeline.core.dvcmeta import file_md5
 from pipeline.core.errors import TonetuneError, exit_on_user_error
-from pipeline.core.llmclient import Backend, Budget, ChatClient, RequestSettings, host_of
+from pipeline.core.llmclient import Backend, Budget, ChatClient, OpenAIBackend, RequestSettings, host_of
+from pipeline.core.responsecache import ResponseCache
+from pipeline.core.textmetrics import load_embedder
+from pipeline.core.tracking import code_version_tags, configure_mlflow
+from pipeline.generate import outputs
 from pipeline.generate.engine import NOT_CANDIDATES, REASONS, Engine, GenerationResult, ProgressBar, Section
-from pipeline.generate.prompts import PROMPT_VERSION
+from pipeline.generate.outputs import read_sections
+from pipeline.generate.prompts import PROMPT_VERSION, prompts_text
+from pipeline.generate.replay import ReplayBackend, load_recordings
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -83,8 +90,6 @@ def budget_of(config: GenerateConfig) -> Budget:
 def make_backend(config: GenerateConfig, replay_dir: Path | None) -> Backend:
     """The backend params ask for. Checks the key / recordings before anything is sent."""
     if config.backend == "replay":
-        from pipeline.generate.replay import ReplayBackend, load_recordings
-
         return ReplayBackend(load_recordings(replay_dir or Path(config.replay_dir)))
     if config.base_url is not None and not config.base_url.startswith(("http://", "https://")):
         raise TonetuneError(f"generate.base_url = {config.base_url!r}: must start with http:// or https://")
@@ -94,7 +99,6 @@ def make_backend(config: GenerateConfig, replay_dir: Path | None) -> Backend:
             f"environment variable {config.api_key_env} is not set: export the API key for "
             f"{host_of(config.base_url)} (generate.api_key_env names the variable)"
         )
-    from pipeline.core.llmclient import OpenAIBackend
 
     return OpenAIBackend(config.base_url, api_key, config.concurrency, config.request_timeout_s)
 
@@ -191,7 +195,6 @@ def run_params(config: Config, sections_total: int) -> dict[str, Any]:
 def build_manifest(config: Config, result: GenerationResult, run_id: str, sections_path: Path,
                    metrics: dict[str, float]) -> dict[str, Any]:
     """Lineage of the dataset: the run, prompts, model, thresholds, source version, counts."""
-    from pipeline.core.dvcmeta import file_md5
 
     generate = config.generate
     try:
@@ -237,10 +240,6 @@ def write_outputs_and_log(config: Config, result: GenerationResult, args: argpar
     included)."""
     import mlflow
 
-    from pipeline.core.tracking import code_version_tags, configure_mlflow
-    from pipeline.generate import outputs
-    from pipeline.generate.prompts import prompts_text
-
     pairs_path = args.output_dir / PAIRS_PATH.name
     ledger_path = args.output_dir / LEDGER_PATH.name
     manifest_path = args.output_dir / GENERATION_MANIFEST_PATH.name
@@ -268,10 +267,6 @@ def main(argv: list[str] | None = None) -> None:
     generate = config.generate
     check_priced(generate)  # unpriced model -> one line, nothing sent
     backend = make_backend(generate, args.replay_dir)  # no key -> one line, nothing sent
-
-    from pipeline.core.responsecache import ResponseCache
-    from pipeline.core.textmetrics import load_embedder
-    from pipeline.generate.outputs import read_sections
 
     sections = read_sections(args.sections)
     recorded = sum(backend.has_source(section.source_id) for section in sections)

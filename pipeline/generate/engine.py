@@ -55,6 +55,7 @@ from pipeline.core.llmclient import (
     RequestFailed,
     StepKey,
 )
+from pipeline.core.textmetrics import NearDuplicateIndex, flesch_reading_ease
 from pipeline.generate import prompts
 
 if TYPE_CHECKING:
@@ -160,7 +161,6 @@ async def ask_question(client: ChatClient, section: Section, candidate: Candidat
 
 async def rephrase_until_simple(client: ChatClient, section: Section, candidate: Candidate, config: GenerateConfig) -> bool:
     """Steps (b) and (c): a conversational rephrasing with Flesch >= threshold, or give up."""
-    from pipeline.core.textmetrics import flesch_reading_ease
 
     candidate.requests += 1
     messages = prompts.rephrase_messages(candidate.question, candidate.factual_answer)
@@ -228,8 +228,6 @@ class Engine:
     """Runs sections through the client concurrently and commits them in source order."""
 
     def __init__(self, client: ChatClient, embedder: Any, config: GenerateConfig, progress: Any = None):
-        from pipeline.core.textmetrics import NearDuplicateIndex
-
         self.client = client
         self.embedder = embedder
         self.config = config

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.core.errors import TonetuneError
 from pipeline.core.io import atomic_write_text, atomic_write_with
+from pipeline.core.tables import read_table
 from pipeline.generate.engine import Candidate, Section
 
 if TYPE_CHECKING:
@@ -25,7 +26,6 @@ PAIR_COLUMNS = ("id", "source_id", "title", "question", "answer", "factual_answe
 
 def read_sections(path: Path) -> list[Section]:
     """Sections in generation order; a missing, malformed or empty file is a one-line error."""
-    from pipeline.core.tables import read_table
 
     if not path.exists():
         raise TonetuneError(f"sections file not found: {path} (run the source stage first: `dvc repro source`)")

@@ -16,8 +16,22 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.core.config import Config
+from pipeline.core.config import Config, GenerateConfig
+from pipeline.core.contracts import openai_family
 from pipeline.core.errors import TonetuneError
+from pipeline.core.evalmetrics import metrics_record, summarize_predictions
+from pipeline.core.llmclient import ChatClient, OpenAIBackend, RequestFailed, RequestSettings, StepKey
+from pipeline.core.predictions import (
+    MLFLOW_METRIC_PREFIX,
+    GenerationResult,
+    predictions_artifact_path,
+    score_answers,
+    write_predictions,
+)
+from pipeline.core.responsecache import ResponseCache
+from pipeline.core.system_prompts import SYSTEM_PROMPTS, chat_messages
+from pipeline.core.textmetrics import load_embedder
+from pipeline.core.tracking import log_dataset_input
 from pipeline.openai.api import FineTuningAPI
 from pipeline.openai.ledger import JobLedger
 from pipeline.openai.spec import CACHE_PATH, write_json
@@ -33,11 +47,6 @@ def ask_all(model: str, system_prompt: str, questions: list[str], config: Config
     client (cache, concurrency, rate limits, retries). A question still unanswered after its
     retries fails the stage in one line; the answers received are cached, so a re-run pays only
     for the rest. `stopped` is finish_reason == "stop" (not cut off at max_tokens)."""
-    from pipeline.core.config import GenerateConfig
-    from pipeline.core.llmclient import ChatClient, OpenAIBackend, RequestFailed, RequestSettings, StepKey
-    from pipeline.core.predictions import GenerationResult
-    from pipeline.core.responsecache import ResponseCache
-    from pipeline.core.system_prompts import chat_messages
 
     settings = config.openai
     client_config = GenerateConfig(
@@ -91,10 +100,6 @@ def ask_all(model: str, system_prompt: str, questions: list[str], config: Config
 def score(name: str, kind: str, base_model: str, answers, validation: pd.DataFrame, config: Config,
           extra: dict[str, Any]) -> tuple[dict[str, Any], pd.DataFrame]:
     """The predictions table and metrics record, computed exactly as for the LoRA adapters."""
-    from pipeline.core.contracts import openai_family
-    from pipeline.core.evalmetrics import metrics_record, summarize_predictions
-    from pipeline.core.predictions import score_answers
-    from pipeline.core.textmetrics import load_embedder
 
     embedder = load_embedder(config.embeddings)
     references = embedder.encode(validation["answer"].astype(str).tolist())
@@ -115,10 +120,6 @@ def evaluate_model(name: str, kind: str, base_model: str, model_id: str, prompt_
     tokens, `eval_repaid`, `eval_cost_usd`, `eval_seconds`) are the first run's: a re-run logs
     its own as `rerun_eval_*` (tracking.first_or_rerun_keys)."""
     import mlflow
-
-    from pipeline.core.predictions import MLFLOW_METRIC_PREFIX, predictions_artifact_path, write_predictions
-    from pipeline.core.system_prompts import SYSTEM_PROMPTS
-    from pipeline.core.tracking import log_dataset_input
 
     questions = validation["question"].astype(str).tolist()
     print(f"openai: evaluating {model_id} ({prompt_name} prompt) on {len(questions)} validation questions", flush=True)

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 from pipeline.core.config import METRICS_DIR, REPORTS_DIR, OpenAIConfig
 from pipeline.core.errors import TonetuneError
 from pipeline.core.io import atomic_write_text
+from pipeline.core.system_prompts import chat_messages
+from pipeline.core.tables import read_table
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -44,7 +46,6 @@ def model_name(base_model: str, n_train: int | None = None) -> str:
 
 def read_split(path: Path, what: str) -> pd.DataFrame:
     """A split parquet with question and answer columns (one line when it is missing or wrong)."""
-    from pipeline.core.tables import read_table
 
     frame = read_table(path, ("question", "answer"), f"the {what} split; run `dvc repro split` first")
     return frame.reset_index(drop=True)
@@ -52,7 +53,6 @@ def read_split(path: Path, what: str) -> pd.DataFrame:
 
 def chat_examples(frame: pd.DataFrame, system_prompt: str) -> list[dict[str, Any]]:
     """One fine-tuning example per row: system prompt, the question, the answer to learn."""
-    from pipeline.core.system_prompts import chat_messages
 
     return [
         {"messages": [*chat_messages(str(question), system_prompt), {"role": "assistant", "content": str(answer)}]}

@@ -21,6 +21,9 @@ from typing import Any
 from pipeline.core.config import VAL_SPLIT_PATH, Config, load_config
 from pipeline.core.errors import TonetuneError, exit_on_user_error
 from pipeline.core.io import atomic_write_bytes
+from pipeline.core.predictions import read_validation
+from pipeline.core.system_prompts import CONCISE_SYSTEM_PROMPT
+from pipeline.core.tracking import log_dataset_input
 from pipeline.openai.api import KEY_ENV, TERMINAL, FineTuningAPI, api_key_from_env
 from pipeline.openai.collect import collect
 from pipeline.openai.evaluation import evaluate_model
@@ -88,8 +91,6 @@ def run_base(config: Config, target: Target, out_dir: Path, api: FineTuningAPI, 
     """Evaluate the base model with the verbose prompt (its own MLflow run, like eval-base)."""
     import mlflow
 
-    from pipeline.core.predictions import read_validation
-
     validation = read_validation(target.val_path, config.evaluate.limit)
     run = start_run(config, target.name, None, {"stage": "openai_finetune", "tonetune.stage": "openai_finetune",
                                                 "kind": "openai-base", "model": target.name})
@@ -108,10 +109,6 @@ def run_finetune(config: Config, target: Target, out_dir: Path, api: FineTuningA
                  sleep: Callable[[float], None] = time.sleep) -> dict[str, Any]:
     """Fine-tune (or resume), record everything in MLflow, evaluate; returns the status record."""
     import mlflow
-
-    from pipeline.core.predictions import read_validation
-    from pipeline.core.system_prompts import CONCISE_SYSTEM_PROMPT
-    from pipeline.core.tracking import log_dataset_input
 
     settings = config.openai
     train = read_split(target.train_path, "training")
@@ -279,7 +276,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"openai: {target.name}: not run (openai.enabled is false; enable with "
               "`dvc exp run -S openai.enabled=true` and export OPENAI_API_KEY)")
         return
-    check_priced(config.openai, [target.base_model])  # unpriced -> one line, nothing sent
+    if not args.cancel:  # cancelling spends nothing
+        check_priced(config.openai, [target.base_model])  # unpriced -> one line, nothing sent
     api = FineTuningAPI(config.openai.base_url, api_key_from_env(), config.openai)
     if args.train is None:
         run_base(config, target, args.out_dir or RUNS_DIR / target.name, api, JobLedger())

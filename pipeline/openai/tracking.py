@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.core.config import Config
+from pipeline.core.tracking import code_version_tags, configure_mlflow
 
 STEP_METRICS = ("train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy",
                 "full_valid_loss", "full_valid_mean_token_accuracy")
@@ -73,8 +74,6 @@ def is_number(value: Any) -> bool:
 def start_run(config: Config, name: str, run_id: str | None, tags: dict[str, str]):
     """Re-open `run_id` when the store still has it, else start a run named `name`."""
     import mlflow
-
-    from pipeline.core.tracking import code_version_tags, configure_mlflow
 
     configure_mlflow(config.tracking)
     if run_id:
