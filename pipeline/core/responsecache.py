@@ -35,7 +35,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.io import fsync_dir
+from pipeline.core.io import fsync_dir, repair_torn_tail
 
 
 def cache_key(identity: dict[str, Any]) -> str:
@@ -66,15 +66,8 @@ class ResponseCache:
             self.path.touch()
             fsync_dir(self.path.parent)
             return
-        data = self.path.read_bytes()
-        end = data.rfind(b"\n") + 1
-        if end < len(data):
-            self.torn_bytes = len(data) - end
-            with open(self.path, "r+b") as handle:
-                handle.truncate(end)
-                handle.flush()
-                os.fsync(handle.fileno())
-        for line in data[:end].splitlines():
+        self.torn_bytes = repair_torn_tail(self.path)
+        for line in self.path.read_bytes().splitlines():
             if not line.strip():
                 continue
             try:
