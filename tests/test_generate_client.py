@@ -207,3 +207,48 @@ def test_fake_server_is_quiet_when_a_client_hangs_up_but_reports_its_own_bugs(ca
     with FakeOpenAIServer(chat=broken) as server:
         hang_up(server, body_length=1)
         assert "ValueError: a bug in a test behaviour" in stderr_within(15.0, lambda text: "ValueError" in text)
+
+
+def test_a_request_in_flight_at_a_crash_is_counted_and_named_as_repaid(tmp_path):
+    config = generate_config()
+    with FakeOpenAIServer(chat=lambda request: "hello there") as server:
+        cache = ResponseCache(tmp_path / "cache.jsonl")
+
+        class SameIdentity:  # only to compute the key the OpenAI backend's requests get
+            def cache_identity(self, step):
+                return "openai"
+
+        key = ChatClient(SameIdentity(), cache, request_settings(config), config).key(MESSAGES, STEP)
+        asyncio.run(cache.mark_sent(key))  # sent, then the process died before the answer was cached
+        cache.close()
+        [reply], client = complete(server, tmp_path, config)
+        assert reply.content == "hello there" and server.chat_calls == 1
+        assert client.stats.repaid == 1 and client.repaid_steps == [STEP]
+        [_], again = complete(server, tmp_path, config)  # answered now: nothing re-paid
+        assert again.stats.repaid == 0 and again.stats.cache_hits == 1
+
+
+def test_the_budget_refuses_to_send_once_the_estimate_reaches_the_cap(tmp_path):
+    from pipeline.core.llmclient import Budget, BudgetExhausted
+
+    config = generate_config(concurrency=1)
+    with FakeOpenAIServer(chat=lambda request: "hello there") as server:
+        cache = ResponseCache(tmp_path / "cache.jsonl")
+        budget = Budget(cap_usd=1e-9, input_per_mtok=1.0, output_per_mtok=1.0)
+        client = ChatClient(openai_backend(server, config), cache, request_settings(config), config, budget=budget)
+        other = [{"role": "user", "content": "Say bye."}]
+
+        async def go():
+            try:
+                first = await client.complete(MESSAGES, STEP)  # $0 spent so far: sent
+                with pytest.raises(BudgetExhausted, match=r"cost cap \$1e-09 reached"):
+                    await client.complete(other, STEP)
+                return first
+            finally:
+                await client.aclose()
+
+        assert asyncio.run(go()).content == "hello there"
+        cache.close()
+        assert server.chat_calls == 1 and client.stats.refused_by_budget == 1
+        assert Budget(None, 1.0, 1.0).exhausted(client.stats) is False  # no cap
+        assert Budget(1.0).exhausted(client.stats) is False  # unpriced: nothing to compare

@@ -200,7 +200,11 @@ def test_kill_9_mid_run_then_resume_repays_only_in_flight_and_matches_an_uninter
         process.wait()
         process.stderr.close()
         paid_before_kill = server.chat_calls
-        cached_after_kill = len((root / "cache.jsonl").read_bytes().splitlines())
+        lines = [json.loads(line) for line in (root / "cache.jsonl").read_bytes().splitlines()
+                 if line.endswith(b"}")]  # a torn last line is possible after SIGKILL
+        cached_after_kill = sum("value" in line for line in lines)
+        in_flight_at_kill = {line["key"] for line in lines if line.get("sent")} - {
+            line["key"] for line in lines if "value" in line}
         assert paid_before_kill - concurrency <= cached_after_kill <= paid_before_kill
         assert not (root / "killed" / "pairs.parquet").exists()
 
@@ -214,10 +218,104 @@ def test_kill_9_mid_run_then_resume_repays_only_in_flight_and_matches_an_uninter
 
     repaid = paid_before_kill + paid_to_resume - paid_uninterrupted
     assert 0 <= repaid <= concurrency
+    # The ledger names exactly the requests whose "sent" line was on disk without an answer: a
+    # superset of those the server saw twice (one may have died before reaching the server).
+    resumed_ledger = [json.loads(line) for line in (root / "resumed" / "ledger.jsonl").read_text().splitlines()]
+    named = sum(len(entry["repaid_requests"]) for entry in resumed_ledger)
+    assert repaid <= named == len(in_flight_at_kill) <= concurrency
     resumed = pd.read_parquet(root / "resumed" / "pairs.parquet")
     reference = pd.read_parquet(root / "reference" / "pairs.parquet")
     assert len(reference) >= 30  # most of the 40 sections are accepted
     pd.testing.assert_frame_equal(resumed, reference)
-    assert (root / "resumed" / "ledger.jsonl").read_text() == (root / "reference" / "ledger.jsonl").read_text()
+    reference_ledger = [json.loads(line) for line in (root / "reference" / "ledger.jsonl").read_text().splitlines()]
+    assert all(entry["repaid_requests"] == [] for entry in reference_ledger)
+    assert [{**entry, "repaid_requests": []} for entry in resumed_ledger] == reference_ledger
     steps = {tonetune_step(request) for request in server.requests}
     assert steps == {"qa", "rephrase", "simplify"}  # the run exercised every step
+
+
+# --------------------------------------------------------------------------- money (issue 14)
+
+
+@pytest.mark.parametrize("settings, expected", [
+    ({}, "generate.model 'mystery-model' has no price in generate.prices"),
+    ({"max_cost_usd": 5, "allow_unpriced": True}, "generate.max_cost_usd is $5 but 'mystery-model' has no price"),
+], ids=["unpriced", "cap-without-price"])
+def test_an_unpriced_model_is_refused_before_any_request(stage, monkeypatch, capsys, settings, expected):
+    monkeypatch.setenv(KEY_ENV, API_KEY)
+    with FakeOpenAIServer(chat=tonetune_behaviour) as server:
+        stage(backend="openai", base_url=server.base_url, model="mystery-model", **settings)
+        with pytest.raises(SystemExit) as exit_info:
+            cli()
+        assert server.chat_calls == 0 and server.requests == []
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and expected in err
+
+
+def test_allow_unpriced_spends_on_purpose_and_says_the_cost_is_unknown(stage, monkeypatch, capsys, embedder):
+    monkeypatch.setenv(KEY_ENV, API_KEY)
+    with FakeOpenAIServer(chat=tonetune_behaviour) as server:
+        stage(backend="openai", base_url=server.base_url, model="mystery-model", allow_unpriced=True, target_pairs=2)
+        cli()
+        assert server.chat_calls > 0
+    err = capsys.readouterr().err
+    assert "generate: no price for 'mystery-model' in generate.prices (allow_unpriced): cost not estimated" in err
+
+
+def _answer_costs(cache_path: Path) -> list[float]:
+    """USD of each cached answer at the test's prices ($1000 per M tokens in and out)."""
+    lines = [json.loads(line) for line in cache_path.read_text().splitlines()]
+    return [(line["value"]["input_tokens"] + line["value"]["output_tokens"]) / 1000 for line in lines if "value" in line]
+
+
+def test_the_budget_stops_at_the_cap_keeps_everything_and_a_higher_cap_continues(stage, monkeypatch, capsys, embedder):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv(KEY_ENV, API_KEY)
+    cap, concurrency = 2.0, 2
+    prices = {"fake-model": {"input_per_mtok": 1000.0, "output_per_mtok": 1000.0}}
+    with FakeOpenAIServer(chat=tonetune_behaviour) as server:
+        root = stage(backend="openai", base_url=server.base_url, concurrency=concurrency, prices=prices,
+                     max_cost_usd=cap)
+        cli(output="capped")
+        first_bodies = {request.raw_body for request in server.requests}
+        first_calls = server.chat_calls
+        err = capsys.readouterr().err
+
+        manifest = json.loads((root / "capped" / "manifest.json").read_text())
+        ledger = [json.loads(line) for line in (root / "capped" / "ledger.jsonl").read_text().splitlines()]
+        capped = pd.read_parquet(root / "capped" / "pairs.parquet")
+        assert manifest["stop_reason"] == "budget_exhausted" and manifest["max_cost_usd"] == cap
+        assert ledger[-1]["reason"] == "budget_exhausted" and "cost cap $2 reached" in ledger[-1]["error"]
+        assert all(entry["reason"] != "budget_exhausted" for entry in ledger[:-1])
+        assert 0 < len(ledger) < 12 and list(capped["id"]) == [e["id"] for e in ledger if e["reason"] == "accepted"]
+        [line] = [line for line in err.splitlines() if "cost cap" in line]
+        assert line.startswith("generate: stopped at the cost cap: $") and ">= generate.max_cost_usd $2;" in line
+        run = MlflowClient().get_run(manifest["mlflow_run_id"])
+        assert run.data.tags["stop_reason"] == "budget_exhausted" and run.data.metrics["stopped_by_budget"] == 1
+        spent = run.data.metrics["dataset_cost_usd"]
+        # Checked before each request: at most the requests already in flight pass the cap.
+        assert cap <= spent <= cap + concurrency * max(_answer_costs(root / "cache.jsonl"))
+        assert spent == pytest.approx(sum(_answer_costs(root / "cache.jsonl")))  # every paid answer was kept
+
+        # A higher cap continues from the cache: nothing asked twice, the first run's pairs kept.
+        stage(backend="openai", base_url=server.base_url, concurrency=concurrency, prices=prices, max_cost_usd=100.0)
+        cli(output="continued")
+        again = [r.raw_body for r in server.requests if r.path == "/v1/chat/completions"][first_calls:]
+        assert again and not first_bodies & set(again)
+    manifest = json.loads((root / "continued" / "manifest.json").read_text())
+    assert manifest["stop_reason"] == "sources_exhausted"
+    assert manifest["calls"]["cache_hits"] == first_calls and manifest["calls"]["repaid"] == 0
+    continued = pd.read_parquet(root / "continued" / "pairs.parquet")
+    assert list(continued["id"][: len(capped)]) == list(capped["id"]) and len(continued) > len(capped)
+
+
+def test_a_wrong_shape_cache_line_is_skipped_and_the_stage_goes_on(stage, capsys, embedder):
+    root = stage(backend="replay", replay_dir="rec")
+    recordings(root / "rec")
+    (root / "cache.jsonl").write_text('{"key": "abc", "value": "oops"}\n')
+    cli()
+    err = capsys.readouterr().err
+    assert ("generate: cache cache.jsonl: skipped 1 unusable line(s) (not JSON, or not a {key, value} response of "
+            "the right shape and types); those requests will be asked again") in err
+    assert len(pd.read_parquet(root / "out" / "pairs.parquet")) == 2

@@ -121,6 +121,47 @@ def test_cache_skips_a_corrupt_middle_line_and_keeps_the_first_write(tmp_path):
     assert cache.corrupt_lines == 1 and cache.get("a") == {"content": "1"}
 
 
+@pytest.mark.parametrize("line", [
+    '{"key": "abc", "value": "oops"}',  # valid JSON, wrong shape (the example)
+    '{"key": "abc"}', '{"value": {"content": "x"}}', '{"key": 7, "value": {"content": "x"}}',
+    '{"key": "abc", "value": {"content": 3}}', '{"key": "abc", "value": {"content": "x", "input_tokens": "7"}}',
+    '{"key": "abc", "value": {"content": "x", "output_tokens": true}}',
+    '{"key": "abc", "value": {"content": "x", "finish_reason": 1}}', '{"key": "abc", "sent": "yes"}',
+    '[1, 2]', '"just a string"', 'null',
+], ids=lambda line: line[:40])
+def test_cache_skips_any_unusable_line_counts_it_and_says_so_in_one_line(tmp_path, line):
+    path = tmp_path / "responses.jsonl"
+    good = '{"key": "good", "value": {"content": "fine", "input_tokens": 3, "output_tokens": 4, "finish_reason": "stop"}}'
+    path.write_text(f"{good}\n{line}\n")
+    cache = ResponseCache(path)
+    assert cache.corrupt_lines == 1 and len(cache) == 1 and cache.get("good")["content"] == "fine"
+    report = cache.damage_report()
+    assert "\n" not in report and report == (
+        f"cache {path}: skipped 1 unusable line(s) (not JSON, or not a {{key, value}} response of the right shape "
+        "and types); those requests will be asked again")
+    assert ResponseCache(tmp_path / "clean.jsonl").damage_report() is None
+
+
+def test_cache_intent_lines_tell_which_requests_were_in_flight(tmp_path):
+    path = tmp_path / "responses.jsonl"
+    cache = ResponseCache(path)
+
+    async def run_and_die():
+        await cache.mark_sent("answered")
+        await cache.put("answered", {"content": "ok"})
+        await cache.mark_sent("lost")  # sent; the answer never arrived (SIGKILL)
+        await cache.mark_sent("refused")
+        await cache.mark_settled("refused")  # failed for good: an error answer, nothing lost
+
+    asyncio.run(run_and_die())
+    cache.close()
+    reopened = ResponseCache(path)
+    assert reopened.corrupt_lines == 0 and len(reopened) == 1 and reopened.in_flight_at_crash == 1
+    assert reopened.was_in_flight("lost")
+    assert not reopened.was_in_flight("answered") and not reopened.was_in_flight("refused")
+    assert not reopened.was_in_flight("never-sent")
+
+
 # --------------------------------------------------------------------------- retry timing
 
 
@@ -155,7 +196,7 @@ def test_token_bucket_limits_the_rate():
         return time.monotonic() - started
 
     elapsed = asyncio.run(take(11))
-    assert 0.45 <= elapsed < 2.0  # 10 refills at 20/s = 0.5 s
+    assert elapsed >= 0.45  # 10 refills at 20/s = 0.5 s (no upper bound: a loaded machine is only slower)
 
 
 # --------------------------------------------------------------------------- replay

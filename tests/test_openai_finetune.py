@@ -21,16 +21,19 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline import openai_finetune as oft
 from pipeline.core.config import OpenAIConfig, load_config
+from pipeline.core.errors import TonetuneError
 from pipeline.core.system_prompts import CONCISE_SYSTEM_PROMPT, VERBOSE_SYSTEM_PROMPT
+from pipeline.openai import spec as ospec
+from pipeline.openai import stage
+from pipeline.openai.ledger import JobLedger
 from tests.conftest import REPO_ROOT
 from tests.fakes.openai_server import FakeOpenAIServer, FakeReply, JobPlan, tone_behaviour
 
 API_KEY = "sk-" + "test-OPENAI-FT-DO-NOT-LEAK-91b2"  # a sentinel, split so secret scanners do not flag it
 BASE = "gpt-4o-mini-2024-07-18"
 N_TRAIN = 12
-FT_NAME = oft.model_name(BASE, N_TRAIN)
+FT_NAME = ospec.model_name(BASE, N_TRAIN)
 TRAIN = Path("data/splits/train_12.parquet")
 VAL = Path("data/splits/val.parquet")
 FINETUNE_ARGS = ["--base-model", BASE, "--train", str(TRAIN), "--val", str(VAL)]
@@ -79,10 +82,10 @@ def server(project, monkeypatch):
 
 
 def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of pipeline.openai_finetune.main."""
+    """(exit code, stdout, stderr) of pipeline.openai.stage.main."""
     code = 0
     try:
-        oft.main(argv)
+        stage.main(argv)
     except SystemExit as exit_:
         code = exit_.code
     captured = capsys.readouterr()
@@ -107,7 +110,7 @@ def assert_key_nowhere(root: Path) -> None:
 
 
 def status_of(name: str) -> dict:
-    return json.loads((oft.RUNS_DIR / name / "status.json").read_text())
+    return json.loads((ospec.RUNS_DIR / name / "status.json").read_text())
 
 
 # --------------------------------------------------------------------------- pure parts
@@ -131,21 +134,21 @@ GOOD = [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}, {"
      "line 1 has ~"),
 ], ids=["too-few", "too-big", "not-json", "no-answer", "empty-answer", "bad-role", "too-long"])
 def test_training_file_is_checked_against_the_api_limits(data, settings, expected):
-    with pytest.raises(oft.TonetuneError) as error:
-        oft.validate_chat_jsonl(data, "train.jsonl", OpenAIConfig(**settings))
+    with pytest.raises(TonetuneError) as error:
+        ospec.validate_chat_jsonl(data, "train.jsonl", OpenAIConfig(**settings))
     message = str(error.value)
     assert expected in message and "nothing was uploaded" in message and "\n" not in message
 
 
 def test_a_valid_file_passes_and_the_examples_carry_the_concise_prompt():
     frame = pd.DataFrame(qa_rows(10))
-    data = oft.jsonl_bytes(oft.chat_examples(frame, CONCISE_SYSTEM_PROMPT))
-    assert oft.validate_chat_jsonl(data, "train.jsonl", OpenAIConfig()) == 10
+    data = ospec.jsonl_bytes(ospec.chat_examples(frame, CONCISE_SYSTEM_PROMPT))
+    assert ospec.validate_chat_jsonl(data, "train.jsonl", OpenAIConfig()) == 10
     first = json.loads(data.splitlines()[0])["messages"]
     assert first == [{"role": "system", "content": CONCISE_SYSTEM_PROMPT},
                      {"role": "user", "content": frame["question"][0]},
                      {"role": "assistant", "content": frame["answer"][0]}]
-    assert data == oft.jsonl_bytes(oft.chat_examples(frame, CONCISE_SYSTEM_PROMPT))  # deterministic bytes
+    assert data == ospec.jsonl_bytes(ospec.chat_examples(frame, CONCISE_SYSTEM_PROMPT))  # deterministic bytes
 
 
 @pytest.mark.parametrize("change", [
@@ -153,16 +156,16 @@ def test_a_valid_file_passes_and_the_examples_carry_the_concise_prompt():
     {"n_epochs": 4}, {"batch_size": 16}, {"learning_rate_multiplier": 2.0}, {"seed": 714},
 ])
 def test_every_part_of_the_identity_changes_it(change):
-    spec = oft.JobSpec(BASE, "a" * 64, None, 5, 32, 1.0, 713)
-    assert spec.identity == oft.JobSpec(BASE, "a" * 64, None, 5, 32, 1.0, 713).identity
-    changed = oft.JobSpec(**{**spec.__dict__, **change})
+    spec = ospec.JobSpec(BASE, "a" * 64, None, 5, 32, 1.0, 713)
+    assert spec.identity == ospec.JobSpec(BASE, "a" * 64, None, 5, 32, 1.0, 713).identity
+    changed = ospec.JobSpec(**{**spec.__dict__, **change})
     assert changed.identity != spec.identity and changed.suffix != spec.suffix
     assert spec.method() == {"type": "supervised", "supervised": {"hyperparameters": {
         "n_epochs": 5, "batch_size": 32, "learning_rate_multiplier": 1.0}}}
 
 
 def test_ledger_survives_a_torn_line_and_merges_updates(tmp_path):
-    ledger = oft.JobLedger(tmp_path / "jobs.jsonl")
+    ledger = JobLedger(tmp_path / "jobs.jsonl")
     ledger.append({"kind": "file", "endpoint": "e", "sha256": "s", "file_id": "file-1"})
     ledger.append({"kind": "job", "endpoint": "e", "identity": "i", "job_id": "ftjob-1"})
     with open(ledger.path, "ab") as handle:
@@ -181,21 +184,19 @@ def test_ledger_survives_a_torn_line_and_merges_updates(tmp_path):
 # --------------------------------------------------------------------------- off, and bad input
 
 
-def test_disabled_writes_not_run_fast_and_the_report_lists_the_models_as_not_run(project, write_params, capsys):
+def test_disabled_writes_not_run_and_the_report_lists_the_models_as_not_run(project, write_params, capsys):
     from pipeline import report
     from pipeline.core.evalmetrics import metrics_record
 
     write_params({"openai": {"enabled": False, "base_models": [BASE], "n_train": [N_TRAIN]}})
-    started = time.perf_counter()
     assert run_main(FINETUNE_ARGS, capsys)[0] == 0
     assert run_main(["--base-model", BASE, "--val", str(VAL)], capsys)[0] == 0
-    assert time.perf_counter() - started < 5
-    assert status_of(FT_NAME)["status"] == "not_run" and status_of(oft.model_name(BASE))["status"] == "not_run"
-    assert not oft.LEDGER_PATH.exists()  # nothing was sent, so nothing was recorded
+    assert status_of(FT_NAME)["status"] == "not_run" and status_of(ospec.model_name(BASE))["status"] == "not_run"
+    assert not ospec.LEDGER_PATH.exists()  # nothing was sent, so nothing was recorded
     code, out, _ = run_main(["--collect"], capsys)
-    assert code == 0 and "openai.enabled is false" in out and not list(oft.COLLECTED_DIR.glob("*.json"))
+    assert code == 0 and "openai.enabled is false" in out and not list(ospec.COLLECTED_DIR.glob("*.json"))
     # ... but the DVC metrics folder is never empty: a scalar summary for `dvc metrics show`.
-    assert json.loads((oft.COLLECTED_DIR / "summary.yaml").read_text()) == {
+    assert json.loads((ospec.COLLECTED_DIR / "summary.yaml").read_text()) == {
         "enabled": False, "models_expected": 2, "models_evaluated": 0}
     # The report (which reads metrics/eval and metrics/openai) shows the OpenAI rows as not run.
     Path("metrics/eval").mkdir(parents=True)
@@ -213,7 +214,7 @@ def test_no_key_fails_in_one_line_before_anything_is_sent(server, monkeypatch, c
     code, _, err = run_main(FINETUNE_ARGS, capsys)
     assert code == 2
     assert err.count("\n") == 1 and "OPENAI_API_KEY is not set" in err and "nothing was uploaded" in err
-    assert server.requests == [] and not oft.LEDGER_PATH.exists()
+    assert server.requests == [] and not ospec.LEDGER_PATH.exists()
 
 
 @pytest.mark.parametrize("params, rows, expected", [
@@ -258,14 +259,14 @@ def test_fine_tune_end_to_end_then_base_collect_and_report(server, project, caps
     # What was sent: the exact training bytes, purpose fine-tune; the paper's job settings.
     [upload] = requests_to(server, "POST", "/v1/files")
     assert b'name="purpose"\r\n\r\nfine-tune' in upload.raw_body
-    training = (oft.RUNS_DIR / FT_NAME / "train.jsonl").read_bytes()
+    training = (ospec.RUNS_DIR / FT_NAME / "train.jsonl").read_bytes()
     assert training in upload.raw_body and json.loads(training.splitlines()[0])["messages"][0]["content"] == CONCISE_SYSTEM_PROMPT
     [create] = requests_to(server, "POST", "/v1/fine_tuning/jobs")
     body = create.body
     assert body["model"] == BASE and body["seed"] == 713
     assert body["method"] == {"type": "supervised", "supervised": {"hyperparameters": {
         "n_epochs": 5, "batch_size": 4, "learning_rate_multiplier": 1.0}}}
-    identity = body["metadata"][oft.IDENTITY_KEY]
+    identity = body["metadata"][ospec.IDENTITY_KEY]
     assert body["suffix"] == f"tt-{identity[:12]}"
 
     # What was recorded: the MLflow run, beside the LoRA runs (same experiment), per-step losses.
@@ -280,7 +281,7 @@ def test_fine_tune_end_to_end_then_base_collect_and_report(server, project, caps
     assert sorted(m.step for m in history) == list(range(1, 16))  # 3 steps x 5 epochs, each once
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "openai")}
     assert {"openai/step_metrics.csv", "openai/job.json"} <= artifacts
-    assert (oft.RUNS_DIR / FT_NAME / "step_metrics.csv").read_text().startswith("step,train_loss")  # base64 decoded
+    assert (ospec.RUNS_DIR / FT_NAME / "step_metrics.csv").read_text().startswith("step,train_loss")  # base64 decoded
     assert run.data.metrics["eval_pct_conversational"] == 100.0
 
     # Evaluation through chat completions: the fine-tuned model id, the concise prompt.
@@ -289,7 +290,7 @@ def test_fine_tune_end_to_end_then_base_collect_and_report(server, project, caps
     assert {c.body["messages"][0]["content"] for c in chats} == {CONCISE_SYSTEM_PROMPT}
     status = status_of(FT_NAME)
     assert status["status"] == "evaluated" and status["fine_tuned_model"] == job["fine_tuned_model"]
-    predictions = pd.read_parquet(oft.RUNS_DIR / FT_NAME / "predictions.parquet")
+    predictions = pd.read_parquet(ospec.RUNS_DIR / FT_NAME / "predictions.parquet")
     assert list(predictions.columns[:5]) == ["question", "reference", "answer", "flesch", "similarity"]
 
     # The base model with the verbose prompt, then the records the report reads.
@@ -297,11 +298,11 @@ def test_fine_tune_end_to_end_then_base_collect_and_report(server, project, caps
     base_chats = requests_to(server, "POST", "/v1/chat/completions")[6:]
     assert {c.body["model"] for c in base_chats} == {BASE}
     assert {c.body["messages"][0]["content"] for c in base_chats} == {VERBOSE_SYSTEM_PROMPT}
-    assert runs_named(oft.model_name(BASE))[0].data.metrics["eval_pct_conversational"] == 0.0
+    assert runs_named(ospec.model_name(BASE))[0].data.metrics["eval_pct_conversational"] == 0.0
     assert run_main(["--collect"], capsys)[0] == 0
-    records = report.load_records([oft.COLLECTED_DIR])
+    records = report.load_records([ospec.COLLECTED_DIR])
     assert {(r["model"], r["kind"], r["n_train"]) for r in records} == {
-        (FT_NAME, "openai-finetuned", N_TRAIN), (oft.model_name(BASE), "openai-base", 0)}
+        (FT_NAME, "openai-finetuned", N_TRAIN), (ospec.model_name(BASE), "openai-base", 0)}
     text = report.render_results(records, report.not_run_openai_families(records, load_config().openai),
                                  load_config().openai, 60)
     assert f"| gpt-4o-mini | unknown | unknown | unknown | {N_TRAIN} | 100.0 |" in text
@@ -388,7 +389,7 @@ def test_a_job_cancelled_elsewhere_is_reported(server, capsys):
 def start_stage(argv: list[str]) -> subprocess.Popen:
     """The stage as its own process (as DVC runs it), with the test's environment."""
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    return subprocess.Popen([sys.executable, "-m", "pipeline.openai_finetune", *argv], env=env,
+    return subprocess.Popen([sys.executable, "-m", "pipeline.openai", *argv], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -416,7 +417,7 @@ def test_killed_around_job_creation_resumes_without_a_second_upload_or_job(serve
     fake.hold_create = None
     fake.release_create.set()
     assert fake.uploads == 1 and fake.jobs_created == (1 if moment == "after" else 0)
-    assert oft.JobLedger().file_id(server.base_url, oft.sha256_hex((oft.RUNS_DIR / FT_NAME / "train.jsonl").read_bytes()))
+    assert JobLedger().file_id(server.base_url, ospec.sha256_hex((ospec.RUNS_DIR / FT_NAME / "train.jsonl").read_bytes()))
 
     code, out, err = run_main([*FINETUNE_ARGS, "--no-eval"], capsys)
     assert code == 0, err
@@ -432,7 +433,7 @@ def test_killed_while_polling_resumes_the_same_job_and_can_cancel_it(server, cap
     fake.plan = lambda body: JobPlan.endless()
     kill_when(start_stage([*FINETUNE_ARGS, "--no-eval"]), lambda: fake.stats()["job_retrieves"] >= 3)
     [job_id] = fake.jobs
-    assert oft.JobLedger().job(server.base_url, fake.jobs[job_id]["metadata"][oft.IDENTITY_KEY])["job_id"] == job_id
+    assert JobLedger().job(server.base_url, fake.jobs[job_id]["metadata"][ospec.IDENTITY_KEY])["job_id"] == job_id
 
     # Resume: the same job is followed to the end (here: it finishes now).
     fake.replan(job_id, JobPlan(statuses=("running", "running", "succeeded")))
@@ -448,3 +449,147 @@ def test_killed_while_polling_resumes_the_same_job_and_can_cancel_it(server, cap
     assert code == 0 and "is cancelled" in out and fake.cancels == 1
     code, _, err = run_main(FINETUNE_ARGS, capsys)
     assert code == 2 and "cancelled" in err and fake.jobs_created == 2
+
+
+# --------------------------------------------------------------------------- money (issue 14)
+
+
+@pytest.mark.parametrize("argv", [FINETUNE_ARGS, ["--base-model", BASE, "--val", str(VAL)]], ids=["finetune", "base"])
+def test_an_unpriced_base_model_is_refused_before_anything_is_sent(server, write_params, capsys, argv):
+    write_params({"openai": {"enabled": True, "base_models": [BASE], "n_train": [N_TRAIN], "prices": {}}})
+    code, _, err = run_main(argv, capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert f"'{BASE}' has no price in openai.prices" in err and "openai.allow_unpriced: true" in err
+    assert server.requests == [] and not ospec.LEDGER_PATH.exists()
+
+
+def test_allow_unpriced_runs_on_purpose(server, write_params, capsys):
+    write_params({"openai": {"enabled": True, "base_models": [BASE], "n_train": [N_TRAIN], "prices": {},
+                             "allow_unpriced": True, "batch_size": 4, "poll_interval_s": 0.001,
+                             "poll_max_interval_s": 0.01}})
+    code, _, err = run_main([*FINETUNE_ARGS, "--no-eval"], capsys)
+    assert code == 0, err
+    assert server.fine_tuning.jobs_created == 1
+
+
+def test_a_job_above_the_cost_cap_is_refused_before_it_is_created(server, write_params, capsys):
+    write_params({"openai": {"enabled": True, "base_models": [BASE], "n_train": [N_TRAIN], "max_cost_usd": 0.0001}})
+    training = ospec.jsonl_bytes(ospec.chat_examples(pd.DataFrame(qa_rows(N_TRAIN)), CONCISE_SYSTEM_PROMPT))
+    expected = ospec.training_tokens(training) * 5 * 3.0 / 1e6  # tokens x 5 epochs x $3/M (params' price)
+    code, _, err = run_main(FINETUNE_ARGS, capsys)
+    [line] = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and f"estimated training cost ${expected:.4f}" in line
+    assert "above openai.max_cost_usd $0.0001: no job created" in line
+    assert server.fine_tuning.jobs_created == 0 and server.fine_tuning.uploads == 0
+    [run] = runs_named(FT_NAME)
+    assert run.data.params["estimated_training_cost_usd"] == str(expected)
+    assert "max_cost_usd" in run.data.tags["openai.error"]
+    # Under the cap the same job goes ahead.
+    write_params({"openai": {"enabled": True, "base_models": [BASE], "n_train": [N_TRAIN], "max_cost_usd": 10.0,
+                             "batch_size": 4, "poll_interval_s": 0.001, "poll_max_interval_s": 0.01}})
+    code, _, err = run_main([*FINETUNE_ARGS, "--no-eval"], capsys)
+    assert code == 0, err
+    assert server.fine_tuning.jobs_created == 1
+
+
+def test_a_rerun_keeps_the_first_runs_cost_and_call_metrics(server, capsys):
+    import mlflow
+
+    assert run_main(FINETUNE_ARGS, capsys)[0] == 0
+    [run] = runs_named(FT_NAME)
+    first = run.data.metrics
+    assert first["eval_api_calls"] == 6 and first["eval_cache_hits"] == 0 and first["eval_cost_usd"] > 0
+    assert run_main(FINETUNE_ARGS, capsys)[0] == 0
+    [run] = runs_named(FT_NAME)
+    client = mlflow.MlflowClient()
+    for key in ("eval_api_calls", "eval_cache_hits", "eval_input_tokens", "eval_output_tokens", "eval_cost_usd"):
+        history = client.get_metric_history(run.info.run_id, key)
+        assert [m.value for m in history] == [first[key]], key  # logged once, by the first run
+    assert run.data.metrics["rerun_eval_api_calls"] == 0 and run.data.metrics["rerun_eval_cache_hits"] == 6
+    assert run_main(FINETUNE_ARGS, capsys)[0] == 0
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "rerun_eval_api_calls")]
+    assert steps == [1, 2]  # one point per re-run
+
+
+# --------------------------------------------------------------------------- provider tolerance (issue 14)
+
+
+OPTIONAL = {
+    "files-list": ("GET", "/v1/files", "GET /files", "uploads are matched through the ledger only"),
+    "jobs-list": ("GET", "/v1/fine_tuning/jobs", "GET /fine_tuning/jobs", "jobs are found through the ledger only"),
+    "events": ("GET", "/v1/fine_tuning/jobs/{job_id}/events", "GET /fine_tuning/jobs/{job_id}/events",
+               "following the job by its status only (no per-step metrics while it runs)"),
+    "checkpoints": ("GET", "/v1/fine_tuning/jobs/{job_id}/checkpoints", "GET /fine_tuning/jobs/{job_id}/checkpoints",
+                    "no checkpoint metrics"),
+    "file-content": ("GET", "/v1/files/{file_id}/content", "GET /files/{file_id}/content", "no step_metrics.csv"),
+}
+
+
+@pytest.mark.parametrize("status", [404, 405])
+@pytest.mark.parametrize("route", sorted(OPTIONAL))
+def test_a_provider_without_an_optional_route_still_completes(server, capsys, route, status):
+    method, pattern, name, consequence = OPTIONAL[route]
+    server.disable(method, pattern, status)
+    code, out, err = run_main(FINETUNE_ARGS, capsys)
+    assert code == 0, err
+    assert server.refused[f"{method} {pattern}"] >= 1  # it was asked, and refused
+    notices = [line for line in err.splitlines() if "does not serve" in line]
+    assert notices == [f"openai: 127.0.0.1 does not serve {name} (HTTP {status}): {consequence}"]
+    assert server.fine_tuning.jobs_created == 1 and server.fine_tuning.uploads == 1
+    assert status_of(FT_NAME)["status"] == "evaluated"
+    [run] = runs_named(FT_NAME)
+    assert run.data.tags["openai.degraded_routes"] == name
+    assert {"kind": "degraded", "route": name}.items() <= next(
+        r for r in JobLedger().records() if r["kind"] == "degraded").items()
+
+
+@pytest.mark.parametrize("status", [404, 405])
+def test_without_file_retrieve_the_recorded_file_is_trusted(server, capsys, status):
+    assert run_main([*FINETUNE_ARGS, "--no-eval"], capsys)[0] == 0
+    server.disable("GET", "/v1/files/{file_id}", status)
+    code, _, err = run_main([*FINETUNE_ARGS, "--no-eval", "--new-job"], capsys)
+    assert code == 0, err
+    assert server.refused["GET /v1/files/{file_id}"] == 1
+    assert (f"openai: 127.0.0.1 does not serve GET /files/{{file_id}} (HTTP {status}): the recorded file id is used "
+            "without checking it still exists") in err
+    assert server.fine_tuning.uploads == 1 and server.fine_tuning.jobs_created == 2
+
+
+def test_a_deleted_file_is_still_uploaded_again(server, capsys):
+    """A 404 that names the file (the API's "No such File object: file-...") means it is gone."""
+    assert run_main([*FINETUNE_ARGS, "--no-eval"], capsys)[0] == 0
+    [file_id] = [f for f, record in server.fine_tuning.files.items() if record["purpose"] == "fine-tune"]
+    del server.fine_tuning.files[file_id]
+    code, _, err = run_main([*FINETUNE_ARGS, "--no-eval", "--new-job"], capsys)
+    assert code == 0, err
+    assert "does not serve" not in err and server.fine_tuning.uploads == 2
+
+
+@pytest.mark.parametrize("method, pattern", [
+    ("POST", "/v1/files"), ("POST", "/v1/fine_tuning/jobs"), ("GET", "/v1/fine_tuning/jobs/{job_id}"),
+    ("POST", "/v1/chat/completions"),
+], ids=["upload", "create-job", "retrieve-job", "chat"])
+def test_a_missing_required_route_still_fails_loudly(server, capsys, method, pattern):
+    server.disable(method, pattern)
+    code, _, err = run_main(FINETUNE_ARGS, capsys)
+    [line] = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and "HTTP 404 from 127.0.0.1" in line and "Invalid URL" in line
+    assert "does not serve" not in err
+
+
+def test_a_lost_creation_reply_is_not_resent_when_jobs_cannot_be_listed(server, capsys):
+    server.disable("GET", "/v1/fine_tuning/jobs")
+    server.fine_tuning.lose_create_replies = 1
+    code, _, err = run_main([*FINETUNE_ARGS, "--no-eval"], capsys)
+    [line] = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and "does not list jobs" in line and "not sending it again" in line
+    assert len(requests_to(server, "POST", "/v1/fine_tuning/jobs")) == 1 and server.fine_tuning.jobs_created == 1
+
+
+def test_a_wrong_shape_line_in_the_evaluation_cache_is_skipped(server, capsys):
+    ospec.CACHE_PATH.parent.mkdir(parents=True, exist_ok=True)
+    ospec.CACHE_PATH.write_text('{"key": "abc", "value": "oops"}\n')
+    code, _, err = run_main(["--base-model", BASE, "--val", str(VAL)], capsys)
+    assert code == 0, err
+    assert (f"openai: cache {ospec.CACHE_PATH}: skipped 1 unusable line(s) (not JSON, or not a {{key, value}} "
+            "response of the right shape and types); those requests will be asked again") in err

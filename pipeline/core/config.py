@@ -62,6 +62,7 @@ Cosine = Annotated[float, Field(ge=0, le=1)]
 PositiveInt = Annotated[int, Field(gt=0, strict=True)]  # strict: `true` is not 1
 NonNegativeInt = Annotated[int, Field(ge=0, strict=True)]
 PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
 
 
 def train_split_path(n_train: int) -> Path:
@@ -136,6 +137,15 @@ class PriceConfig(Section):
     output_per_mtok: Annotated[float, Field(ge=0)]
 
 
+class OpenAIPriceConfig(Section):
+    """USD per million tokens for one OpenAI base model: training, and the fine-tuned model's
+    input/output (the base model's own rates are lower, so the evaluation estimate is an upper bound)."""
+
+    training_per_mtok: Annotated[float, Field(ge=0)] = 0.0
+    input_per_mtok: Annotated[float, Field(ge=0)] = 0.0
+    output_per_mtok: Annotated[float, Field(ge=0)] = 0.0
+
+
 class GenerateConfig(Section):
     """The paper's data pipeline (section 2.2) and the client that talks to the generator LLM."""
 
@@ -163,6 +173,11 @@ class GenerateConfig(Section):
     prices: dict[str, PriceConfig] = Field(
         default_factory=lambda: {"google/gemini-2.5-flash": PriceConfig(input_per_mtok=0.30, output_per_mtok=2.50)}
     )
+    # Stop before the estimated cost of the dataset (API-reported usage x prices, cached answers
+    # included) reaches this many USD; null: no cap. Needs the model in `prices`.
+    max_cost_usd: NonNegativeFloat | None = None
+    # With the live backend a model missing from `prices` is refused at start unless this is true.
+    allow_unpriced: bool = False
 
 
 class ValidateConfig(Section):
@@ -297,6 +312,16 @@ class OpenAIConfig(Section):
     # fine-tuning: 65,536 tokens per example for gpt-4o-mini / gpt-4.1-mini).
     max_file_mb: PositiveFloat = 512.0
     max_example_tokens: PositiveInt = 65_536
+    # Refuse to create a job whose estimated training cost (training file tokens x epochs x
+    # training price) is above this many USD; null: no cap.
+    max_cost_usd: NonNegativeFloat | None = None
+    # Prices per base model; with the arm enabled a base model missing here is refused at start
+    # unless allow_unpriced is true.
+    prices: dict[str, OpenAIPriceConfig] = Field(default_factory=lambda: {
+        "gpt-4o-mini-2024-07-18": OpenAIPriceConfig(training_per_mtok=3.0, input_per_mtok=0.3, output_per_mtok=1.2),
+        "gpt-4.1-mini-2025-04-14": OpenAIPriceConfig(training_per_mtok=5.0, input_per_mtok=0.8, output_per_mtok=3.2),
+    })
+    allow_unpriced: bool = False
 
     @model_validator(mode="after")
     def _poll_bounds_ordered(self):

@@ -14,7 +14,15 @@
    Retry-After also pauses every other request); 401/403/404 stop the whole run at once with
    the server's message (`FatalAPIError`); other 4xx fail only this request;
 6. a successful reply is fsynced to the cache before the slot is released and the reply used,
-   so at most `concurrency` paid requests can be lost to a crash.
+   so at most `concurrency` paid requests can be lost to a crash;
+7. budget: before each request is sent (retries included), the running cost estimate (the API's
+   reported usage, cached answers included, times the price) is compared with the cap; at or
+   over it the request is not sent (`BudgetExhausted`). Requests already in flight finish, so
+   the estimate can pass the cap by at most `concurrency` requests;
+8. resume honesty: a durable "sent" line goes to the cache before the first attempt; a request
+   whose "sent" line is on disk but whose answer is not was in flight when a run died, and is
+   counted (`stats.repaid`) and named (`repaid_steps`) when it is sent again. `seed` is sent
+   with every request, for providers that can make sampling repeatable.
 
 `step` (section id, step name, attempt) tells the replay backend which recorded answer to
 give; the OpenAI backend ignores it.
@@ -63,6 +71,10 @@ class Reply:
 
 class FatalAPIError(TonetuneError):
     """The API refused us in a way no retry can fix (bad key, no access, unknown model/URL)."""
+
+
+class BudgetExhausted(Exception):
+    """The cost cap is reached: this request was not sent."""
 
 
 class RequestFailed(Exception):
@@ -118,6 +130,8 @@ class CallStats:
     errors: int = 0  # failed attempts (retried or not)
     rate_limited: int = 0
     requests_failed: int = 0  # requests given up on (-> api_error)
+    repaid: int = 0  # requests in flight when an earlier run died, sent (and paid) again
+    refused_by_budget: int = 0  # requests not sent because the cost cap was reached
     input_tokens: int = 0  # paid in this run
     output_tokens: int = 0
     cached_input_tokens: int = 0  # served from the cache (paid by an earlier run)
@@ -125,6 +139,30 @@ class CallStats:
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A cost cap (None: no cap) and the model's price in USD per million tokens (None: unpriced)."""
+
+    cap_usd: float | None = None
+    input_per_mtok: float | None = None
+    output_per_mtok: float | None = None
+
+    def cost(self, input_tokens: int, output_tokens: int) -> float | None:
+        if self.input_per_mtok is None or self.output_per_mtok is None:
+            return None
+        return input_tokens / 1e6 * self.input_per_mtok + output_tokens / 1e6 * self.output_per_mtok
+
+    def spent(self, stats: CallStats) -> float | None:
+        """What the answers used so far cost (paid now or by an earlier run, from the cache)."""
+        return self.cost(stats.input_tokens + stats.cached_input_tokens, stats.output_tokens + stats.cached_output_tokens)
+
+    def exhausted(self, stats: CallStats) -> bool:
+        if self.cap_usd is None:
+            return False
+        spent = self.spent(stats)
+        return spent is not None and spent >= self.cap_usd
 
 
 # --------------------------------------------------------------------------- rate limits
@@ -244,8 +282,10 @@ class ChatClient:
     """Cached, concurrency-bounded, rate-limited, retrying chat completions over a backend."""
 
     def __init__(self, backend: Backend, cache: ResponseCache, settings: RequestSettings, config: GenerateConfig,
-                 rng_seed: int | None = None):
+                 rng_seed: int | None = None, budget: Budget | None = None):
         self.backend = backend
+        self.budget = budget or Budget()
+        self.repaid_steps: list[StepKey] = []
         self.cache = cache
         self.settings = settings
         self.max_retries = config.max_retries
@@ -313,6 +353,14 @@ class ChatClient:
                 self._raise_if_fatal()
                 await self._limits.wait(estimated)
                 self._raise_if_fatal()
+                if self.budget.exhausted(self.stats):
+                    self.stats.refused_by_budget += 1
+                    raise BudgetExhausted(f"cost cap ${self.budget.cap_usd:g} reached")
+                if attempt == 0:
+                    if self.cache.was_in_flight(key):
+                        self.stats.repaid += 1
+                        self.repaid_steps.append(step)
+                    await self.cache.mark_sent(key)
                 self.stats.api_calls += 1
                 try:
                     reply = await self.backend.send(messages, step, self.settings)
@@ -324,6 +372,7 @@ class ChatClient:
                             self._limits.pause(error.retry_after)
                     if attempt == self.max_retries:
                         self.stats.requests_failed += 1
+                        await self.cache.mark_settled(key)
                         raise RequestFailed(f"gave up after {attempt + 1} attempts: {error}") from None
                     self.stats.retries += 1
                     delay = backoff_delay(attempt, self.backoff_base_s, self.backoff_max_s, error.retry_after, self._rng)
@@ -331,6 +380,7 @@ class ChatClient:
                 except RequestFailed:
                     self.stats.errors += 1
                     self.stats.requests_failed += 1
+                    await self.cache.mark_settled(key)
                     raise
                 except FatalAPIError as error:
                     self.stats.errors += 1
@@ -471,6 +521,6 @@ def _reply_from_body(payload: Any, host: str) -> Reply:
 
 
 __all__ = [
-    "Backend", "CallStats", "ChatClient", "FatalAPIError", "OpenAIBackend", "Reply", "RequestFailed",
+    "Backend", "Budget", "BudgetExhausted", "CallStats", "ChatClient", "FatalAPIError", "OpenAIBackend", "Reply", "RequestFailed",
     "RequestSettings", "RetryableError", "StepKey",
 ]

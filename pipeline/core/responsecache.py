@@ -12,9 +12,17 @@ together by the next one, in a worker thread. Each caller still waits for the fs
 covers its own line, so the guarantee above is per response.
 
 A SIGKILL can tear the last line. Loading drops an unterminated tail (truncating the file so
-the next append starts on a clean line) and skips any other unreadable line, counting both.
+the next append starts on a clean line) and skips every other line it cannot use, counting
+them: not JSON, not an object, a missing key, or a value of the wrong shape or types (a
+response needs a string `content` and integer token counts). `damage_report()` says so in one
+line; the run goes on and asks those requests again.
 
-What this module does not do: decide what to cache (client.py caches successful responses
+Resume honesty: before a request is sent, `mark_sent(key)` appends a durable intent line
+`{"key": ..., "sent": true}`. A key whose intent is on disk but whose response is not was in
+flight when a run died: it was (probably) paid for and is paid for again. `was_in_flight(key)`
+lets the client count and name those re-paid requests.
+
+What this module does not do: decide what to cache (llmclient.py caches successful responses
 only) or ever delete entries (the file is a DVC `persist: true` output).
 """
 
@@ -26,6 +34,8 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+
+from pipeline.core.io import fsync_dir, repair_torn_tail
 
 
 def cache_key(identity: dict[str, Any]) -> str:
@@ -42,6 +52,7 @@ class ResponseCache:
         self.torn_bytes = 0
         self.corrupt_lines = 0
         self._entries: dict[str, dict[str, Any]] = {}
+        self._sent: set[str] = set()  # keys with a durable "sent" intent line
         self._queue: list[tuple[str, dict[str, Any], bytes, asyncio.Future]] = []
         self._flusher: asyncio.Task | None = None
         self._load()
@@ -53,27 +64,28 @@ class ResponseCache:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not self.path.exists():
             self.path.touch()
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
             return
-        data = self.path.read_bytes()
-        end = data.rfind(b"\n") + 1
-        if end < len(data):
-            self.torn_bytes = len(data) - end
-            with open(self.path, "r+b") as handle:
-                handle.truncate(end)
-                handle.flush()
-                os.fsync(handle.fileno())
-        for line in data[:end].splitlines():
+        self.torn_bytes = repair_torn_tail(self.path)
+        for line in self.path.read_bytes().splitlines():
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
-                key, value = record["key"], record["value"]
-            except (ValueError, KeyError, TypeError):
+            except ValueError:
                 self.corrupt_lines += 1
                 continue
-            # First write wins: that is the response the first run actually used.
-            self._entries.setdefault(key, value)
+            kind = record_kind(record)
+            if kind == "response":
+                # First write wins: that is the response the first run actually used.
+                self._entries.setdefault(record["key"], record["value"])
+            elif kind == "sent":
+                self._sent.add(record["key"])
+            elif kind == "settled":
+                self._sent.discard(record["key"])
+            else:
+                self.corrupt_lines += 1
+        self.in_flight_at_crash = len(self._sent - self._entries.keys())
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -85,11 +97,44 @@ class ResponseCache:
         """The cached response for `key`, or None."""
         return self._entries.get(key)
 
+    def was_in_flight(self, key: str) -> bool:
+        """Whether an earlier run sent this request and died before its response was cached."""
+        return key in self._sent and key not in self._entries
+
+    def damage_report(self) -> str | None:
+        """One line about what loading skipped or cut (None when the file was clean)."""
+        if not (self.torn_bytes or self.corrupt_lines):
+            return None
+        torn = f" and cut a torn last line ({self.torn_bytes} bytes)" if self.torn_bytes else ""
+        return (f"cache {self.path}: skipped {self.corrupt_lines} unusable line(s) (not JSON, or not a "
+                f"{{key, value}} response of the right shape and types){torn}; those requests will be asked again")
+
+    async def mark_sent(self, key: str) -> None:
+        """Durably note that `key` is about to be sent (an intent line), before sending it."""
+        if key in self._sent:
+            return
+        self._sent.add(key)
+        line = json.dumps({"key": key, "sent": True}, separators=(",", ":"))
+        await self._append(line.encode("utf-8") + b"\n", None, None)
+
+    async def mark_settled(self, key: str) -> None:
+        """Note that a sent request failed for good (an error answer, not a lost one), so a
+        later run does not count it as re-paid."""
+        if key not in self._sent:
+            return
+        self._sent.discard(key)
+        line = json.dumps({"key": key, "sent": False}, separators=(",", ":"))
+        await self._append(line.encode("utf-8") + b"\n", None, None)
+
     async def put(self, key: str, value: dict[str, Any]) -> None:
         """Append a response and return only once it is fsynced (group commit)."""
         line = json.dumps({"key": key, "value": value}, ensure_ascii=False, separators=(",", ":"))
+        await self._append(line.encode("utf-8") + b"\n", key, value)
+
+    async def _append(self, blob: bytes, key: str | None, value: dict[str, Any] | None) -> None:
+        """Queue a line for the group commit and wait until it is fsynced."""
         future = asyncio.get_running_loop().create_future()
-        self._queue.append((key, value, line.encode("utf-8") + b"\n", future))
+        self._queue.append((key, value, blob, future))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush_queue())
         await asyncio.shield(future)
@@ -108,7 +153,8 @@ class ResponseCache:
                     raise
                 continue
             for key, value, _, future in batch:
-                self._entries.setdefault(key, value)
+                if key is not None:
+                    self._entries.setdefault(key, value)
                 if not future.done():
                     future.set_result(None)
 
@@ -130,15 +176,21 @@ class ResponseCache:
             self._handle.close()
 
 
-def _fsync_dir(directory: Path) -> None:
-    """fsync a directory so a newly created file's name survives a crash (POSIX only)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def record_kind(record: Any) -> str | None:
+    """"response" for {"key": str, "value": {content: str, tokens: int, finish_reason: str|None}},
+    "sent" for an intent line {"key": str, "sent": true}, "settled" for {"key": str, "sent": false}
+    (that request failed for good), None for anything else."""
+    if not isinstance(record, dict) or not isinstance(record.get("key"), str) or not record["key"]:
+        return None
+    if isinstance(record.get("sent"), bool) and "value" not in record:
+        return "sent" if record["sent"] else "settled"
+    value = record.get("value")
+    if not isinstance(value, dict) or not isinstance(value.get("content"), str):
+        return None
+    for name in ("input_tokens", "output_tokens"):
+        count = value.get(name, 0)
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            return None
+    if not isinstance(value.get("finish_reason"), str | None):
+        return None
+    return "response"

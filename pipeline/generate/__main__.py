@@ -8,6 +8,11 @@ re-running after a crash pays only for the requests that were in flight. With
 `generate.backend: openai` the API key is read from the environment variable that
 `generate.api_key_env` names; it is passed to the HTTP client and nowhere else (not logged,
 not in the manifest, not in MLflow).
+
+Money: with the live backend, `generate.model` must have a price in `generate.prices` (else one
+line at start, nothing sent) unless `generate.allow_unpriced: true`; `generate.max_cost_usd`
+caps the estimated cost of the dataset (answers from the cache included), checked before each
+request (see engine.py for where the run stops and how a re-run continues).
 """
 
 from __future__ import annotations
@@ -31,10 +36,17 @@ from pipeline.core.config import (
     GenerateConfig,
     load_config,
 )
+from pipeline.core.dvcmeta import file_md5
 from pipeline.core.errors import TonetuneError, exit_on_user_error
-from pipeline.core.llmclient import Backend, ChatClient, RequestSettings, host_of
-from pipeline.generate.engine import REASONS, Engine, GenerationResult, ProgressBar, Section
-from pipeline.generate.prompts import PROMPT_VERSION
+from pipeline.core.llmclient import Backend, Budget, ChatClient, OpenAIBackend, RequestSettings, host_of
+from pipeline.core.responsecache import ResponseCache
+from pipeline.core.textmetrics import load_embedder
+from pipeline.core.tracking import code_version_tags, configure_mlflow
+from pipeline.generate import outputs
+from pipeline.generate.engine import NOT_CANDIDATES, REASONS, Engine, GenerationResult, ProgressBar, Section
+from pipeline.generate.outputs import read_sections
+from pipeline.generate.prompts import PROMPT_VERSION, prompts_text
+from pipeline.generate.replay import ReplayBackend, load_recordings
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,11 +64,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_priced(config: GenerateConfig) -> None:
+    """No unpriced spending: a live backend needs the model in `generate.prices`, unless
+    `allow_unpriced` says so on purpose; a cost cap always needs a price (it cannot be checked
+    without one). One line, before anything is sent."""
+    if config.backend != "openai" or config.model in config.prices:
+        return
+    if config.max_cost_usd is not None:
+        raise TonetuneError(f"generate.max_cost_usd is ${config.max_cost_usd:g} but {config.model!r} has no price in "
+                            "generate.prices, so the cap cannot be checked: add its input_per_mtok/output_per_mtok")
+    if not config.allow_unpriced:
+        raise TonetuneError(f"generate.model {config.model!r} has no price in generate.prices: add its "
+                            "input_per_mtok/output_per_mtok, or set generate.allow_unpriced: true to spend "
+                            "without a cost estimate; nothing was sent")
+
+
+def budget_of(config: GenerateConfig) -> Budget:
+    """The cap and the model's price (None when unpriced) for the client's running estimate."""
+    price = config.prices.get(config.model)
+    if price is None:
+        return Budget(config.max_cost_usd)
+    return Budget(config.max_cost_usd, price.input_per_mtok, price.output_per_mtok)
+
+
 def make_backend(config: GenerateConfig, replay_dir: Path | None) -> Backend:
     """The backend params ask for. Checks the key / recordings before anything is sent."""
     if config.backend == "replay":
-        from pipeline.generate.replay import ReplayBackend, load_recordings
-
         return ReplayBackend(load_recordings(replay_dir or Path(config.replay_dir)))
     if config.base_url is not None and not config.base_url.startswith(("http://", "https://")):
         raise TonetuneError(f"generate.base_url = {config.base_url!r}: must start with http:// or https://")
@@ -66,7 +99,6 @@ def make_backend(config: GenerateConfig, replay_dir: Path | None) -> Backend:
             f"environment variable {config.api_key_env} is not set: export the API key for "
             f"{host_of(config.base_url)} (generate.api_key_env names the variable)"
         )
-    from pipeline.core.llmclient import OpenAIBackend
 
     return OpenAIBackend(config.base_url, api_key, config.concurrency, config.request_timeout_s)
 
@@ -80,7 +112,9 @@ async def run_engine(config: GenerateConfig, backend: Backend, cache, embedder, 
     """One generation run over `sections`; the backend is closed at the end, whatever happens."""
     from threadpoolctl import threadpool_limits
 
-    client = ChatClient(backend, cache, request_settings(config), config)
+    # Replay pays nothing: the cap is about money, so it applies to the live backend only.
+    budget = budget_of(config) if config.backend == "openai" else Budget()
+    client = ChatClient(backend, cache, request_settings(config), config, budget=budget)
     progress = ProgressBar(config.target_pairs, enabled=show_progress)
     ticker = asyncio.create_task(progress.tick(client.stats))
     try:
@@ -97,20 +131,19 @@ async def run_engine(config: GenerateConfig, backend: Backend, cache, embedder, 
 
 def cost_usd(config: GenerateConfig, input_tokens: int, output_tokens: int) -> float | None:
     """Estimated USD from `generate.prices[model]`; None when the model has no price."""
-    price = config.prices.get(config.model)
-    if price is None:
-        return None
-    return input_tokens / 1e6 * price.input_per_mtok + output_tokens / 1e6 * price.output_per_mtok
+    return budget_of(config).cost(input_tokens, output_tokens)
 
 
 def run_metrics(config: GenerateConfig, result: GenerationResult) -> dict[str, float]:
     """Counts, acceptance rate, calls, tokens, cost and speed of a run (MLflow metrics)."""
     counts = result.counts()
     stats = result.stats
-    candidates = len(result.ledger) - counts["not_recorded"]
+    candidates = len(result.ledger) - sum(counts[reason] for reason in NOT_CANDIDATES)
     metrics: dict[str, float] = {"accepted": counts["accepted"], "candidates": candidates,
-                                 "not_recorded": counts["not_recorded"]}
-    metrics |= {f"rejected_{reason}": counts[reason] for reason in REASONS if reason not in ("accepted", "not_recorded")}
+                                 "not_recorded": counts["not_recorded"],
+                                 "stopped_by_budget": float(result.stop_reason == "budget_exhausted")}
+    metrics |= {f"rejected_{reason}": counts[reason] for reason in REASONS
+                if reason != "accepted" and reason not in NOT_CANDIDATES}
     metrics["acceptance_rate"] = counts["accepted"] / candidates if candidates else 0.0
     metrics |= {key: value for key, value in stats.as_dict().items()}
     metrics["wall_time_s"] = result.wall_time_s
@@ -143,6 +176,8 @@ def run_params(config: Config, sections_total: int) -> dict[str, Any]:
         "max_tokens": generate.max_tokens,
         "seed": generate.seed,
         "target_pairs": generate.target_pairs,
+        "max_cost_usd": generate.max_cost_usd,
+        "allow_unpriced": generate.allow_unpriced,
         "concurrency": generate.concurrency,
         "requests_per_minute": generate.requests_per_minute,
         "tokens_per_minute": generate.tokens_per_minute,
@@ -160,7 +195,6 @@ def run_params(config: Config, sections_total: int) -> dict[str, Any]:
 def build_manifest(config: Config, result: GenerationResult, run_id: str, sections_path: Path,
                    metrics: dict[str, float]) -> dict[str, Any]:
     """Lineage of the dataset: the run, prompts, model, thresholds, source version, counts."""
-    from pipeline.core.dvcmeta import file_md5
 
     generate = config.generate
     try:
@@ -189,6 +223,7 @@ def build_manifest(config: Config, result: GenerationResult, run_id: str, sectio
         "sections_path": sections_path.as_posix(),
         "sections_md5": file_md5(sections_path),
         "stop_reason": result.stop_reason,
+        "max_cost_usd": generate.max_cost_usd,
         "counts": {key: int(value) for key, value in metrics.items()
                    if key in ("accepted", "candidates", "not_recorded") or key.startswith("rejected_")},
         "calls": result.stats.as_dict(),
@@ -205,17 +240,14 @@ def write_outputs_and_log(config: Config, result: GenerationResult, args: argpar
     included)."""
     import mlflow
 
-    from pipeline.core.tracking import code_version_tags, configure_mlflow
-    from pipeline.generate import outputs
-    from pipeline.generate.prompts import prompts_text
-
     pairs_path = args.output_dir / PAIRS_PATH.name
     ledger_path = args.output_dir / LEDGER_PATH.name
     manifest_path = args.output_dir / GENERATION_MANIFEST_PATH.name
     metrics = run_metrics(config.generate, result)
     configure_mlflow(config.tracking)
     with mlflow.start_run(run_name=f"generate-{config.generate.backend}-{len(result.pairs)}") as run:
-        mlflow.set_tags({**code_version_tags(), "stage": "generate", "prompt_version": PROMPT_VERSION})
+        mlflow.set_tags({**code_version_tags(), "stage": "generate", "prompt_version": PROMPT_VERSION,
+                         "stop_reason": result.stop_reason})
         mlflow.log_params(run_params(config, result.sections_total))
         mlflow.log_metrics(metrics)
         manifest = build_manifest(config, result, run.info.run_id, args.sections, metrics)
@@ -233,11 +265,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     config = load_config()
     generate = config.generate
+    check_priced(generate)  # unpriced model -> one line, nothing sent
     backend = make_backend(generate, args.replay_dir)  # no key -> one line, nothing sent
-
-    from pipeline.core.responsecache import ResponseCache
-    from pipeline.core.textmetrics import load_embedder
-    from pipeline.generate.outputs import read_sections
 
     sections = read_sections(args.sections)
     recorded = sum(backend.has_source(section.source_id) for section in sections)
@@ -246,9 +275,8 @@ def main(argv: list[str] | None = None) -> None:
                             f"in {args.replay_dir or generate.replay_dir}")
     embedder = load_embedder(config.embeddings)
     cache = ResponseCache(args.cache)
-    if cache.torn_bytes or cache.corrupt_lines:
-        print(f"generate: cache {args.cache}: dropped a torn last line ({cache.torn_bytes} bytes) and "
-              f"{cache.corrupt_lines} unreadable line(s) left by a crash", file=sys.stderr)
+    if damage := cache.damage_report():
+        print(f"generate: {damage}", file=sys.stderr)
     try:
         result = asyncio.run(run_engine(generate, backend, cache, embedder, sections,
                                         show_progress=not args.no_progress))
@@ -267,8 +295,18 @@ def main(argv: list[str] | None = None) -> None:
         + (f", ${cost:.4f}" if cost is not None else "")
         + f", {result.wall_time_s:.1f} s; backend {generate.backend}, prompts {PROMPT_VERSION}, MLflow run {run_id}"
     )
+    if result.stats.repaid:
+        print(f"generate: {result.stats.repaid} request(s) in flight when an earlier run died were sent (and paid) "
+              f"again; the ledger names them (repaid_requests)", file=sys.stderr)
+    if result.stop_reason == "budget_exhausted":
+        spent = metrics.get("dataset_cost_usd")
+        print(f"generate: stopped at the cost cap: ${spent:.4f} estimated >= generate.max_cost_usd "
+              f"${generate.max_cost_usd:g}; {len(result.pairs)} pairs kept, the ledger ends at the first section "
+              "not generated (budget_exhausted); raise the cap and run again to continue from the cache",
+              file=sys.stderr)
     if generate.backend == "openai" and cost is None:
-        print(f"generate: no price for {generate.model!r} in generate.prices: cost not estimated", file=sys.stderr)
+        print(f"generate: no price for {generate.model!r} in generate.prices (allow_unpriced): cost not estimated",
+              file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,13 @@ run, so even floating-point rounding cannot differ). Blocks are launched ahead, 
 `WINDOW_PER_SLOT` x `concurrency` sections (at least three blocks), and launching stops once the accepted pairs plus
 the sections still in flight could reach `target_pairs`; the run then commits in order and
 stops exactly at the target or when the sources run out.
+
+Budget (`generate.max_cost_usd`): the client refuses to send once the running cost estimate
+reaches the cap (`BudgetExhausted`). The first section, in source order, that needed a refused
+request is recorded in the ledger as `budget_exhausted` and the run stops there
+(`stop_reason` "budget_exhausted"): everything before it is committed as usual; answers that
+arrived for later sections stay in the cache, so a re-run with a higher cap continues from
+exactly that section without paying for anything twice.
 """
 
 from __future__ import annotations
@@ -40,7 +47,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.core.llmclient import CallStats, ChatClient, FatalAPIError, RequestFailed, StepKey
+from pipeline.core.llmclient import (
+    BudgetExhausted,
+    CallStats,
+    ChatClient,
+    FatalAPIError,
+    RequestFailed,
+    StepKey,
+)
+from pipeline.core.textmetrics import NearDuplicateIndex, flesch_reading_ease
 from pipeline.generate import prompts
 
 if TYPE_CHECKING:
@@ -48,7 +63,9 @@ if TYPE_CHECKING:
 
 BLOCK_SIZE = 16
 WINDOW_PER_SLOT = 4
-REASONS = ("accepted", "bad_json", "flesch_after_retries", "unfaithful", "duplicate", "api_error", "not_recorded")
+REASONS = ("accepted", "bad_json", "flesch_after_retries", "unfaithful", "duplicate", "api_error", "not_recorded",
+           "budget_exhausted")
+NOT_CANDIDATES = ("not_recorded", "budget_exhausted")  # nothing was decided about these sections
 
 
 @dataclass(frozen=True)
@@ -80,6 +97,7 @@ class Candidate:
     qa_attempts: int = 0
     requests: int = 0  # chat requests this candidate needed (cache hits included)
     error: str | None = None
+    repaid_requests: list[str] = field(default_factory=list)  # "step/attempt" sent again after a crash
 
     @property
     def flesch(self) -> float | None:
@@ -93,7 +111,7 @@ class Candidate:
             "flesch_attempts": [round(score, 4) for score in self.flesch_attempts],
             "faithfulness": _round(self.faithfulness), "nearest_similarity": _round(self.nearest_similarity),
             "nearest_id": self.nearest_id, "qa_attempts": self.qa_attempts, "requests": self.requests,
-            "error": self.error,
+            "error": self.error, "repaid_requests": self.repaid_requests,
         }
 
     def pair_record(self) -> dict[str, Any]:
@@ -143,7 +161,6 @@ async def ask_question(client: ChatClient, section: Section, candidate: Candidat
 
 async def rephrase_until_simple(client: ChatClient, section: Section, candidate: Candidate, config: GenerateConfig) -> bool:
     """Steps (b) and (c): a conversational rephrasing with Flesch >= threshold, or give up."""
-    from pipeline.core.textmetrics import flesch_reading_ease
 
     candidate.requests += 1
     messages = prompts.rephrase_messages(candidate.question, candidate.factual_answer)
@@ -191,7 +208,7 @@ class GenerationResult:
     stats: CallStats
     wall_time_s: float
     sections_total: int
-    stop_reason: str  # target_reached | sources_exhausted
+    stop_reason: str  # target_reached | sources_exhausted | budget_exhausted
 
     def counts(self) -> dict[str, int]:
         counts = dict.fromkeys(REASONS, 0)
@@ -211,8 +228,6 @@ class Engine:
     """Runs sections through the client concurrently and commits them in source order."""
 
     def __init__(self, client: ChatClient, embedder: Any, config: GenerateConfig, progress: Any = None):
-        from pipeline.core.textmetrics import NearDuplicateIndex
-
         self.client = client
         self.embedder = embedder
         self.config = config
@@ -237,12 +252,21 @@ class Engine:
                     pending.append(self._launch(blocks[next_block], abort))
                     next_block += 1
                 if not pending:
+                    if next_block < len(blocks):  # nothing launched: only the budget stops that
+                        section = blocks[next_block][0]
+                        self.ledger.append(Candidate(section.position, section.source_id, section.title,
+                                                     reason="budget_exhausted",
+                                                     error=f"cost cap ${self.client.budget.cap_usd:g} reached"))
+                        stop_reason = "budget_exhausted"
                     break
                 candidates = await self._finished(pending[0], abort)
                 pending.popleft()
-                await self._commit(candidates)
+                budget_hit = await self._commit(candidates)
                 if len(self.pairs) >= self.config.target_pairs:
                     stop_reason = "target_reached"
+                    break
+                if budget_hit:
+                    stop_reason = "budget_exhausted"
                     break
         finally:
             await self._cancel(pending)
@@ -254,6 +278,8 @@ class Engine:
     def _may_launch(self, pending: deque[_Block]) -> bool:
         """Launch another block while the window has room and the target is not yet reachable."""
         in_flight = sum(block.launched for block in pending)
+        if self.client.budget.exhausted(self.client.stats):
+            return False  # nothing more can be sent; what is launched still commits
         return in_flight < self.window and len(self.pairs) + in_flight < self.config.target_pairs
 
     def _launch(self, sections: list[Section], abort: asyncio.Future) -> _Block:
@@ -267,6 +293,9 @@ class Engine:
     async def _run_section(self, section: Section, abort: asyncio.Future) -> Candidate:
         try:
             return await generate_candidate(self.client, section, self.config)
+        except BudgetExhausted as error:
+            return Candidate(section.position, section.source_id, section.title, reason="budget_exhausted",
+                             error=str(error))
         except FatalAPIError as error:
             if not abort.done():
                 abort.set_exception(error)
@@ -300,8 +329,17 @@ class Engine:
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _commit(self, candidates: list[Candidate]) -> None:
-        """Faithfulness and dedup for one block, in source order; stop at the target."""
+    async def _commit(self, candidates: list[Candidate]) -> bool:
+        """Faithfulness and dedup for one block, in source order; stop at the target, or at the
+        first section the budget refused (recorded, then True: the run stops)."""
+        refused = next((i for i, c in enumerate(candidates) if c.reason == "budget_exhausted"), None)
+        if refused is not None:
+            candidates = candidates[: refused + 1]
+        repaid: dict[str, list[str]] = {}
+        for step in self.client.repaid_steps:
+            repaid.setdefault(step.source_id, []).append(f"{step.step}/{step.attempt}")
+        for candidate in candidates:
+            candidate.repaid_requests = sorted(repaid.get(candidate.source_id, []))
         questions = [c for c in candidates if c.question]
         both = [c for c in candidates if c.factual_answer and c.answer]
         texts = [c.question for c in questions] + [c.factual_answer for c in both] + [c.answer for c in both]
@@ -346,6 +384,7 @@ class Engine:
                 self.progress.committed(candidate, self.client.stats)
             if len(self.pairs) >= self.config.target_pairs:
                 break
+        return refused is not None
 
     def _similarities_to_earlier(self, others: list[Candidate], question_vector: dict, stored: int) -> dict:
         """(best cosine, row) of each rejected candidate's question among the questions accepted

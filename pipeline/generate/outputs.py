@@ -8,11 +8,12 @@ half a file that DVC would happily hash.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.core.errors import TonetuneError
+from pipeline.core.io import atomic_write_text, atomic_write_with
+from pipeline.core.tables import read_table
 from pipeline.generate.engine import Candidate, Section
 
 if TYPE_CHECKING:
@@ -25,7 +26,6 @@ PAIR_COLUMNS = ("id", "source_id", "title", "question", "answer", "factual_answe
 
 def read_sections(path: Path) -> list[Section]:
     """Sections in generation order; a missing, malformed or empty file is a one-line error."""
-    from pipeline.core.tables import read_table
 
     if not path.exists():
         raise TonetuneError(f"sections file not found: {path} (run the source stage first: `dvc repro source`)")
@@ -42,16 +42,6 @@ def read_sections(path: Path) -> list[Section]:
     ]
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Call write(temporary_path), fsync it, then rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    write(temporary)
-    with open(temporary, "rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-
-
 def pairs_frame(pairs: list[Candidate]) -> pd.DataFrame:
     """The accepted pairs as a table with fixed columns and types (also when empty)."""
     import pandas as pd
@@ -63,14 +53,14 @@ def pairs_frame(pairs: list[Candidate]) -> pd.DataFrame:
 
 def write_pairs(pairs: list[Candidate], path: Path) -> None:
     frame = pairs_frame(pairs)
-    _atomic_write(path, lambda temporary: frame.to_parquet(temporary, index=False))
+    atomic_write_with(path, lambda temporary: frame.to_parquet(temporary, index=False))
 
 
 def write_ledger(ledger: list[Candidate], path: Path) -> None:
     lines = "".join(json.dumps(c.ledger_record(), ensure_ascii=False) + "\n" for c in ledger)
-    _atomic_write(path, lambda temporary: temporary.write_text(lines, encoding="utf-8"))
+    atomic_write_text(path, lines)
 
 
 def write_manifest(manifest: dict[str, Any], path: Path) -> None:
     text = json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
-    _atomic_write(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+    atomic_write_text(path, text)

@@ -34,9 +34,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.config import SECTIONS_PATH
+from pipeline.core.config import SECTIONS_PATH, load_config
 from pipeline.core.errors import TonetuneError, exit_on_user_error
 from pipeline.core.llmclient import Messages, Reply, RequestFailed, RequestSettings, StepKey, estimate_tokens
+from pipeline.core.textmetrics import flesch_reading_ease
 
 REQUIRED_FIELDS = ("source_id", "title", "question", "factual_answer", "rephrasings")
 OPTIONAL_FIELDS = ("qa_replies",)
@@ -205,8 +206,6 @@ def check(directory: Path, sections_path: Path, threshold: float, max_simplify_a
     """Validate every recording and print a summary; returns the list of problems."""
     import pandas as pd
 
-    from pipeline.core.textmetrics import flesch_reading_ease
-
     recordings, problems = read_recordings(directory)
     if sections_path.exists():
         sections = pd.read_parquet(sections_path, columns=["id", "title"]).set_index("id")["title"]
@@ -250,7 +249,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    from pipeline.core.config import load_config
 
     args = parse_args(argv)
     config = load_config().generate

@@ -14,7 +14,9 @@ replies in order. The server counts chat calls and records every request's heade
 can check the Authorization header and that the key appears nowhere else.
 
 Routes live in a table (`server.route(method, "/v1/fine_tuning/jobs/{job_id}", handler)`), so
-other endpoints (files, fine-tuning jobs) can be added without touching the HTTP plumbing.
+other endpoints (files, fine-tuning jobs) can be added without touching the HTTP plumbing;
+`server.disable("GET", "/v1/files")` makes one route answer like a provider that does not serve
+it (404 "Invalid URL (...)", or 405), counting the refusals in `server.refused`.
 
 As a process (the kill -9 test and bench/generate.py run it this way so that its CPU use does
 not share the client's interpreter):
@@ -242,6 +244,7 @@ class FakeOpenAIServer:
         self.requests: list[RecordedRequest] = []
         self.chat_calls = 0
         self.max_concurrent = 0
+        self.refused: dict[str, int] = {}  # "METHOD pattern" -> requests refused by `disable`
         self._concurrent = 0
         self._counts: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -268,6 +271,18 @@ class FakeOpenAIServer:
         Later routes win, so a test can override a default one."""
         regex = re.compile("^" + re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", re.escape(pattern)) + "$")
         self._routes.insert(0, (method.upper(), regex, handler))
+
+    def disable(self, method: str, pattern: str, status: int = 404) -> None:
+        """Stop serving `method pattern`, as a provider that does not implement that route: 404
+        with the real API's "Invalid URL (METHOD /path)" body, or 405 Method Not Allowed."""
+        def refuse(request: RecordedRequest) -> FakeReply:
+            with self._lock:
+                self.refused[f"{method.upper()} {pattern}"] = self.refused.get(f"{method.upper()} {pattern}", 0) + 1
+            if status == 405:
+                return FakeReply.error(405, "Method Not Allowed", headers={"Allow": "POST"}, code="method_not_allowed")
+            return FakeReply.error(404, f"Invalid URL ({request.method} {request.path})", code="unknown_url")
+
+        self.route(method, pattern, refuse)
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -320,7 +335,7 @@ class FakeOpenAIServer:
                                               query=query)
                     self.requests.append(request)
                 return handler(request)
-        return FakeReply.error(404, f"Unknown request URL: {method} {path}", code="unknown_url")
+        return FakeReply.error(404, f"Invalid URL ({method} {path})", code="unknown_url")
 
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
         server = self
@@ -534,7 +549,9 @@ class FakeFineTuning:
 
     def _retrieve_file(self, request: RecordedRequest) -> FakeReply:
         record = self.files.get(request.path_params["file_id"])
-        return FakeReply(json_body=record) if record else FakeReply.error(404, "No such File object", code="not_found")
+        if record is None:
+            return FakeReply.error(404, f"No such File object: {request.path_params['file_id']}", code="not_found")
+        return FakeReply(json_body=record)
 
     def _delete_file(self, request: RecordedRequest) -> FakeReply:
         file_id = request.path_params["file_id"]
@@ -542,13 +559,13 @@ class FakeFineTuning:
             existed = self.files.pop(file_id, None) is not None
             self.contents.pop(file_id, None)
         if not existed:
-            return FakeReply.error(404, "No such File object", code="not_found")
+            return FakeReply.error(404, f"No such File object: {file_id}", code="not_found")
         return FakeReply(json_body={"id": file_id, "object": "file", "deleted": True})
 
     def _file_content(self, request: RecordedRequest) -> FakeReply:
         content = self.contents.get(request.path_params["file_id"])
         if content is None:
-            return FakeReply.error(404, "No such File object", code="not_found")
+            return FakeReply.error(404, f"No such File object: {request.path_params['file_id']}", code="not_found")
         return FakeReply(raw_body=content, headers={"Content-Type": "application/octet-stream"})
 
     # ----------------------------------------------------------------- jobs

@@ -1,0 +1,102 @@
+"""Durable file writes: atomic replacement and crash-safe appends, both fsynced.
+
+- `atomic_write_bytes` / `atomic_write_text`: write a temporary file in the same folder, fsync
+  it, rename it over the target, fsync the folder. A crash leaves the old file or the new one,
+  never half a file (which DVC would happily hash).
+- `durable_append_line`: append one line to a JSONL-style log and return only once it is on
+  disk (file fsynced; the folder too when the file was just created). A torn last line left by
+  an earlier crash is cut off first, so the new line never glues onto half a record.
+- `repair_torn_tail`: that cut, on its own (readers call it before appending in bulk).
+
+What this module does not do: decide formats, or keep a handle open between appends (the
+response cache keeps its own handle for group commit, and uses `fsync_dir` from here).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def fsync_dir(directory: str | Path) -> None:
+    """fsync a folder so a new or renamed entry survives a crash (no-op where unsupported)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Replace `path` with `data` atomically and durably; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> Path:
+    """`atomic_write_bytes` for text."""
+    return atomic_write_bytes(path, text.encode(encoding))
+
+
+def atomic_write_with(path: str | Path, write) -> Path:
+    """Atomic replacement for writers that need a file name (e.g. `frame.to_parquet`):
+    `write(temporary_path)`, then fsync, rename and fsync the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    write(temporary)
+    with open(temporary, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    fsync_dir(path.parent)
+    return path
+
+
+def repair_torn_tail(path: str | Path) -> int:
+    """Cut an unterminated last line (a crash mid-append); returns the bytes removed."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    with open(path, "r+b") as handle:
+        size = handle.seek(0, os.SEEK_END)
+        if not size:
+            return 0
+        handle.seek(size - 1)
+        if handle.read(1) == b"\n":
+            return 0
+        handle.seek(0)
+        data = handle.read()
+        end = data.rfind(b"\n") + 1
+        handle.truncate(end)
+        handle.flush()
+        os.fsync(handle.fileno())
+        return size - end
+
+
+def durable_append_line(path: str | Path, line: str | bytes) -> None:
+    """Append one line (a newline is added) and fsync before returning."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    created = not path.exists()
+    if not created:
+        repair_torn_tail(path)
+    blob = line.encode("utf-8") if isinstance(line, str) else line
+    with open(path, "ab") as handle:
+        handle.write(blob.rstrip(b"\n") + b"\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    if created:
+        fsync_dir(path.parent)
