@@ -31,7 +31,7 @@ def server(team_server_info):
             "ready": team_server_info["ready"]}
 
 
-def test_the_store_behind_the_server_is_postgresql(ws, team_server_info):
+def test_the_store_behind_the_server_is_postgresql(ws, team_server_info):  # noqa: F811 (a fixture)
     """The runs the imported tests use really are rows in PostgreSQL, not a sqlite file."""
     import psycopg2
 
