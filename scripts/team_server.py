@@ -205,6 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     if "://" not in destination:
         Path(destination).mkdir(parents=True, exist_ok=True)
     root.mkdir(parents=True, exist_ok=True)
+
+    def _terminate(signum, frame):  # `kill PID` stops both servers like Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminate)
     with open(root / "postgres.log", "ab") as pg_log:
         try:
             postgres = start_postgres(root, args.pg_port, pg_log)
