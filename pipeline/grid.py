@@ -129,6 +129,10 @@ def run_with_ray(points: list[GridPoint], project: Path, env: dict[str, str], ad
         ray.init(num_cpus=num_cpus, num_gpus=None if num_gpus else 0, include_dashboard=False,
                  log_to_driver=False, object_store_memory=200 * 1024 * 1024, runtime_env=runtime_env)
     try:
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if gpus < num_gpus:  # the tasks would wait forever
+            raise TonetuneError(f"the Ray cluster has {gpus:g} GPU(s), a task asks for {num_gpus:g}: "
+                                f"pass --num-gpus 0 to train on CPU")
         task = ray.remote(num_gpus=num_gpus, num_cpus=num_cpus_per_task, max_retries=0)(run_point)
         pending = {task.remote(point, str(project), env): point for point in points}
         print(f"grid: {len(points)} point(s) submitted to Ray ({ray.cluster_resources().get('GPU', 0):g} GPU, "
