@@ -62,6 +62,7 @@ def test_two_grid_points_run_in_parallel_as_ray_tasks_and_are_committed(project,
     completed = run(command, project, env)
     assert completed.returncode == 0, completed.stdout + completed.stderr[-3000:]
     out = completed.stdout
+    print(out)  # the fan-out's report (shown with -rP, and on failure)
     assert "2 point(s) submitted to Ray (0 GPU, 2 CPU; 0 GPU per task)" in out
     assert all(f"grid: {point} done" in out for point in POINTS), out
     assert "grid: 2 built, 0 failed" in out
