@@ -199,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--artifacts-destination", default=os.environ.get("ARTIFACTS_DESTINATION"),
                         help="folder or s3://bucket/prefix (default DIR/artifacts)")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--no-fsync", action="store_true", help="PostgreSQL without fsync: throwaway clusters (tests) only")
     args = parser.parse_args(argv)
     root = args.dir.expanduser().resolve()
     destination = args.artifacts_destination or str(root / "artifacts")
@@ -212,11 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     with open(root / "postgres.log", "ab") as pg_log:
         try:
-            postgres = start_postgres(root, args.pg_port, pg_log)
+            postgres = start_postgres(root, args.pg_port, pg_log, fast=args.no_fsync)
         except ServerError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
         server = start_mlflow(backend_store_uri(args.pg_port), destination, args.host, args.port, None, args.workers)
+        (root / "mlflow.pid").write_text(f"{server.pid}\n")
         url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
         try:
             wait_healthy(url, server)
@@ -230,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             stop(server, signal.SIGTERM, group=True)
             stop(postgres, signal.SIGINT)  # PostgreSQL's "fast shutdown"
+            (root / "mlflow.pid").unlink(missing_ok=True)
+            print("tracking server stopped", flush=True)
     return 0
 
 
