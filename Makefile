@@ -6,11 +6,13 @@ PYTHON_BOOTSTRAP ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-# CPU machines here carry torch 2.13.0+cpu as a local wheel; pip only finds it with --find-links.
-WHEELS_DIR ?= /opt/wheels
-FIND_LINKS := $(if $(wildcard $(WHEELS_DIR)),--find-links $(WHEELS_DIR),)
-# Set ALLOW_CUDA=1 on a GPU machine to accept a CUDA torch (and its nvidia-* packages).
+# Set ALLOW_CUDA=1 on a GPU machine (`make setup ALLOW_CUDA=1`): torch==2.13.0 then comes from
+# PyPI as the CUDA build with its nvidia-* packages, which the CPU-only check below otherwise refuses.
 ALLOW_CUDA ?= 0
+# CPU machines here carry torch 2.13.0+cpu as a local wheel; pip only finds it with --find-links
+# (never on a GPU machine: it would win over the CUDA build).
+WHEELS_DIR ?= /opt/wheels
+FIND_LINKS := $(if $(and $(wildcard $(WHEELS_DIR)),$(filter-out 1,$(ALLOW_CUDA))),--find-links $(WHEELS_DIR),)
 STAMP := $(VENV)/.tonetune-installed
 export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
@@ -20,7 +22,7 @@ export TOKENIZERS_PARALLELISM := false
 # Stage commands in dvc.yaml call `python`: it must be the venv's, whoever runs make.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: help setup demo test test-fast bench lint ui server ci-deps clean-outputs
+.PHONY: help setup demo test test-fast bench gpu-check lint ui server ci-deps clean-outputs
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
@@ -53,7 +55,10 @@ test-fast: setup  ## the test suite without tests marked slow
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: setup  ## run the benchmarks and print their figures (see BENCHMARKS.md)
-	for script in bench/*.py; do $(PY) $$script; done
+	for script in $(filter-out bench/gpu_check.py bench/gpu_wheels.py,$(wildcard bench/*.py)); do $(PY) $$script; done
+
+gpu-check: setup  ## GPU: real train (bf16, int8) + evaluate on random 135M/1B models, paper-grid GPU-hours
+	$(PY) bench/gpu_check.py $(GPU_CHECK_ARGS)
 
 lint: setup  ## ruff
 	$(VENV)/bin/ruff check .

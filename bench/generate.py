@@ -115,9 +115,9 @@ def start_server(latency_ms: float) -> tuple[subprocess.Popen, str]:
 def child_run(base_url: str, concurrency: int, sections: int, target: int) -> dict:
     """One engine run in this process; returns its figures (called in a fresh child)."""
     from pipeline.core.config import GenerateConfig
+    from pipeline.core.llmclient import OpenAIBackend
+    from pipeline.core.responsecache import ResponseCache
     from pipeline.generate.__main__ import run_engine
-    from pipeline.generate.cache import ResponseCache
-    from pipeline.generate.client import OpenAIBackend
 
     config = GenerateConfig(backend="openai", model="bench-model", concurrency=concurrency, target_pairs=target,
                             request_timeout_s=30, max_retries=2, backoff_base_s=0.05, backoff_max_s=0.5)

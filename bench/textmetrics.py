@@ -192,7 +192,7 @@ def main() -> None:
             "",
             f"The embedding figure ran with torch's default {embedding['torch_threads']} threads. It is the "
             "one most hurt by the shared load: with more runnable threads than cores, torch's OpenMP "
-            "threads wait on each other (ENVIRONMENT.md measured ~660 questions/s on an idle machine).",
+            "threads wait on each other (~660 questions/s were measured on an idle machine).",
             "The Flesch batch runs the same per-text textstat call as the loop, so its ratio is 1 up to "
             "noise (two runs on this loaded machine gave 1.30x and 0.68x).",
             "",

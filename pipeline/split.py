@@ -8,8 +8,9 @@ file and seed always give the same splits. Rows keep their permuted order, so tr
 prefix of every larger train file.
 
 Writes data/splits/val.parquet and data/splits/train_<N>.parquet (all columns of pairs),
-metrics/splits.json (per split: rows, Flesch mean/median/min recomputed with textstat, mean
-answer and question length), and one MLflow run `split` that logs every file as a dataset input
+reports/splits.json (per split: rows, Flesch mean/median/min recomputed with textstat, mean
+answer and question length), metrics/splits.json (a few scalars for `dvc exp show`: rows of
+pairs, unused rows, and rows and mean Flesch of val and of the largest train split), and one MLflow run `split` that logs every file as a dataset input
 with its DVC md5, tagged with the generation run id (data/generated/manifest.json), the git
 commit, the md5 of pairs.parquet and the data-quality verdict.
 
@@ -31,6 +32,7 @@ from pipeline.core.config import (
     GENERATION_MANIFEST_PATH,
     METRICS_DIR,
     PAIRS_PATH,
+    REPORTS_DIR,
     SPLITS_DIR,
     SplitConfig,
     load_config,
@@ -43,6 +45,8 @@ if TYPE_CHECKING:
 
 DATA_QUALITY_PATH = METRICS_DIR / "data_quality.json"
 SPLITS_METRICS_PATH = METRICS_DIR / "splits.json"
+SPLITS_REPORT_PATH = REPORTS_DIR / "splits.json"
+DATA_QUALITY_REPORT_PATH = REPORTS_DIR / "data_quality" / "summary.json"
 
 
 @dataclass(frozen=True)
@@ -86,9 +90,10 @@ def check_gate(summary_path: Path, pairs_path: Path) -> dict:
     except json.JSONDecodeError as error:
         raise TonetuneError(f"{summary_path}: not valid JSON ({error}): re-run the validate stage") from None
     if summary.get("success") is not True:
-        failed = ", ".join(summary.get("failed_checks") or []) or "unknown checks"
+        failed = summary.get("failed_checks") or "unknown checks"
         raise TonetuneError(
-            f"data-quality gate failed for {pairs_path} ({failed}, see {summary_path}): split refuses to run"
+            f"data-quality gate failed for {pairs_path} ({failed}; details in {DATA_QUALITY_REPORT_PATH}): "
+            "split refuses to run"
         )
     actual = file_md5(pairs_path)
     if summary.get("pairs_md5") != actual:
@@ -121,6 +126,20 @@ def split_stats(frame: pd.DataFrame) -> dict[str, float | int]:
         "flesch_min": round(float(flesch.min()), 3),
         "answer_chars_mean": round(float(frame["answer"].str.len().mean()), 1),
         "question_chars_mean": round(float(frame["question"].str.len().mean()), 1),
+    }
+
+
+def split_metrics(pairs_rows: int, unused_rows: int, stats: dict[str, dict], largest: int) -> dict:
+    """The DVC metrics: a few scalars with fixed names (growing split.train_sizes adds no
+    columns to `dvc exp show`); the per-split table is in reports/splits.json."""
+    val, train = stats["val"], stats[f"train_{largest}"]
+    return {
+        "pairs_rows": int(pairs_rows),
+        "unused_rows": int(unused_rows),
+        "val_rows": val["rows"],
+        "val_flesch_mean": val["flesch_mean"],
+        "train_largest_rows": train["rows"],
+        "train_largest_flesch_mean": train["flesch_mean"],
     }
 
 
@@ -197,7 +216,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pairs", type=Path, default=PAIRS_PATH, help="validated pairs parquet")
     parser.add_argument("--data-quality", type=Path, default=DATA_QUALITY_PATH, help="validate's summary JSON")
     parser.add_argument("--splits-dir", type=Path, default=SPLITS_DIR, help="folder for the split files")
-    parser.add_argument("--metrics", type=Path, default=SPLITS_METRICS_PATH, help="per-split stats JSON")
+    parser.add_argument("--metrics", type=Path, default=SPLITS_METRICS_PATH, help="scalar summary JSON (DVC metrics)")
+    parser.add_argument("--report", type=Path, default=SPLITS_REPORT_PATH, help="per-split stats JSON")
     parser.add_argument("--manifest", type=Path, default=GENERATION_MANIFEST_PATH, help="generation manifest")
     return parser.parse_args(argv)
 
@@ -216,8 +236,9 @@ def main(argv: list[str] | None = None) -> None:
     frames = split_frames(pairs, plan)
     stats = {name: split_stats(frame) for name, frame in frames.items()}
     paths = write_splits(frames, args.splits_dir)
-    write_json({"pairs_rows": int(len(pairs)), "unused_rows": int(len(pairs) - plan.val.size - max(plan.train)),
-                "splits": stats}, args.metrics)
+    unused = int(len(pairs) - plan.val.size - max(plan.train))
+    write_json({"pairs_rows": int(len(pairs)), "unused_rows": unused, "splits": stats}, args.report)
+    write_json(split_metrics(len(pairs), unused, stats, max(plan.train)), args.metrics)
     tags = {
         "generation_run_id": str(manifest.get("mlflow_run_id") or "unknown"),
         "pairs_md5": verdict["pairs_md5"],
@@ -226,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     run_id = log_split_run(config, frames, paths, tags, stats)
     sizes = ", ".join(f"{name}={stat['rows']}" for name, stat in stats.items())
-    print(f"split: {sizes} (seed {config.split.seed}) -> {args.splits_dir}/, stats {args.metrics}, MLflow run {run_id}")
+    print(f"split: {sizes} (seed {config.split.seed}) -> {args.splits_dir}/, stats {args.report}, MLflow run {run_id}")
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ from pipeline.core.config import (
     load_config,
     train_split_path,
 )
+from pipeline.core.contracts import ADAPTER_METADATA_FILE, GridPoint, format_learning_rate
 from pipeline.core.errors import TonetuneError, exit_on_user_error
 from pipeline.core.system_prompts import CONCISE_SYSTEM_PROMPT, chat_messages
 
@@ -70,42 +71,10 @@ PRECISIONS = ("bf16", "fp32", "int8")
 REQUIRED_COLUMNS = ("question", "answer")
 CHECKPOINTS_DIRNAME = ".checkpoints"
 CHECKPOINT_STATE_FILE = "tonetune_checkpoint.json"
-ADAPTER_METADATA_FILE = "tonetune_adapter.json"
 GRID_ROLE_TAG = "tonetune.role"
 
 
 # --------------------------------------------------------------------------- grid point and names
-def format_learning_rate(learning_rate: float) -> str:
-    """Canonical text of a learning rate: Python's shortest float repr (0.001, 0.0002, 1e-05).
-
-    DVC loads params.yaml with ruamel (YAML 1.2: `1e-3` and `0.001` are both the float 0.001)
-    and renders `${item.learning_rate}` with str(), which is this same text, so the run name
-    made here and the output path dvc.yaml renders agree (tests/test_train.py checks it with
-    DVC itself). A learning rate written as a bare integer (`1`) would render as "1" in DVC and
-    "1.0" here: write rates as floats.
-    """
-    return repr(float(learning_rate))
-
-
-def run_name(precision: str, lora_r: int, learning_rate: float, n_train: int) -> str:
-    """`lora-<precision>-r<R>-lr<LR>-n<N>`: the MLflow run name and the adapter folder name."""
-    return f"lora-{precision}-r{lora_r}-lr{format_learning_rate(learning_rate)}-n{n_train}"
-
-
-@dataclass(frozen=True)
-class GridPoint:
-    """One point of the training grid."""
-
-    precision: str
-    lora_r: int
-    learning_rate: float
-    n_train: int
-
-    @property
-    def name(self) -> str:
-        return run_name(self.precision, self.lora_r, self.learning_rate, self.n_train)
-
-
 def validate_grid_point(point: GridPoint) -> None:
     """Reject an impossible grid point with one line, before anything is loaded."""
     if point.precision not in PRECISIONS:

@@ -14,9 +14,12 @@ paper's rules instead of trusting the numbers generation wrote:
   '?'; question and answer lengths within the `validate` section's bounds.
 
 Thresholds are read from the `generate` section, so generation and validation cannot disagree.
-Data Docs (HTML) go to reports/data_quality/, a summary to metrics/data_quality.json (success,
-per-check results with example rows, rows, md5 of pairs.parquet; `split` refuses to run unless it
-says success for the same md5). On any failed check the stage prints one line per failed check
+Data Docs (HTML) go to reports/data_quality/, with the full summary beside them in
+reports/data_quality/summary.json (per-check results with example rows, thresholds, the
+expectations). The DVC metrics file metrics/data_quality.json holds only scalars a person reads in
+`dvc metrics show`/`dvc exp show`: success, rows, checks evaluated/failed (and their names as one string), the
+recomputed Flesch/cosine extremes and the md5 of pairs.parquet (`split` and `promote` refuse unless
+it says success for the same md5). On any failed check the stage prints one line per failed check
 with example rows (id and value) on stderr and exits 1 -- after writing the summary and the Data
 Docs, so the evidence is there to read while `dvc repro` stops before `split`. Bad input (missing
 file, missing columns) exits 2 with one line before any model is loaded.
@@ -54,6 +57,7 @@ if TYPE_CHECKING:
 
 DATA_DOCS_DIR = REPORTS_DIR / "data_quality"
 SUMMARY_PATH = METRICS_DIR / "data_quality.json"
+REPORT_NAME = "summary.json"  # the full summary, inside the Data Docs folder
 REQUIRED_COLUMNS = ("id", "question", "answer", "factual_answer")
 SUITE_NAME = "pairs_quality"
 GATE_FAILED_EXIT_CODE = 1
@@ -329,7 +333,8 @@ def outcomes_from(validation_result, checks: list[Check], frame: pd.DataFrame, m
 
 
 def build_summary(outcomes: list[CheckOutcome], frame: pd.DataFrame, pairs_path: Path, config) -> dict:
-    """The metrics file: gate verdict, counts, the md5 `split` checks, and per-check results."""
+    """The full summary (reports/data_quality/summary.json): gate verdict, counts, the md5 `split`
+    checks, thresholds, and per-check results with example rows."""
     from pipeline.core.dvcmeta import file_md5
 
     failed = [outcome.name for outcome in outcomes if not outcome.success]
@@ -355,8 +360,6 @@ def build_summary(outcomes: list[CheckOutcome], frame: pd.DataFrame, pairs_path:
             "faithfulness_min": json_value(frame["faithfulness_recomputed"].min()),
             "faithfulness_mean": json_value(frame["faithfulness_recomputed"].mean()),
         },
-        # `dvc metrics show` prints scalars and skips lists: verdicts and counts stay in the table,
-        # examples and the expectation definitions live in lists beside them.
         "checks": {
             outcome.name: {"success": outcome.success, "unexpected_count": outcome.unexpected_count,
                            "examples": outcome.examples}
@@ -368,6 +371,19 @@ def build_summary(outcomes: list[CheckOutcome], frame: pd.DataFrame, pairs_path:
             for outcome in outcomes
         ],
     }
+
+
+METRIC_KEYS = ("success", "rows", "checks_evaluated", "checks_failed", "pairs_md5")
+
+
+def metrics_from(summary: dict) -> dict:
+    """The DVC metrics: the summary's scalars only (no lists, no nulls, no per-check details),
+    so `dvc exp show` has a handful of readable columns and `dvc metrics diff` parses them all.
+    `success` and `pairs_md5` are what `split` and `promote` check."""
+    metrics = {key: summary[key] for key in METRIC_KEYS}
+    metrics["failed_checks"] = ", ".join(summary["failed_checks"])  # one string: "" when all pass
+    metrics["recomputed"] = {key: value for key, value in summary["recomputed"].items() if value is not None}
+    return metrics
 
 
 def failure_lines(outcomes: list[CheckOutcome], rows: int) -> list[str]:
@@ -422,7 +438,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--pairs", type=Path, default=PAIRS_PATH, help="pairs parquet to validate")
     parser.add_argument("--docs-dir", type=Path, default=DATA_DOCS_DIR, help="Data Docs site folder")
-    parser.add_argument("--summary", type=Path, default=SUMMARY_PATH, help="summary JSON (DVC metrics)")
+    parser.add_argument("--summary", type=Path, default=SUMMARY_PATH, help="scalar summary JSON (DVC metrics)")
     return parser.parse_args(argv)
 
 
@@ -436,10 +452,12 @@ def main(argv: list[str] | None = None) -> None:
 
     scored, outcomes = run_gate(frame, config, load_embedder(config.embeddings), args.docs_dir)
     summary = build_summary(outcomes, scored, args.pairs, config)
-    write_json(summary, args.summary)
+    write_json(summary, args.docs_dir / REPORT_NAME)
+    write_json(metrics_from(summary), args.summary)
     print(
         f"validate: {summary['rows']} rows, {summary['checks_evaluated'] - summary['checks_failed']}/"
-        f"{summary['checks_evaluated']} checks passed -> {args.summary}, Data Docs {args.docs_dir / 'index.html'}"
+        f"{summary['checks_evaluated']} checks passed -> {args.summary}, details {args.docs_dir / REPORT_NAME}, "
+        f"Data Docs {args.docs_dir / 'index.html'}"
     )
     if not summary["success"]:
         for line in failure_lines(outcomes, summary["rows"]):

@@ -4,9 +4,10 @@ One function per subcommand (`cmd_<name>(args) -> int`), registered in `build_pa
 own arguments; `main()` only parses and dispatches: `lineage` (a data file, or a model URI
 `models:/<name>@production` / `models:/<name>/<version>`: registry.model_lineage, which reuses
 `registry.lineage.lineage_for_file` for the datasets), `list`, `promote [VERSION]`, `rollback`
-and `summary` (registry.promote holds the policy and the registry operations).
+and `summary` (registry.promote runs promotion and rollback: registry/policy.py has the rules,
+registry/store.py the registry writes).
 
-Heavy imports (mlflow) happen inside the subcommand, so `--help` answers instantly.
+Heavy imports (mlflow) happen inside the functions that use the store, so `--help` answers instantly.
 """
 
 from __future__ import annotations
@@ -15,7 +16,14 @@ import argparse
 import json
 import sys
 
-from pipeline.core.errors import exit_on_user_error
+from pipeline.core.config import load_config
+from pipeline.core.contracts import Tags
+from pipeline.core.errors import TonetuneError, exit_on_user_error
+from pipeline.core.tracking import open_client
+from registry.evidence import EVAL_DIR, load_eval_records
+from registry.policy import Limits, guard_report, is_eligible
+from registry.promote import add_promote_arguments, report, rollback, run_promote
+from registry.store import PRODUCTION, all_versions, version_by_alias
 
 
 def cmd_lineage(args: argparse.Namespace) -> int:
@@ -56,12 +64,10 @@ def _tag_number(tags: dict, key: str, digits: int) -> str:
 
 def cmd_list(args: argparse.Namespace) -> int:
     """Versions of the registered model: aliases, legacy stage, key metrics, training run."""
-    from pipeline.core.config import load_config
-    from registry.promote import all_versions, open_client
 
     config = load_config()
     name = config.promote.registered_model_name
-    client = open_client(config)
+    client = open_client(config.tracking)
     versions = all_versions(client, name)
     if not versions:
         print(f"{name}: no versions registered yet (run `dvc repro promote` or `python -m registry promote`)")
@@ -70,63 +76,101 @@ def cmd_list(args: argparse.Namespace) -> int:
     for alias, number in client.get_registered_model(name).aliases.items():
         aliases.setdefault(str(number), []).append(alias)
     print(f"{name} ({len(versions)} version(s)); base model: "
-          f"{_tag_number(versions[-1].tags, 'base.pct_conversational', 1)}% conversational, "
-          f"similarity {_tag_number(versions[-1].tags, 'base.similarity_mean', 3)}")
-    header = f"{'version':>7}  {'aliases':<20} {'stage':<10} {'%conv':>6} {'simil.':>6} {'n_train':>7} {'r':>4} {'prec.':<5} training run"
+          f"{_tag_number(versions[-1].tags, Tags.base('pct_conversational'), 1)}% conversational, "
+          f"similarity {_tag_number(versions[-1].tags, Tags.base('similarity_mean'), 3)}")
+    header = (f"{'version':>7}  {'aliases':<20} {'stage':<10} {'%conv':>6} {'simil.':>6} {'ended%':>6} {'repet.':>6} "
+              f"{'n_train':>7} {'r':>4} {'prec.':<5} training run")
     print(header)
     for version in reversed(versions):
         tags = version.tags
         marks = ",".join(sorted(aliases.get(str(version.version), []))) or "-"
-        flags = " [forced]" if tags.get("promote.forced") == "true" else ""
-        flags += " [rolled back]" if tags.get("tonetune.rolled_back") == "true" else ""
+        flags = " [forced]" if tags.get(Tags.PROMOTE_FORCED) == "true" else ""
+        flags += " [rolled back]" if tags.get(Tags.ROLLED_BACK) == "true" else ""
         print(f"{version.version:>7}  {marks:<20} {version.current_stage or '-':<10} "
-              f"{_tag_number(tags, 'metric.pct_conversational', 1):>6} {_tag_number(tags, 'metric.similarity_mean', 3):>6} "
-              f"{tags.get('param.n_train', '-'):>7} {tags.get('param.lora_r', '-'):>4} {tags.get('param.precision', '-'):<5} "
-              f"{tags.get('tonetune.training_run_name', '-')} ({version.run_id or '-'}){flags}")
+              f"{_tag_number(tags, Tags.metric('pct_conversational'), 1):>6} {_tag_number(tags, Tags.metric('similarity_mean'), 3):>6} "
+              f"{_tag_number(tags, Tags.metric('stopped_pct'), 1):>6} {_tag_number(tags, Tags.metric('repetition_rate'), 3):>6} "
+              f"{tags.get(Tags.param('n_train'), '-'):>7} {tags.get(Tags.param('lora_r'), '-'):>4} {tags.get(Tags.param('precision'), '-'):<5} "
+              f"{tags.get(Tags.TRAINING_RUN_NAME, '-')} ({version.run_id or '-'}){flags}")
     return 0
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
     """Promote by policy (no VERSION) or an existing version, under the gate unless --force."""
-    from registry.promote import run_promote
 
     return run_promote(args)
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
     """Move `production` back to `previous` (and `previous` one further back)."""
-    from pipeline.core.config import load_config
-    from registry.promote import report, rollback
 
     return report(rollback(load_config()))
 
 
+def _difference(tags: dict, key: str, digits: int, unit: str = "") -> str:
+    """`0.553 vs base 0.590 (-0.037)`: a version's metric, the base's, and the difference."""
+    try:
+        mine, base = float(tags[Tags.metric(key)]), float(tags[Tags.base(key)])
+    except (KeyError, ValueError):
+        return f"{_tag_number(tags, Tags.metric(key), digits)}{unit} vs base {_tag_number(tags, Tags.base(key), digits)}{unit}"
+    points = " points" if unit == "%" else ""
+    return f"{mine:.{digits}f}{unit} vs base {base:.{digits}f}{unit} ({mine - base:+.{digits}f}{points})"
+
+
+def why_no_production(config, client, name: str) -> list[str]:
+    """Plain reasons there is no production version: what the registry holds, and how each
+    adapter of metrics/eval fares against the guards (read-only: nothing is written)."""
+
+    versions = all_versions(client, name)
+    if versions:
+        lines = [f"  {len(versions)} version(s) are registered but none holds alias production (rolled back, or the "
+                 "alias was removed): `python -m registry list`, then `python -m registry promote VERSION`"]
+    else:
+        lines = ["  no version was ever registered: the promote stage found no adapter it could promote"]
+    try:
+        base, candidates = load_eval_records(EVAL_DIR)
+    except TonetuneError as error:
+        return [*lines, f"  ({error})"]
+    limits = Limits.for_base(float(base["similarity_mean"]), config.promote)
+    eligible = [c for c in candidates if is_eligible(c, limits)]
+    if not eligible:
+        lines.append(f"  no adapter in {EVAL_DIR.as_posix()} passes the guards (base similarity "
+                     f"{float(base['similarity_mean']):.3f}):")
+    else:
+        lines.append(f"  {len(eligible)} adapter(s) pass the guards: the data-quality gate or the rollback history "
+                     "refused them (`python -m registry promote` says which)")
+    lines += ["  " + line for line in guard_report(candidates, limits)]
+    lines.append("  to override the policy: python -m registry promote --force --reason TEXT")
+    return lines
+
+
 def cmd_summary(args: argparse.Namespace) -> int:
-    """The Production model's name, version and metrics, and how to load and audit it."""
-    from pipeline.core.config import load_config
-    from registry.promote import PRODUCTION, open_client, version_by_alias
+    """The Production model: name, version, % conversational, similarity vs base, degeneration,
+    how to load and audit it; or, plainly, why there is none."""
 
     config = load_config()
     name = config.promote.registered_model_name
-    version = version_by_alias(open_client(config), name, PRODUCTION)
-    if version is None:  # e.g. the policy found no eligible adapter: the promote stage said why
-        print(f"{name}: no {PRODUCTION} version (the promote stage's message says why; "
-              "`python -m registry list` shows the registered versions)")
+    client = open_client(config.tracking)
+    version = version_by_alias(client, name, PRODUCTION)
+    if version is None:
+        print(f"No Production model: {name} has no {PRODUCTION} version.")
+        print("\n".join(why_no_production(config, client, name)))
         return 0
     tags = version.tags
     uri = f"models:/{name}@{PRODUCTION}"
-    print(f"Production model: {name} v{version.version} (alias {PRODUCTION}, stage {version.current_stage})")
-    print(f"  adapter   {tags.get('tonetune.training_run_name', '-')}: precision {tags.get('param.precision', '-')}, "
-          f"LoRA r {tags.get('param.lora_r', '-')}, learning rate {tags.get('param.learning_rate', '-')}, "
-          f"{tags.get('param.n_train', '-')} training samples, base {tags.get('param.base_model_id', '-')}")
-    print(f"  metrics   {_tag_number(tags, 'metric.pct_conversational', 1)}% conversational "
-          f"[{_tag_number(tags, 'metric.pct_conversational_ci_low', 1)}, {_tag_number(tags, 'metric.pct_conversational_ci_high', 1)}] "
-          f"vs base {_tag_number(tags, 'base.pct_conversational', 1)}%; similarity "
-          f"{_tag_number(tags, 'metric.similarity_mean', 3)} vs base {_tag_number(tags, 'base.similarity_mean', 3)}; "
-          f"mean Flesch {_tag_number(tags, 'metric.flesch_mean', 1)} vs {_tag_number(tags, 'base.flesch_mean', 1)} "
-          f"(n = {_tag_number(tags, 'metric.n_eval', 0)})")
-    print(f"  load      mlflow.pyfunc.load_model(\"{uri}\").predict([\"Why is the sky blue?\"])")
-    print(f"  lineage   python -m registry lineage {uri}")
+    forced = " [FORCED: see the model card]" if tags.get(Tags.PROMOTE_FORCED) == "true" else ""
+    print(f"Production model: {name} v{version.version} (alias {PRODUCTION}, stage {version.current_stage}){forced}")
+    print(f"  adapter       {tags.get(Tags.TRAINING_RUN_NAME, '-')}: precision {tags.get(Tags.param('precision'), '-')}, "
+          f"LoRA r {tags.get(Tags.param('lora_r'), '-')}, learning rate {tags.get(Tags.param('learning_rate'), '-')}, "
+          f"{tags.get(Tags.param('n_train'), '-')} training samples, base {tags.get(Tags.param('base_model_id'), '-')}")
+    print(f"  conversational {_difference(tags, 'pct_conversational', 1, '%')} "
+          f"[95% interval {_tag_number(tags, Tags.metric('pct_conversational_ci_low'), 1)}, "
+          f"{_tag_number(tags, Tags.metric('pct_conversational_ci_high'), 1)}] (n = {_tag_number(tags, Tags.metric('n_eval'), 0)})")
+    print(f"  similarity    {_difference(tags, 'similarity_mean', 3)} (the guard allows "
+          f"-{config.promote.similarity_tolerance:g})")
+    print(f"  degeneration  ended their turn {_difference(tags, 'stopped_pct', 1, '%')}; repeated 4-grams "
+          f"{_difference(tags, 'repetition_rate', 3)}")
+    print(f"  load          mlflow.pyfunc.load_model(\"{uri}\").predict([\"Why is the sky blue?\"])")
+    print(f"  lineage       python -m registry lineage {uri}")
     return 0
 
 
@@ -162,14 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     listing.set_defaults(func=cmd_list)
 
-    from registry.promote import add_promote_arguments
-
     promote = commands.add_parser(
         "promote", help="promote the best adapter (or VERSION) to production, through the gate",
         description="Without VERSION: the DVC stage (best adapter of metrics/eval by the policy: max % "
-        "conversational; similarity >= base - promote.similarity_tolerance; ties: fewer samples, smaller r). "
+        "conversational; guards: similarity >= base - promote.similarity_tolerance, repetition rate <= "
+        "promote.max_repetition_rate, % ended turn >= promote.min_stopped_pct; ties: fewer samples, smaller r). "
         "With VERSION: that existing version. Refused (exit 1) when the data-quality gate did not pass for its "
-        "data or it is not better than the current production version, unless --force --reason TEXT.",
+        "data, a guard fails or it is not better than the current production version, unless --force --reason TEXT.",
     )
     promote.add_argument("version", nargs="?", help="an existing version number (default: pick by policy)")
     add_promote_arguments(promote)
@@ -185,7 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     summary = commands.add_parser(
         "summary", help="the production model's name, version, metrics, and the lineage command",
-        description="Print the production model (end of `make demo`); exit 1 when there is none.",
+        description="Print the production model (end of `make demo`): name, version, % conversational and "
+        "similarity vs the base model, degeneration (ended turn, repetition); when there is none, why (exit 0 "
+        "either way).",
     )
     summary.set_defaults(func=cmd_summary)
     return parser

@@ -14,7 +14,8 @@ on disk: `dvc pull`/`dvc checkout`) or NOT TRACKED. `render_text` prints it for 
 a model version's dataset tags and reuses `lineage_for_file` for each dataset.
 
 Runs from the repository root (paths as in dvc.yaml). Reads files only: no DVC import, and the
-MLflow store is opened only if it exists (a lookup never creates an empty mlflow.db).
+MLflow store is opened (pipeline.core.tracking.open_client) only if it exists: a lookup never
+creates an empty mlflow.db.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from typing import Any
 
 from pipeline.core.config import GENERATION_MANIFEST_PATH
 from pipeline.core.dvcmeta import DVC_LOCK, file_md5, locked_md5, locked_outputs, read_lock
+from pipeline.core.errors import TonetuneError
+from pipeline.core.tracking import find_run, open_client, project_tracking, tracking_uri
 
 MATCH, MODIFIED, MISSING, NOT_TRACKED = "MATCH", "MODIFIED", "MISSING", "NOT TRACKED"
 GENERATE_STAGE = "generate"
@@ -182,38 +185,25 @@ def read_manifest(path: Path = GENERATION_MANIFEST_PATH) -> dict[str, Any]:
         return {}
 
 
-def store_uri() -> str:
-    """The tracking store the pipeline uses ($MLFLOW_TRACKING_URI, else params.yaml's)."""
-    from pipeline.core.config import TrackingConfig, load_config
-    from pipeline.core.errors import TonetuneError
-    from pipeline.core.tracking import tracking_uri
-
-    try:
-        tracking = load_config().tracking
-    except TonetuneError:
-        tracking = TrackingConfig()
-    return tracking_uri(tracking)
-
-
-def find_run(run_id: str | None, uri: str) -> RunLink:
-    """Whether the store has the run (a sqlite store that does not exist is not created)."""
+def run_link(run_id: str | None) -> RunLink:
+    """Whether the project's store has the run (a sqlite store that does not exist is not
+    created: pipeline.core.tracking.open_client refuses it)."""
+    uri = tracking_uri(project_tracking())
     if not run_id:
         return RunLink(None, uri, None, "no run id recorded")
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+    try:
+        client = open_client()
+    except TonetuneError:
         return RunLink(run_id, uri, None, f"tracking store {uri} not found here")
-    from pipeline.core.tracking import disable_telemetry
-
-    disable_telemetry()
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
     try:
-        run = MlflowClient(tracking_uri=uri).get_run(run_id)
-    except MlflowException as error:
-        if "RESOURCE_DOES_NOT_EXIST" in str(getattr(error, "error_code", "")) or "not found" in str(error).lower():
+        run = find_run(client, run_id)
+        if run is None:
             return RunLink(run_id, uri, False, "run not in the tracking store")
+        experiment = client.get_experiment(run.info.experiment_id)
+    except MlflowException as error:
         return RunLink(run_id, uri, None, f"could not query the store: {' '.join(str(error).split())[:200]}")
-    experiment = MlflowClient(tracking_uri=uri).get_experiment(run.info.experiment_id)
     return RunLink(run_id, uri, True, f"{run.info.status}, experiment {experiment.name!r}, run name {run.info.run_name!r}")
 
 
@@ -252,7 +242,7 @@ def lineage_for_file(path: str | Path, lock_path: Path = DVC_LOCK, check_run: bo
         manifest = read_manifest(GENERATION_MANIFEST_PATH)
         manifest_status = file_status(GENERATION_MANIFEST_PATH, lock_path)[0]
         run_id = manifest.get("mlflow_run_id")
-        run = find_run(run_id, store_uri()) if check_run else RunLink(run_id, None, None, "not checked")
+        run = run_link(run_id) if check_run else RunLink(run_id, None, None, "not checked")
     return LineageReport(
         path=path.as_posix(),
         status=status,

@@ -5,15 +5,17 @@ For `models:/<name>@<alias>` or `models:/<name>/<version>`, `lineage_for_model` 
     version (aliases, legacy stage, metrics recorded at promotion)
       -> training run (MLflow: status, params, git commit)
       -> base model (id, weights sha256; does models/base on disk still hold those weights?)
-      -> datasets the run logged (path + the DVC md5 it trained on, from its `dataset.*` tags or
-         dataset inputs), each audited with `registry.lineage.lineage_for_file`: md5 on disk vs
+      -> datasets the run logged (path + the DVC md5 it trained on: its dataset inputs, else its
+         `dataset.*` tags; pipeline.core.tracking.logged_datasets), each audited with
+         `registry.lineage.lineage_for_file`: md5 on disk vs
          dvc.lock, the upstream stages and their params, generation run, source corpus, commit
       -> dvc.lock md5 at promotion vs now
 
 The verdict is MATCH only when every dataset on disk is the file dvc.lock records AND the file the
 version was trained on; otherwise the worst dataset status (MODIFIED, MISSING, NOT TRACKED, or
 DIFFERS when dvc.lock now records another file than the one trained on). `render_text` prints it;
-`ModelLineageReport.to_dict` is the same as JSON. Reads only: nothing is written to the store.
+`ModelLineageReport.to_dict` is the same as JSON. Reads only: nothing is written to the store,
+which is opened by pipeline.core.tracking.open_client (a missing sqlite store is an error, not created).
 """
 
 from __future__ import annotations
@@ -23,8 +25,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.core.contracts import Tags
+from pipeline.core.dvcmeta import lock_digest
 from pipeline.core.errors import TonetuneError
-from registry.lineage import MATCH, MISSING, MODIFIED, NOT_TRACKED, LineageReport
+from pipeline.core.tracking import find_run, logged_datasets, open_client
+from registry.lineage import MATCH, MISSING, MODIFIED, NOT_TRACKED, LineageReport, lineage_for_file
 
 DIFFERS = "DIFFERS"  # the file matches dvc.lock, but dvc.lock now records another file than the one trained on
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
@@ -103,26 +108,6 @@ def resolve_version(client, uri: str):
         raise TonetuneError(f"{uri}: no such model version in the registry (see `python -m registry list`)") from None
 
 
-def run_datasets(run) -> list[tuple[str, str, str | None]]:
-    """(name, path, DVC md5) of every dataset the run logged: `dataset.<name>.*` tags first,
-    then dataset inputs (their `path`/`dvc_md5` input tags) for any not tagged."""
-    found: dict[str, tuple[str, str, str | None]] = {}
-    tags = run.data.tags
-    for key in sorted(tags):
-        match = re.fullmatch(r"dataset\.(.+)\.path", key)
-        if match:
-            name = match.group(1)
-            found[name] = (name, tags[key], tags.get(f"dataset.{name}.dvc_md5"))
-    inputs = getattr(getattr(run, "inputs", None), "dataset_inputs", None) or []
-    for dataset_input in inputs:
-        input_tags = {tag.key: tag.value for tag in dataset_input.tags}
-        name = dataset_input.dataset.name
-        if name not in found and input_tags.get("path"):
-            found[name] = (name, input_tags["path"], input_tags.get("dvc_md5") or dataset_input.dataset.digest)
-    # training data first: it is the part of the chain that made the model
-    return sorted(found.values(), key=lambda item: (not item[0].startswith("train"), item[0]))
-
-
 def dataset_status(file_report: LineageReport, trained_md5: str | None) -> str:
     """The file's audit, plus: is dvc.lock's file still the one this model was trained on?"""
     if file_report.status == MATCH and trained_md5 and file_report.locked_md5 != trained_md5:
@@ -149,29 +134,20 @@ def check_base_model(params: dict[str, str]) -> BaseModelCheck:
 
 def lineage_for_model(uri: str, client=None, check_run: bool = True) -> ModelLineageReport:
     """Assemble the lineage chain of one registered model version (see the module docstring)."""
-    from mlflow.exceptions import MlflowException
-
-    from pipeline.core.dvcmeta import lock_digest
-    from registry.lineage import lineage_for_file
-
     if client is None:
-        client = open_store_client()
+        client = open_client()
     version = resolve_version(client, uri)
     name, number = version.name, str(version.version)
     aliases = sorted(alias for alias, v in client.get_registered_model(name).aliases.items() if str(v) == number)
-    run_id = version.run_id or version.tags.get("tonetune.training_run_id")
-    run = experiment = None
-    if run_id:
-        try:
-            run = client.get_run(run_id)
-            experiment = client.get_experiment(run.info.experiment_id).name
-        except MlflowException:
-            run = None
+    run_id = version.run_id or version.tags.get(Tags.TRAINING_RUN_ID)
+    run = find_run(client, run_id)
+    experiment = client.get_experiment(run.info.experiment_id).name if run else None
     params = dict(run.data.params) if run else {}
     datasets = []
-    for dataset_name, path, trained_md5 in (run_datasets(run) if run else []):
-        file_report = lineage_for_file(path, check_run=check_run)
-        datasets.append(DatasetLineage(dataset_name, path, trained_md5, dataset_status(file_report, trained_md5), file_report))
+    for dataset in (logged_datasets(run) if run else []):
+        file_report = lineage_for_file(dataset.path, check_run=check_run)
+        datasets.append(DatasetLineage(dataset.name, dataset.path, dataset.dvc_md5,
+                                       dataset_status(file_report, dataset.dvc_md5), file_report))
     statuses = [d.status for d in datasets] or [NOT_TRACKED]
     created = getattr(version, "creation_timestamp", None)
     return ModelLineageReport(
@@ -185,32 +161,17 @@ def lineage_for_model(uri: str, client=None, check_run: bool = True) -> ModelLin
         version_tags=dict(version.tags),
         run_id=run_id,
         run_found=run is not None,
-        run_name=run.info.run_name if run else version.tags.get("tonetune.training_run_name"),
+        run_name=run.info.run_name if run else version.tags.get(Tags.TRAINING_RUN_NAME),
         run_status=run.info.status if run else None,
         experiment=experiment,
         params=params,
-        git_commit=(run.data.tags.get("git_commit") if run else None) or version.tags.get("git_commit"),
+        git_commit=(run.data.tags.get(Tags.GIT_COMMIT) if run else None) or version.tags.get(Tags.GIT_COMMIT),
         base_model=check_base_model(params),
         datasets=datasets,
-        dvc_lock_md5_at_promotion=version.tags.get("dvc_lock_md5"),
+        dvc_lock_md5_at_promotion=version.tags.get(Tags.DVC_LOCK_MD5),
         dvc_lock_md5_now=lock_digest(),
         status=max(statuses, key=lambda s: SEVERITY.index(s) if s in SEVERITY else len(SEVERITY)),
     )
-
-
-def open_store_client():
-    """A client on the store the pipeline uses; a missing sqlite store is an error, not created."""
-    from registry.lineage import store_uri
-
-    uri = store_uri()
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
-        raise TonetuneError(f"no MLflow store at {uri}: run the pipeline first (dvc repro)")
-    from pipeline.core.tracking import disable_telemetry
-
-    disable_telemetry()
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def _iso(milliseconds: int) -> str:
@@ -247,12 +208,12 @@ def render_text(report: ModelLineageReport) -> str:
     lines.append(f"  version     {report.name} v{report.version} (aliases: {', '.join(report.aliases) or '-'}; "
                  f"stage {report.stage or '-'}; registered {report.created or '-'})")
     lines.append(f"              source {report.source or '-'}")
-    lines.append(f"  metrics     {_metric(tags, 'metric.pct_conversational', 1)}% conversational "
-                 f"[{_metric(tags, 'metric.pct_conversational_ci_low', 1)}, {_metric(tags, 'metric.pct_conversational_ci_high', 1)}], "
-                 f"similarity {_metric(tags, 'metric.similarity_mean', 3)} (base: "
-                 f"{_metric(tags, 'base.pct_conversational', 1)}%, {_metric(tags, 'base.similarity_mean', 3)})")
-    if tags.get("promote.forced") == "true":
-        lines.append(f"              FORCED promotion: {tags.get('promote.force_reason')} (overrode {tags.get('promote.gates_overridden')})")
+    lines.append(f"  metrics     {_metric(tags, Tags.metric('pct_conversational'), 1)}% conversational "
+                 f"[{_metric(tags, Tags.metric('pct_conversational_ci_low'), 1)}, {_metric(tags, Tags.metric('pct_conversational_ci_high'), 1)}], "
+                 f"similarity {_metric(tags, Tags.metric('similarity_mean'), 3)} (base: "
+                 f"{_metric(tags, Tags.base('pct_conversational'), 1)}%, {_metric(tags, Tags.base('similarity_mean'), 3)})")
+    if tags.get(Tags.PROMOTE_FORCED) == "true":
+        lines.append(f"              FORCED promotion: {tags.get(Tags.PROMOTE_FORCE_REASON)} (overrode {tags.get(Tags.PROMOTE_OVERRIDDEN)})")
     found = "found" if report.run_found else "NOT FOUND in the tracking store"
     lines.append(f"  -> training run {report.run_id or '-'} {report.run_name or ''!s}: {found}"
                  + (f" ({report.run_status}, experiment {report.experiment!r})" if report.run_found else ""))
@@ -271,7 +232,7 @@ def render_text(report: ModelLineageReport) -> str:
         lines.extend("     " + line for line in render_file(first).splitlines()[1:])
     else:
         lines.append("  -> dataset   (the training run logged no datasets)")
-    lines.append(f"  -> commit    trained at {report.git_commit or '-'}; promoted at {tags.get('promote.git_commit', '-')}")
+    lines.append(f"  -> commit    trained at {report.git_commit or '-'}; promoted at {tags.get(Tags.PROMOTE_GIT_COMMIT, '-')}")
     lock_then, lock_now = report.dvc_lock_md5_at_promotion, report.dvc_lock_md5_now
     same = "unchanged since" if lock_then and lock_then == lock_now else "CHANGED since" if lock_then else "not recorded at"
     lines.append(f"              dvc.lock md5 {lock_now or '-'} ({same} promotion{'' if same != 'CHANGED since' else f': was {lock_then}'})")

@@ -102,7 +102,7 @@ def run(config, backend, cache, embedder, sections):
 
 
 def openai_backend(server, config: GenerateConfig):
-    from pipeline.generate.client import OpenAIBackend
+    from pipeline.core.llmclient import OpenAIBackend
 
     return OpenAIBackend(server.base_url, API_KEY, config.concurrency, config.request_timeout_s)
 

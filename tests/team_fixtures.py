@@ -83,7 +83,7 @@ def team_server_info():
             os.kill(pid, signal.SIGKILL)
         log.close()
         try:
-            from registry.promote import lock_path_for
+            from registry.store import lock_path_for
 
             lock_path_for(uri).unlink(missing_ok=True)
         finally:

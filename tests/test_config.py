@@ -14,8 +14,9 @@ import time
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
-from pipeline.core.config import load_config, parse_config
+from pipeline.core.config import Config, load_config, parse_config
 from pipeline.core.errors import ConfigError
 from tests.conftest import REPO_ROOT
 
@@ -75,15 +76,59 @@ def run_stage(module: str, *args: str, params_file=None, timeout: float = 60) ->
     )
 
 
-def test_repo_params_and_paper_profile_are_valid():
+def test_repo_params_are_valid():
     config = load_config(REPO_ROOT / "params.yaml")
     assert config.source.min_chars == 700
     assert 0 <= config.generate.dedup_threshold <= 1
-    paper = REPO_ROOT / "profiles" / "paper.yaml"
-    raw = yaml.safe_load(paper.read_text())
-    # The profile may be a partial overlay on params.yaml or a whole file; both must validate.
-    merged = _merge(yaml.safe_load((REPO_ROOT / "params.yaml").read_text()), raw)
-    assert parse_config(merged, str(paper)).split.val_size > 0
+
+
+def _field_defaults(model: type[BaseModel], prefix: str = ""):
+    """(dotted key, default or MISSING, nested model) for every field of the config models."""
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{field.alias or name}"
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield key, None, annotation
+            yield from _field_defaults(annotation, f"{key}.")
+        else:
+            default = field.get_default(call_default_factory=True) if not field.is_required() else _REQUIRED
+            yield key, default, None
+
+
+_REQUIRED = object()
+
+
+def _lookup(mapping: dict, dotted: str):
+    node = mapping
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise KeyError(dotted)
+        node = node[part]
+    return node
+
+
+def test_params_yaml_holds_every_key_and_the_code_defaults_equal_it():
+    """One source of truth: every config field is in params.yaml (with its comment there), and a
+    field's default, if it has one, is params.yaml's value, so code that builds a section
+    without reading params.yaml (tests, benches, helpers) gets the demo, not a third profile."""
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    missing, disagree = [], []
+    for key, default, nested in _field_defaults(Config):
+        try:
+            value = _lookup(params, key)
+        except KeyError:
+            missing.append(key)
+            continue
+        if nested is not None or default is _REQUIRED:
+            continue
+        if isinstance(default, BaseModel) or (isinstance(default, dict) and default):
+            default = json.loads(json.dumps(default, default=lambda model: model.model_dump()))
+        if default != value:
+            disagree.append(f"{key}: code {default!r} != params.yaml {value!r}")
+    assert missing == [], f"config fields params.yaml lacks: {missing}"
+    assert disagree == []
+    # A section built from nothing equals the one params.yaml gives (nested models included).
+    assert Config().model_dump() == parse_config(params).model_dump()
 
 
 @pytest.mark.parametrize("case", sorted(BAD_PARAMS))

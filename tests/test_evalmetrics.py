@@ -54,6 +54,7 @@ def test_summary_of_fixed_answers_matches_hand_computation():
     assert summary["similarity_mean"] == pytest.approx(0.55)
     assert summary["answer_words_mean"] == pytest.approx((6 + 6 + 7 + 0) / 4)
     assert summary["stopped_pct"] == pytest.approx(75.0)
+    assert summary["repetition_rate"] == pytest.approx(0.0)  # no 4-gram repeats inside any answer
     assert summary["pct_conversational_ci_low"] <= 50.0 <= summary["pct_conversational_ci_high"]
 
 
@@ -112,3 +113,15 @@ def test_metrics_record_is_json_ready_and_base_models_have_zero_training_samples
     assert lora["n_train"] == 100 and lora["system_prompt"] == "concise"
     with pytest.raises(ValueError, match="kind"):
         evalmetrics.metrics_record("m", "finetuned", {})
+
+
+def test_repetition_rate_is_the_mean_of_the_per_answer_rates():
+    from pipeline.core.textmetrics import repeated_ngram_rate
+
+    loop = "I am here to help you. " * 5
+    answers = [loop, "The cat sat on the mat.", ""]
+    summary = evalmetrics.summarize(answers, [90.0, 116.0, math.nan], [0.5, 0.6, 0.1], 60, 50, 0)
+    assert repeated_ngram_rate(loop) == pytest.approx(21 / 27)  # 30 words, 27 grams, the first 6 are new
+    assert summary["repetition_rate"] == pytest.approx((21 / 27 + 0 + 0) / 3)
+    record = evalmetrics.metrics_record("m", "lora", summary)
+    assert record["repetition_rate"] == round(21 / 81, 4) and set(evalmetrics.DEGENERATION_KEYS) - {"stopped_pct"} <= set(record)

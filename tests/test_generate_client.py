@@ -10,9 +10,9 @@ import time
 
 import pytest
 
+from pipeline.core.llmclient import ChatClient, FatalAPIError, RequestFailed, StepKey
+from pipeline.core.responsecache import ResponseCache
 from pipeline.generate.__main__ import request_settings
-from pipeline.generate.cache import ResponseCache
-from pipeline.generate.client import ChatClient, FatalAPIError, RequestFailed, StepKey
 from tests.fakes.openai_server import FakeOpenAIServer, FakeReply, Script
 from tests.generate_support import API_KEY, generate_config, openai_backend
 

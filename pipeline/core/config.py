@@ -12,10 +12,22 @@ from there by `validate`, so there is one source of truth.
 
 Paths are relative to the working directory, which is the repository root under `dvc repro`.
 `TONETUNE_PARAMS` points at another params file (tests use it).
+
+params.yaml holds every key; the defaults below equal its values (tests/test_config.py checks
+each one), so code that builds a section without params.yaml gets the demo, not a third profile.
+
+Profiles (profiles/<name>.yaml) are overlays: only what differs from the demo. Apply one with
+
+    python -m pipeline.core.config apply paper           # deep-merge over params.yaml, write it
+    python -m pipeline.core.config apply paper --check   # only validate the composition
+
+Mappings merge key by key; lists and scalars replace. The result must validate and hold every
+param dvc.yaml declares, or nothing is written.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -23,10 +35,14 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pipeline.core.errors import ConfigError
+from pipeline.core.errors import ConfigError, exit_on_user_error
 
 PARAMS_FILE_ENV = "TONETUNE_PARAMS"
 DEFAULT_PARAMS_FILE = "params.yaml"
+PROFILES_DIR = Path("profiles")
+DVC_FILE = Path("dvc.yaml")
+# First line of a params file written by `apply`: names the profile it holds.
+APPLIED_PROFILE_MARKER = "# Applied profile: "
 
 # Paths every stage agrees on (relative to the repo root).
 SECTIONS_PATH = Path("data/source/sections.parquet")
@@ -118,8 +134,8 @@ class BaseModelConfig(Section):
 class PriceConfig(Section):
     """USD per million tokens, for the cost estimate logged with each generation run."""
 
-    input_per_mtok: Annotated[float, Field(ge=0)] = 0.0
-    output_per_mtok: Annotated[float, Field(ge=0)] = 0.0
+    input_per_mtok: Annotated[float, Field(ge=0)]
+    output_per_mtok: Annotated[float, Field(ge=0)]
 
 
 class GenerateConfig(Section):
@@ -144,9 +160,11 @@ class GenerateConfig(Section):
     max_simplify_attempts: NonNegativeInt = 3
     dedup_threshold: Cosine = 0.8
     faithfulness_threshold: Cosine = 0.6
-    target_pairs: PositiveInt = 10_000
+    target_pairs: PositiveInt = 400
     seed: int = 0
-    prices: dict[str, PriceConfig] = Field(default_factory=dict)
+    prices: dict[str, PriceConfig] = Field(
+        default_factory=lambda: {"google/gemini-2.5-flash": PriceConfig(input_per_mtok=0.30, output_per_mtok=2.50)}
+    )
 
 
 class ValidateConfig(Section):
@@ -171,8 +189,8 @@ class ValidateConfig(Section):
 class SplitConfig(Section):
     """Validation set and nested training subsets (100 in 1k in 5k in 9k at paper scale)."""
 
-    val_size: PositiveInt = 1000
-    train_sizes: list[PositiveInt] = Field(default_factory=lambda: [100, 1000, 5000, 9000])
+    val_size: PositiveInt = 100
+    train_sizes: list[PositiveInt] = Field(default_factory=lambda: [25, 50, 100, 150])
     seed: int = 0
 
     @model_validator(mode="after")
@@ -186,9 +204,9 @@ class TrainGrid(Section):
     """The axes of the LoRA grid (the DVC `matrix` stage iterates over these)."""
 
     precision: list[Literal["bf16", "fp32", "int8"]] = Field(default_factory=lambda: ["bf16", "int8"])
-    lora_r: list[PositiveInt] = Field(default_factory=lambda: [32, 48, 64])
-    learning_rate: list[PositiveFloat] = Field(default_factory=lambda: [1e-4, 2e-4, 1e-3])
-    n_train: list[PositiveInt] = Field(default_factory=lambda: [100, 1000, 5000, 9000])
+    lora_r: list[PositiveInt] = Field(default_factory=lambda: [32])
+    learning_rate: list[PositiveFloat] = Field(default_factory=lambda: [1e-3])
+    n_train: list[PositiveInt] = Field(default_factory=lambda: [150])
 
     @model_validator(mode="after")
     def _axes_non_empty_unique(self):
@@ -203,7 +221,7 @@ class TrainConfig(Section):
     """LoRA SFT hyperparameters (paper appendix A.3)."""
 
     grid: TrainGrid = Field(default_factory=TrainGrid)
-    epochs: PositiveFloat = 5
+    epochs: PositiveFloat = 3
     per_device_batch_size: PositiveInt = 16
     gradient_accumulation_steps: PositiveInt = 2
     lora_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.2
@@ -211,14 +229,14 @@ class TrainConfig(Section):
     warmup_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.3
     div_factor: PositiveFloat = 25.0
     final_div_factor: PositiveFloat = 1e3
-    max_seq_length: PositiveInt = 512
+    max_seq_length: PositiveInt = 256
     gradient_checkpointing: bool = False
     int8_threshold: PositiveFloat = 6.0
     weight_decay: Annotated[float, Field(ge=0)] = 0.01  # torch AdamW's default (paper: unspecified)
     # random: the paper's shuffling; group_by_length: batches of similar length (less padding).
     sampling: Literal["random", "group_by_length"] = "random"
     logging_steps: PositiveInt = 1
-    save_steps: PositiveInt = 50  # checkpoint every N optimizer steps (an interrupted run resumes)
+    save_steps: PositiveInt = 5  # checkpoint every N optimizer steps (an interrupted run resumes)
     seed: int = 0
 
 
@@ -226,7 +244,7 @@ class EvaluateConfig(Section):
     """Evaluation on the validation split (paper section 2.4)."""
 
     conversational_threshold: FleschScore = 60.0
-    max_new_tokens: PositiveInt = 160
+    max_new_tokens: PositiveInt = 128
     batch_size: PositiveInt = 16
     bootstrap_samples: PositiveInt = 1000
     limit: PositiveInt | None = None
@@ -238,13 +256,16 @@ class EvaluateConfig(Section):
 
 
 class PromoteConfig(Section):
-    """Registry policy: best % conversational, similarity guarded against the base model (an
-    adapter may be at most `similarity_tolerance` below the base's mean similarity); ties go to
-    fewer training samples, then smaller r. See registry/promote.py."""
+    """Registry policy: best % conversational among adapters that pass two guards: similarity
+    (at most `similarity_tolerance` below the base's mean similarity) and degeneration (mean
+    repeated-4-gram share <= `max_repetition_rate`, % answers that ended their turn >=
+    `min_stopped_pct`); ties go to fewer training samples, then smaller r. See registry/policy.py."""
 
     # Used in models:/<name>@production URIs and registry filters: no '/', '@', quotes or spaces.
     registered_model_name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")] = "tonetune-conversational"
     similarity_tolerance: Cosine = 0.02
+    max_repetition_rate: Annotated[float, Field(ge=0, le=1)] = 0.10
+    min_stopped_pct: Annotated[float, Field(ge=0, le=100)] = 50.0
 
 
 class OpenAIConfig(Section):
@@ -258,7 +279,7 @@ class OpenAIConfig(Section):
     base_models: list[str] = Field(
         default_factory=lambda: ["gpt-4o-mini-2024-07-18", "gpt-4.1-mini-2025-04-14"]
     )
-    n_train: list[PositiveInt] = Field(default_factory=lambda: [100, 1000, 5000, 9000])
+    n_train: list[PositiveInt] = Field(default_factory=lambda: [100])
     seed: int = 713
     batch_size: PositiveInt = 32
     learning_rate_multiplier: PositiveFloat = 1.0
@@ -365,3 +386,137 @@ def load_config(path: str | Path | None = None) -> Config:
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {' '.join(str(error).split())}") from None
     return parse_config(raw, str(path))
+
+
+# --------------------------------------------------------------------------- profiles
+
+
+def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `overlay` merged in: mappings key by key (recursively), anything else replaced."""
+    merged = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def profile_path(name: str) -> Path:
+    """profiles/<name>.yaml, or `name` itself when it is a path to a file."""
+    candidate = Path(name)
+    if candidate.suffix in (".yaml", ".yml") and candidate.exists():
+        return candidate
+    path = PROFILES_DIR / f"{name}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+        raise ConfigError(f"{path}: no such profile (profiles: {', '.join(known) or 'none'})")
+    return path
+
+
+def _read_yaml_mapping(path: Path) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(error).split())}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def _has_key(mapping: dict[str, Any], dotted: str) -> bool:
+    node: Any = mapping
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def missing_stage_params(raw: dict[str, Any], dvc_file: Path = DVC_FILE) -> list[str]:
+    """`stage: key` for every param a dvc.yaml stage declares that `raw` lacks (DVC refuses
+    such a stage with MissingParamsError only when it reaches it)."""
+    if not dvc_file.exists():
+        return []
+    stages = (yaml.safe_load(dvc_file.read_text()) or {}).get("stages", {})
+    missing = []
+    for stage, definition in stages.items():
+        for entry in definition.get("params", []) or []:
+            keys = [entry] if isinstance(entry, str) else [
+                key for file, listed in entry.items() if file in (DEFAULT_PARAMS_FILE,) for key in listed or []
+            ]
+            missing += [f"{stage}: {key}" for key in keys if not _has_key(raw, key)]
+    return missing
+
+
+def compose_profile(name: str, base: Path) -> tuple[Path, dict[str, Any]]:
+    """Deep-merge profile `name` over the params file `base`; validate the result.
+
+    Raises ConfigError when the base already holds an applied profile (compose over the demo
+    params, not over another profile), when the result does not validate, or when a dvc.yaml
+    stage declares a param the result lacks.
+    """
+    path = profile_path(name)
+    if not base.exists():
+        raise ConfigError(f"{base}: params file not found (run from the repository root)")
+    first_line = base.read_text().split("\n", 1)[0]
+    if first_line.startswith(APPLIED_PROFILE_MARKER):
+        applied = first_line[len(APPLIED_PROFILE_MARKER):].split()[0]
+        raise ConfigError(
+            f"{base} already holds profile {applied}: restore the demo params first "
+            f"(git checkout {base}) or pass --base with the demo params file"
+        )
+    composed = deep_merge(_read_yaml_mapping(base), _read_yaml_mapping(path))
+    parse_config(composed, f"{path} over {base}")
+    missing = missing_stage_params(composed)
+    if missing:
+        raise ConfigError(f"{path} over {base}: dvc.yaml declares params the result lacks: {'; '.join(missing)}")
+    return path, composed
+
+
+def render_applied(name: str, path: Path, base: Path, composed: dict[str, Any]) -> str:
+    """The params file text for `composed`, headed by the comment `apply` recognises."""
+    header = (
+        f"{APPLIED_PROFILE_MARKER}{name} ({path} deep-merged over {base})\n"
+        f"# Written by `python -m pipeline.core.config apply {name}`; do not edit by hand: change\n"
+        f"# {path} (an overlay) or the demo params and apply again. Back to the demo: git checkout {base}\n"
+        "# (the comments that explain each key are in the demo params.yaml).\n"
+    )
+    return header + yaml.dump(composed, Dumper=_ParamsDumper, sort_keys=False, width=100)
+
+
+class _ParamsDumper(yaml.SafeDumper):
+    """Block mappings and one-line lists, like the hand-written params.yaml."""
+
+
+_ParamsDumper.add_representer(
+    list, lambda dumper, data: dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=True)
+)
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.core.config",
+        description="Compose a profile (profiles/<name>.yaml, an overlay) over the demo params.yaml.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    apply = commands.add_parser("apply", help="deep-merge a profile over params.yaml and write the result")
+    apply.add_argument("profile", help="profile name (profiles/<name>.yaml) or path to a profile file")
+    apply.add_argument("--base", type=Path, default=Path(DEFAULT_PARAMS_FILE), help="demo params (default: params.yaml)")
+    apply.add_argument("--output", type=Path, default=None, help="where to write (default: the --base file)")
+    apply.add_argument("--check", action="store_true", help="only validate the composition; write nothing")
+    args = parser.parse_args(argv)
+
+    path, composed = compose_profile(args.profile, args.base)
+    name = Path(args.profile).stem
+    if args.check:
+        print(f"{path} over {args.base}: valid, every param dvc.yaml declares is present")
+        return
+    output = args.output or args.base
+    output.write_text(render_applied(name, path, args.base, composed))
+    print(f"wrote {output}: profile {name} applied over {args.base}")
+
+
+if __name__ == "__main__":
+    main()

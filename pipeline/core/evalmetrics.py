@@ -17,6 +17,9 @@ Definitions (one row = one validation question):
 - answer_words_mean: mean whitespace-separated words per answer.
 - stopped_pct: % of answers that ended at the end-of-turn token rather than at max_new_tokens
   (only when the table has a `stopped` column; a low value means truncated, runaway answers).
+- repetition_rate: mean over answers of `textmetrics.repeated_ngram_rate(answer, 4)`, the share of
+  an answer's word 4-grams that repeat an earlier 4-gram of the same answer (0 for fluent prose,
+  near 1 for a decoding loop). With stopped_pct it is the degeneration the promotion policy guards.
 
 A metrics record (`metrics_record`) is one flat JSON object per model, written to
 `metrics/eval/<model>.json` (what `dvc metrics show` and the report read). Its descriptive keys:
@@ -32,6 +35,9 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.core.textmetrics import repeated_ngram_rate
+
+REPETITION_NGRAM = 4  # the n of repetition_rate: a repeated 4-word phrase is a loop, not a turn of phrase
 PREDICTION_COLUMNS = ("question", "reference", "answer", "flesch", "similarity")
 METRIC_KEYS = (
     "n_eval",
@@ -42,7 +48,9 @@ METRIC_KEYS = (
     "flesch_median",
     "similarity_mean",
     "answer_words_mean",
+    "repetition_rate",
 )
+DEGENERATION_KEYS = ("stopped_pct", "repetition_rate")  # what the promotion's degeneration guard reads
 DESCRIPTIVE_KEYS = ("model", "kind", "family", "precision", "lora_r", "learning_rate", "n_train")
 MODEL_KINDS = ("base", "lora", "openai-base", "openai-finetuned")
 
@@ -131,6 +139,7 @@ def summarize(
         "flesch_median": nan_median(flesch),
         "similarity_mean": nan_mean(similarity),
         "answer_words_mean": nan_mean(word_count(a) for a in answers),
+        "repetition_rate": nan_mean(repeated_ngram_rate(a, REPETITION_NGRAM) for a in answers),
     }
     if stopped is not None:
         summary["stopped_pct"] = percent(stopped)

@@ -1,5 +1,5 @@
-"""Text metrics every stage shares: Flesch reading ease, sentence embeddings, cosine similarity
-and an incremental near-duplicate index.
+"""Text metrics every stage shares: Flesch reading ease, a repetition (degeneration) measure,
+sentence embeddings, cosine similarity and an incremental near-duplicate index.
 
 One implementation for generation (the Flesch gate, dedup, faithfulness), validation and
 evaluation, so the thresholds in params.yaml mean the same thing everywhere.
@@ -18,6 +18,7 @@ importing this module costs only numpy.
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 PACKAGED_MINILM = "packaged:all-MiniLM-L6-v2"
 PROGRESS_BAR_MIN_TEXTS = 500
 _NORM_EPSILON = 1e-12
+_WORD = re.compile(r"[\w']+")
 
 
 # --------------------------------------------------------------------------- Flesch
@@ -56,6 +58,42 @@ def flesch_reading_ease_batch(texts: Iterable[str]) -> np.ndarray:
     """Flesch reading ease of many texts, as a float64 array in input order."""
     score = _textstat().flesch_reading_ease
     return np.fromiter((score(text) for text in texts), dtype=np.float64)
+
+
+# --------------------------------------------------------------------------- repetition
+
+
+def ngram_words(text: str) -> list[str]:
+    """The words n-grams are made of: runs of letters, digits, `_` and `'`, lower-cased
+    (punctuation and case do not make a repeated phrase look new)."""
+    return _WORD.findall(str(text).lower())
+
+
+def repeated_ngram_rate(text: str, n: int = 4) -> float:
+    """Share of an answer's word n-grams that repeat an n-gram seen earlier in the same answer.
+
+    With w = `ngram_words(text)` and the n-grams g_i = w[i:i+n] for i = 0 .. len(w)-n, the rate is
+    #{i : g_i == g_j for some j < i} / #{i}; an answer of fewer than n words has no n-grams and
+    scores 0.0. A greedy decoding loop ("He was a teacher of the school. He was a teacher of the
+    school. ...") scores close to 1 (every repeat of the sentence re-uses all its n-grams); fluent
+    prose scores close to 0. Each n-gram is compared with the answer's own earlier text only, so
+    two answers that share a phrase do not count.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    words = ngram_words(text)
+    total = len(words) - n + 1
+    if total <= 0:
+        return 0.0
+    seen: set[tuple[str, ...]] = set()
+    repeated = 0
+    for i in range(total):
+        gram = tuple(words[i : i + n])
+        if gram in seen:
+            repeated += 1
+        else:
+            seen.add(gram)
+    return repeated / total
 
 
 # --------------------------------------------------------------------------- embeddings

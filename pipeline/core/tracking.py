@@ -1,4 +1,5 @@
-"""MLflow plumbing shared by every stage: where the store is, and what a run records about the code.
+"""MLflow plumbing shared by every stage: where the store is, the one way to open it and find a
+run in it (`open_client`, `find_run`), and what a run records about the code.
 
 The default store is `sqlite:///mlflow.db` at the repo root with artifacts under
 `mlartifacts/`; `MLFLOW_TRACKING_URI` in the environment overrides it (tests point it at a
@@ -11,10 +12,14 @@ from __future__ import annotations
 import os
 import subprocess
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.core.config import TrackingConfig
+from pipeline.core.config import TrackingConfig, load_config
+from pipeline.core.contracts import Tags
+from pipeline.core.errors import TonetuneError
 
+MLFLOW_CONTEXT_TAG = "mlflow.data.context"  # MLflow's own input tag: the `context` of log_input
 TELEMETRY_OFF = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1", "DVC_NO_ANALYTICS": "1"}
 
 
@@ -27,6 +32,94 @@ def disable_telemetry() -> None:
 def tracking_uri(tracking: TrackingConfig) -> str:
     """The store in use: $MLFLOW_TRACKING_URI, else params' tracking_uri."""
     return os.environ.get("MLFLOW_TRACKING_URI") or tracking.tracking_uri
+
+
+def project_tracking() -> TrackingConfig:
+    """params.yaml's tracking section; the defaults when params.yaml is absent or invalid (a
+    read-only audit, e.g. `registry lineage`, must still find the store)."""
+    try:
+        return load_config().tracking
+    except TonetuneError:
+        return TrackingConfig()
+
+
+def store_missing(uri: str) -> bool:
+    """A sqlite store whose file does not exist (opening it would create an empty one)."""
+    return uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists()
+
+
+def open_client(tracking: TrackingConfig | None = None):
+    """The one way to open the project's store for reading or registry work: an MlflowClient on
+    $MLFLOW_TRACKING_URI / params' tracking_uri (tracking and registry), also set as MLflow's
+    default so `mlflow.register_model` and `models:/` URIs use the same store.
+
+    A sqlite store that does not exist is a one-line error, not created: a lookup must not leave
+    an empty mlflow.db behind. Stages that log runs use `configure_mlflow` instead (it creates
+    the store and the experiment)."""
+    uri = tracking_uri(tracking or project_tracking())
+    if store_missing(uri):
+        raise TonetuneError(f"no MLflow store at {uri}: run the pipeline first (dvc repro)")
+    disable_telemetry()
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def not_found(error) -> bool:
+    """An MlflowException that means 'no such run / model / version / alias'."""
+    code = str(getattr(error, "error_code", ""))
+    return "RESOURCE_DOES_NOT_EXIST" in code or "INVALID_PARAMETER_VALUE" in code or "not found" in str(error).lower()
+
+
+def find_run(client, run_id: str | None):
+    """The run with this id, or None when the store does not have it (deleted, another store).
+    Other store errors (unreachable server) propagate."""
+    from mlflow.exceptions import MlflowException
+
+    if not run_id:
+        return None
+    try:
+        return client.get_run(run_id)
+    except MlflowException as error:
+        if not_found(error):
+            return None
+        raise
+
+
+@dataclass(frozen=True)
+class LoggedDataset:
+    """A dataset a run logged with `log_dataset_input`: name, path, DVC md5, and whether it was
+    logged with context `training` (the data the model learned from)."""
+
+    name: str
+    path: str
+    dvc_md5: str | None
+    training: bool
+
+
+def logged_datasets(run) -> list[LoggedDataset]:
+    """The datasets a run logged, training ones first, then by name: MLflow's dataset inputs
+    (context and the path/dvc_md5 input tags), then `dataset.<name>.*` tags for any input the
+    store did not return (a dataset tag without an input counts as training when its name
+    starts with `train`, as the split files are named)."""
+    found: dict[str, LoggedDataset] = {}
+    for dataset_input in getattr(getattr(run, "inputs", None), "dataset_inputs", None) or []:
+        input_tags = {tag.key: tag.value for tag in dataset_input.tags}
+        path = input_tags.get(Tags.DATASET_INPUT_PATH)
+        if path:
+            name = dataset_input.dataset.name
+            md5 = input_tags.get(Tags.DATASET_INPUT_MD5) or dataset_input.dataset.digest
+            found[name] = LoggedDataset(name, path, md5, input_tags.get(MLFLOW_CONTEXT_TAG) == Tags.TRAINING_CONTEXT)
+    tags = run.data.tags
+    for key in sorted(tags):
+        parsed = Tags.parse_dataset(key)
+        if parsed and parsed[1] == "path" and parsed[0] not in found:
+            name = parsed[0]
+            found[name] = LoggedDataset(name, tags[key], tags.get(Tags.dataset(name, "dvc_md5")), name.startswith("train"))
+    return sorted(found.values(), key=lambda item: (not item.training, item.name))
 
 
 def configure_mlflow(tracking: TrackingConfig) -> str:
@@ -116,8 +209,8 @@ def code_version_tags(repo: str | Path = ".") -> dict[str, str]:
     tags = {}
     commit = git_commit(repo)
     if commit:
-        tags["mlflow.source.git.commit"] = commit
-        tags["git_commit"] = commit
+        tags[Tags.MLFLOW_GIT_COMMIT] = commit
+        tags[Tags.GIT_COMMIT] = commit
     dirty = git_is_dirty(repo)
     if dirty is not None:
         tags["git_dirty"] = str(dirty).lower()
@@ -143,12 +236,12 @@ def log_dataset_input(frame, path: str | Path, context: str, name: str | None = 
         warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted", category=UserWarning)
         warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer", category=UserWarning)
         dataset = mlflow.data.from_pandas(frame, source=path.as_posix(), name=name or path.stem, digest=md5)
-        mlflow.log_input(dataset, context=context, tags={"dvc_md5": md5, "path": path.as_posix()})
-    tag_prefix = f"dataset.{name or path.stem}"
-    tags = {f"{tag_prefix}.path": path.as_posix(), f"{tag_prefix}.dvc_md5": md5}
+        mlflow.log_input(dataset, context=context, tags={Tags.DATASET_INPUT_MD5: md5, Tags.DATASET_INPUT_PATH: path.as_posix()})
+    dataset_name = name or path.stem
+    tags = {Tags.dataset(dataset_name, "path"): path.as_posix(), Tags.dataset(dataset_name, "dvc_md5"): md5}
     locked = locked_md5(path)
     if locked:
-        tags[f"{tag_prefix}.dvc_stage"] = locked[1]
-        tags[f"{tag_prefix}.matches_dvc_lock"] = str(locked[0] == md5).lower()
+        tags[Tags.dataset(dataset_name, "dvc_stage")] = locked[1]
+        tags[Tags.dataset(dataset_name, "matches_dvc_lock")] = str(locked[0] == md5).lower()
     mlflow.set_tags(tags)
     return md5

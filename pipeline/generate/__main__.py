@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pipeline.core.assets import corpus_version
 from pipeline.core.config import (
     GENERATE_CACHE_PATH,
     GENERATION_MANIFEST_PATH,
@@ -31,7 +32,7 @@ from pipeline.core.config import (
     load_config,
 )
 from pipeline.core.errors import TonetuneError, exit_on_user_error
-from pipeline.generate.client import Backend, ChatClient, RequestSettings, host_of
+from pipeline.core.llmclient import Backend, ChatClient, RequestSettings, host_of
 from pipeline.generate.engine import REASONS, Engine, GenerationResult, ProgressBar, Section
 from pipeline.generate.prompts import PROMPT_VERSION
 
@@ -65,7 +66,7 @@ def make_backend(config: GenerateConfig, replay_dir: Path | None) -> Backend:
             f"environment variable {config.api_key_env} is not set: export the API key for "
             f"{host_of(config.base_url)} (generate.api_key_env names the variable)"
         )
-    from pipeline.generate.client import OpenAIBackend
+    from pipeline.core.llmclient import OpenAIBackend
 
     return OpenAIBackend(config.base_url, api_key, config.concurrency, config.request_timeout_s)
 
@@ -160,7 +161,6 @@ def build_manifest(config: Config, result: GenerationResult, run_id: str, sectio
                    metrics: dict[str, float]) -> dict[str, Any]:
     """Lineage of the dataset: the run, prompts, model, thresholds, source version, counts."""
     from pipeline.core.dvcmeta import file_md5
-    from pipeline.source import corpus_version
 
     generate = config.generate
     try:
@@ -235,8 +235,8 @@ def main(argv: list[str] | None = None) -> None:
     generate = config.generate
     backend = make_backend(generate, args.replay_dir)  # no key -> one line, nothing sent
 
+    from pipeline.core.responsecache import ResponseCache
     from pipeline.core.textmetrics import load_embedder
-    from pipeline.generate.cache import ResponseCache
     from pipeline.generate.outputs import read_sections
 
     sections = read_sections(args.sections)

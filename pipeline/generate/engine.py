@@ -40,8 +40,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pipeline.core.llmclient import CallStats, ChatClient, FatalAPIError, RequestFailed, StepKey
 from pipeline.generate import prompts
-from pipeline.generate.client import CallStats, ChatClient, FatalAPIError, RequestFailed, StepKey
 
 if TYPE_CHECKING:
     from pipeline.core.config import GenerateConfig

@@ -36,7 +36,7 @@ from typing import Any
 
 from pipeline.core.config import SECTIONS_PATH
 from pipeline.core.errors import TonetuneError, exit_on_user_error
-from pipeline.generate.client import Messages, Reply, RequestFailed, RequestSettings, StepKey, estimate_tokens
+from pipeline.core.llmclient import Messages, Reply, RequestFailed, RequestSettings, StepKey, estimate_tokens
 
 REQUIRED_FIELDS = ("source_id", "title", "question", "factual_answer", "rephrasings")
 OPTIONAL_FIELDS = ("qa_replies",)

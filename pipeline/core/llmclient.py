@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
 from pipeline.core.errors import TonetuneError
-from pipeline.generate.cache import ResponseCache, cache_key
+from pipeline.core.responsecache import ResponseCache, cache_key
 
 if TYPE_CHECKING:
     from pipeline.core.config import GenerateConfig
@@ -357,7 +357,7 @@ def host_of(base_url: str | None) -> str:
     return urlsplit(base_url).hostname or base_url
 
 
-def _server_message(error: Any) -> str:
+def server_message(error: Any) -> str:
     """The server's own error message from an openai APIStatusError, on one line."""
     body = getattr(error, "body", None)
     message = None
@@ -420,7 +420,7 @@ class OpenAIBackend:
         except openai.APIStatusError as error:
             status = error.status_code
             # Some servers echo the key back ("Incorrect API key provided: sk-..."): never repeat it.
-            message = f"HTTP {status} from {self.host}: {_server_message(error)}".replace(self._api_key, "***")
+            message = f"HTTP {status} from {self.host}: {server_message(error)}".replace(self._api_key, "***")
             if status in FATAL_STATUS:
                 raise FatalAPIError(message) from None
             if status in RETRYABLE_STATUS or status >= 500:

@@ -1,0 +1,94 @@
+"""The model card: the text a registered version carries as its description.
+
+Owns: `model_card(name, version, tags)`, built only from the version's tags (so it can be
+rebuilt from the registry alone), including, for a forced promotion, which guards were
+overridden, why each refused, and the reason given. Does not own: which tags exist
+(registry/evidence.py writes them, pipeline.core.contracts.Tags names them) or writing the
+description (registry/store.py / registry/promote.py). Pure text: no MLflow import.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.core.contracts import Tags
+from registry.evidence import MAX_TAG_CHARS, redact
+from registry.policy import as_float
+
+PRODUCTION = "production"
+METRIC_ROWS = (  # (label, metric key, digits)
+    ("% conversational", "pct_conversational", 1),
+    ("similarity to reference", "similarity_mean", 3),
+    ("mean Flesch", "flesch_mean", 1),
+    ("mean words per answer", "answer_words_mean", 0),
+    ("% answers that ended their turn", "stopped_pct", 1),
+    ("repeated 4-gram rate", "repetition_rate", 3),
+)
+
+
+def fmt(value: Any, digits: int) -> str:
+    """A number for the card ('-' when missing)."""
+    number = as_float(value)
+    return "-" if number != number else f"{number:.{digits}f}"
+
+
+def forced_section(tags: dict[str, str]) -> str:
+    """What a forced promotion overrode, and why ('' when it was not forced)."""
+    if tags.get(Tags.PROMOTE_FORCED) != "true":
+        return ""
+    overridden = tags.get(Tags.PROMOTE_OVERRIDDEN) or "none"
+    details = [line for line in (tags.get(Tags.PROMOTE_OVERRIDES) or "").splitlines() if line and line != "none"]
+    listed = "\n".join(f"- {line}" for line in details) or "- (no guard refused it: forced without need)"
+    return (f"\n**FORCED promotion** ({tags.get(Tags.PROMOTE_AT, '-')}): the policy would not have promoted "
+            f"this version; overridden: {overridden}.\n{listed}\n\nReason given: "
+            f"{tags.get(Tags.PROMOTE_FORCE_REASON) or '-'}\n")
+
+
+def model_card(name: str, version: str, tags: dict[str, str]) -> str:
+    """The version description: what it is, its data, its metrics vs the base, how to load it,
+    and (when forced) what the promotion overrode and why."""
+    datasets = sorted({parsed[0] for key in tags if (parsed := Tags.parse_dataset(key)) and parsed[1] == "dvc_md5"})
+    data_lines = [f"- {tags.get(Tags.dataset(d, 'path'), d)}: DVC md5 `{tags[Tags.dataset(d, 'dvc_md5')]}`" for d in datasets]
+    quality = {"true": "passed", "false": "FAILED"}.get(tags.get(Tags.DQ_SUCCESS, ""), "unknown")
+    mine, base, param = Tags.METRIC_PREFIX, Tags.BASE_PREFIX, Tags.PARAM_PREFIX
+    table = "\n".join(f"| {label} | {fmt(tags.get(mine + key), d)} | {fmt(tags.get(base + key), d)} |" for label, key, d in METRIC_ROWS)
+    interval = f"[{fmt(tags.get(mine + 'pct_conversational_ci_low'), 1)}, {fmt(tags.get(mine + 'pct_conversational_ci_high'), 1)}]"
+    card = f"""# {name} v{version}: conversational LoRA adapter for {tags.get(param + 'base_model_id', 'the base model')}
+
+**What it is.** A LoRA adapter (precision {tags.get(param + 'precision')}, r={tags.get(param + 'lora_r')}, \
+alpha={tags.get(param + 'lora_alpha')}, learning rate {tags.get(param + 'learning_rate')}) fine-tuned on \
+{tags.get(param + 'n_train')} LLM-simulated question/answer pairs in a natural, conversational tone for voice \
+agents (tonetune's reproduction of "Fine-tuning on simulated data outperforms prompting for agent tone of \
+voice"). It answers with the concise system prompt it was trained with. The base model is referenced, not \
+copied (weights sha256 `{str(tags.get(param + 'base_model_sha256', '-'))[:16]}...`).
+{forced_section(tags)}
+**Data.**
+{chr(10).join(data_lines) or '- (no dataset tags on the training run)'}
+- pairs.parquet md5 `{tags.get(Tags.DQ_PAIRS_MD5, '-')}`, data-quality gate: {quality} \
+({tags.get(Tags.DQ_SOURCE, '-')}); generation run `{tags.get(Tags.GENERATION_RUN_ID, '-')}`
+
+**Metrics vs the base model** (validation set, n = {fmt(tags.get(mine + 'n_eval'), 0)}; conversational = \
+Flesch >= {tags.get('evaluate.conversational_threshold')}; 95% bootstrap interval {interval}; the base \
+answers with the paper's verbose prompt; the last two rows are degeneration: answers that ran to the \
+token cap, and loops):
+
+| metric | this version | base |
+|---|---|---|
+{table}
+
+**How to load.**
+
+    import mlflow
+    model = mlflow.pyfunc.load_model("models:/{name}@{PRODUCTION}")  # or "models:/{name}/{version}"
+    model.predict(["Why is the sky blue?"])
+
+Needs the tonetune package importable and the base model at its recorded path (or
+TONETUNE_BASE_MODEL_DIR pointing at a copy with the same weights).
+
+**Lineage.** Training run `{tags.get(Tags.TRAINING_RUN_ID)}` ({tags.get(Tags.TRAINING_RUN_NAME)}), code \
+`{tags.get(Tags.GIT_COMMIT, '-')}`, dvc.lock md5 `{tags.get(Tags.DVC_LOCK_MD5, '-')}`. Audit it with \
+`python -m registry lineage models:/{name}/{version}`.
+
+**Promotion policy.** {tags.get(Tags.PROMOTE_POLICY)}.
+"""
+    return redact(card)[:MAX_TAG_CHARS]
