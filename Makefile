@@ -22,7 +22,7 @@ export TOKENIZERS_PARALLELISM := false
 # Stage commands in dvc.yaml call `python`: it must be the venv's, whoever runs make.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: help setup demo test test-fast bench gpu-check lint ui clean-outputs
+.PHONY: help setup demo test test-fast bench gpu-check lint ui server ci-deps clean-outputs
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
@@ -64,4 +64,21 @@ lint: setup  ## ruff
 	$(VENV)/bin/ruff check .
 
 ui: setup  ## open the MLflow UI on http://127.0.0.1:5000 over the project's store
+	@case "$${MLFLOW_TRACKING_URI:-}" in http://*|https://*) \
+	  echo "the tracking server serves the UI itself: open $$MLFLOW_TRACKING_URI"; exit 0;; esac; \
 	$(VENV)/bin/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --host 127.0.0.1 --port $${PORT:-5000}
+
+server: setup  ## team tracking server: PostgreSQL + mlflow server on http://127.0.0.1:5000 (README "Running as a team")
+	$(PY) -m scripts.team_server $(SERVER_ARGS)
+
+# System packages the tests need (PostgreSQL for the team tracking server). Idempotent: installs
+# only when initdb is missing; needs root (CI runs as root) or sudo.
+ci-deps:  ## install system packages the tests need (postgresql), only if missing
+	@if command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	  echo "postgresql: already installed"; \
+	else \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends postgresql >/dev/null && \
+	  echo "postgresql: installed"; \
+	fi

@@ -92,10 +92,13 @@ def base_model_reference(base_dir: str | Path) -> dict[str, Any]:
 
 
 def resolve_base_model(reference: dict[str, Any], verify: bool = True) -> Path:
-    """The base folder to load for `reference`: $TONETUNE_BASE_MODEL_DIR or the recorded path,
-    checked to hold exactly the weights the adapter was trained on."""
+    """The base folder to load for `reference`: $TONETUNE_BASE_MODEL_DIR, else the recorded path,
+    else (when that is gone) ./models/base; checked to hold exactly the weights the adapter was
+    trained on."""
     override = os.environ.get(BASE_MODEL_DIR_ENV)
     base_dir = Path(override) if override else Path(reference["path"])
+    if not override and not (base_dir / "config.json").is_file() and (Path("models/base") / "config.json").is_file():
+        base_dir = Path("models/base")  # a moved project or another clone (`dvc pull`): hash-checked below
     hint = (
         f"the adapter references its base model by path; rebuild it (`dvc repro base_model` or "
         f"`dvc pull models/base`) or set {BASE_MODEL_DIR_ENV} to a copy"

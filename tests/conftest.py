@@ -104,3 +104,7 @@ def tiny_llama_dir(tmp_path_factory, smollm2_tokenizer_dir) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+# The team's PostgreSQL-backed tracking server, one per session (tests/team_fixtures.py).
+from tests.team_fixtures import team_server_info  # noqa: E402,F401

@@ -82,6 +82,8 @@ class TrackingConfig(Section):
     tracking_uri: str = "sqlite:///mlflow.db"
     artifact_root: str = "mlartifacts"
     experiment: str = "tonetune"
+    system_metrics: bool = True
+    system_metrics_interval_s: float = Field(10.0, gt=0)
 
 
 class EmbeddingsConfig(Section):

@@ -133,6 +133,7 @@ def configure_mlflow(tracking: TrackingConfig) -> str:
 
     uri = tracking_uri(tracking)
     mlflow.set_tracking_uri(uri)
+    system_metrics(tracking)
     parent_run_id = os.environ.get("MLFLOW_RUN_ID")
     if parent_run_id:  # under `mlflow run`: stay in the experiment of the project's run
         experiment_id = mlflow.get_run(parent_run_id).info.experiment_id
@@ -155,6 +156,29 @@ def configure_mlflow(tracking: TrackingConfig) -> str:
         experiment_id = mlflow.get_experiment_by_name(tracking.experiment).experiment_id
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
+
+
+def system_metrics(tracking: TrackingConfig) -> bool:
+    """Switch MLflow's system metrics (CPU, memory, disk, network; GPU utilisation and memory
+    where pynvml finds a GPU) on or off for the runs this process starts, per
+    `tracking.system_metrics`, sampled every `tracking.system_metrics_interval_s` seconds.
+
+    `configure_mlflow` calls it, so every stage's run fills the UI's "System metrics" panel
+    (`system/cpu_utilization_percentage`, `system/system_memory_usage_megabytes`, ...). MLflow
+    keeps the switch in environment variables, so stage subprocesses inherit it.
+    """
+    import logging
+
+    import mlflow
+
+    # its start/stop notes (4 INFO lines per run, "Skip logging GPU metrics" on CPU) are noise
+    logging.getLogger("mlflow.system_metrics.system_metrics_monitor").setLevel(logging.WARNING)
+    if not tracking.system_metrics:
+        mlflow.disable_system_metrics_logging()
+        return False
+    mlflow.set_system_metrics_sampling_interval(tracking.system_metrics_interval_s)
+    mlflow.enable_system_metrics_logging()
+    return True
 
 
 def git_commit(repo: str | Path = ".") -> str | None:
