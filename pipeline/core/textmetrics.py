@@ -61,6 +61,20 @@ def flesch_reading_ease_batch(texts: Iterable[str]) -> np.ndarray:
 # --------------------------------------------------------------------------- embeddings
 
 
+def repeated_ngram_rate(text: str, n: int = 4) -> float:
+    """Share of an answer's word n-grams that repeat an earlier one: (all - distinct) / all.
+
+    0.0 for an answer with no repetition (or fewer than n words); a greedy loop that says the
+    same sentence six times scores ~0.8. Words are lower-cased whitespace tokens, so the measure
+    needs no tokenizer and means the same for every model.
+    """
+    words = str(text).lower().split()
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    if not grams:
+        return 0.0
+    return (len(grams) - len(set(grams))) / len(grams)
+
+
 def _normalise_rows(matrix: np.ndarray) -> np.ndarray:
     """Rows scaled to unit L2 norm as float32; all-zero rows stay zero (cosine 0 with anything)."""
     matrix = np.asarray(matrix, dtype=np.float32)
