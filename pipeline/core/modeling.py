@@ -448,13 +448,15 @@ def answer_questions(model, tokenizer, questions: Sequence[str], system_prompt: 
 def load_adapter_model(base_dir: str | Path, adapter_dir: str | Path, precision: str, int8_threshold: float = 6.0,
                        device: str = "auto"):
     """Base in `precision` with the adapter applied, in eval mode; + the adapter folder's
-    tokenizer (the one it was trained with). Loads the adapter as `AdapterSwitcher` does."""
+    tokenizer (the one it was trained with; the base's if the folder has none). Loads the
+    adapter as `AdapterSwitcher` does."""
     from peft import PeftModel
 
-    base, _ = load_for_inference(base_dir, precision, int8_threshold, device)
+    base, base_tokenizer = load_for_inference(base_dir, precision, int8_threshold, device)
     model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False, autocast_adapter_dtype=False)
     cast_adapter_weights(model, adapter_dtype(precision))
-    return model.eval(), load_tokenizer(adapter_dir)
+    has_tokenizer = (Path(adapter_dir) / "tokenizer_config.json").is_file()
+    return model.eval(), load_tokenizer(adapter_dir) if has_tokenizer else base_tokenizer
 
 
 class AdapterSwitcher:
