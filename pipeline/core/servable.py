@@ -30,6 +30,7 @@ loads or runs a model (train, bench) does not import it.
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -124,6 +125,20 @@ def log_adapter_model(
     The input example (one question, with the default params) makes MLflow load the model and
     answer it once: the signature is checked against a real answer, at the cost of one load.
     """
+    quiet = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"  # MLflow reloads the model it logs to answer the example
+    previous = os.environ.get(quiet)
+    os.environ[quiet] = "false"
+    try:
+        return _log(adapter_dir, base_reference, precision, policy, batch_size, int8_threshold, name)
+    finally:
+        if previous is None:
+            os.environ.pop(quiet, None)
+        else:
+            os.environ[quiet] = previous
+
+
+def _log(adapter_dir, base_reference, precision, policy, batch_size, int8_threshold, name):
+    """log_adapter_model's work, with MLflow's download bars already off."""
     import mlflow
 
     with tempfile.TemporaryDirectory() as scratch:
