@@ -35,6 +35,7 @@ from pipeline.core.config import METRICS_DIR, REPORTS_DIR, OpenAIConfig, load_co
 from pipeline.core.contracts import openai_family
 from pipeline.core.errors import TonetuneError, exit_on_user_error
 from pipeline.core.modeling import DecodingPolicy
+from pipeline.core.tracking import code_version_tags, configure_mlflow
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -507,8 +508,6 @@ def make_figures(lines: pd.DataFrame, bars: pd.DataFrame, threshold: float, fold
 def log_report(paths: Sequence[Path], records: Sequence[dict[str, Any]], tracking) -> str:
     """One MLflow run `report` with results.md, the figures and the plot data; returns its id."""
     import mlflow
-
-    from pipeline.core.tracking import code_version_tags, configure_mlflow
 
     configure_mlflow(tracking)
     with mlflow.start_run(run_name="report") as run:

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.core.adapterinfo import merge_metadata
 from pipeline.core.config import VAL_SPLIT_PATH, Config, load_config
+from pipeline.core.dvcmeta import file_md5
 from pipeline.core.errors import TonetuneError, exit_on_user_error
 from pipeline.core.evalmetrics import metrics_record, summarize_predictions
 from pipeline.core.modeling import DecodingPolicy
@@ -48,7 +49,8 @@ from pipeline.core.predictions import (
     write_metrics,
 )
 from pipeline.core.tables import read_table, write_table
-from pipeline.core.textmetrics import repeated_ngram_rate
+from pipeline.core.textmetrics import load_embedder, repeated_ngram_rate
+from pipeline.core.tracking import code_version_tags, configure_mlflow
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -145,8 +147,6 @@ def find_training_run(client, experiment_id: str, name: str, run_id: str | None 
 
 def evaluation_tags(prediction: dict[str, Any], config: Config, n_eval: int) -> dict[str, str]:
     """What the evaluation ran with, as tags (a re-evaluation may change them; params may not)."""
-    from pipeline.core.tracking import code_version_tags
-
     policy = DecodingPolicy.from_dict(prediction["decoding"])
     tags = {
         "eval.system_prompt": str(prediction.get("system_prompt")),
@@ -173,8 +173,6 @@ def log_evaluation(client, experiment_id: str, run_id: str | None, record: dict[
 
     import mlflow
     from mlflow.entities import Metric, RunTag
-
-    from pipeline.core.tracking import code_version_tags
 
     if run_id is None:
         run = client.create_run(
@@ -206,8 +204,6 @@ def log_validation_input(client, run_id: str) -> None:
 
     import mlflow
     from mlflow.entities import DatasetInput, InputTag
-
-    from pipeline.core.dvcmeta import file_md5
 
     if not VAL_SPLIT_PATH.is_file():
         return
@@ -285,13 +281,9 @@ def main(argv: list[str] | None = None) -> None:
     records = sorted(PREDICTIONS_DIR.glob("*.json"))
     if not records:
         raise TonetuneError(f"{PREDICTIONS_DIR}: no predictions (run `dvc repro predict` first)")
-    from pipeline.core.textmetrics import load_embedder
-
     client = experiment_id = None
     if not args.no_mlflow:
         import mlflow
-
-        from pipeline.core.tracking import configure_mlflow
 
         experiment_id = configure_mlflow(config.tracking)
         client = mlflow.MlflowClient()

@@ -62,6 +62,7 @@ from pipeline.core.config import (
     train_split_path,
 )
 from pipeline.core.contracts import ADAPTER_METADATA_FILE, GridPoint, format_learning_rate
+from pipeline.core.dvcmeta import file_md5
 from pipeline.core.errors import TonetuneError, exit_on_user_error
 from pipeline.core.modeling import (
     PRECISIONS,
@@ -74,6 +75,8 @@ from pipeline.core.modeling import (
 )
 from pipeline.core.servable import log_adapter_model
 from pipeline.core.system_prompts import CONCISE_SYSTEM_PROMPT, chat_messages
+from pipeline.core.tables import read_table
+from pipeline.core.tracking import code_version_tags, configure_mlflow, log_dataset_input
 
 if TYPE_CHECKING:
     import datasets
@@ -144,8 +147,6 @@ def check_inputs(point: GridPoint, paths: TrainPaths) -> None:
 # --------------------------------------------------------------------------- data
 def read_split(path: Path, expected_rows: int | None = None) -> pd.DataFrame:
     """A split parquet with non-empty `question` and `answer` columns (and `expected_rows` rows)."""
-    from pipeline.core.tables import read_table
-
     frame = read_table(path, REQUIRED_COLUMNS, "run the split stage first (dvc repro split)")
     if frame.empty:
         raise TonetuneError(f"{path}: no rows")
@@ -608,8 +609,6 @@ def start_tracking(config: Config, point: GridPoint, resume: ResumeState):
     """Start (or re-open, when resuming) the grid point's MLflow run under its grid parent."""
     import mlflow
 
-    from pipeline.core.tracking import code_version_tags, configure_mlflow
-
     experiment_id = configure_mlflow(config.tracking)
     if resume.mlflow_run_id:
         try:
@@ -667,8 +666,6 @@ def prepare_run(point: GridPoint, config: TrainConfig, paths: TrainPaths) -> Pre
     """Read and check the splits, tokenizer lengths, step count, hashes and the run fingerprint."""
     from transformers import AutoTokenizer
 
-    from pipeline.core.dvcmeta import file_md5
-
     train_frame = read_split(paths.train_split, point.n_train)
     val_frame = read_split(paths.val_split)
     tokenizer = AutoTokenizer.from_pretrained(str(paths.base_dir))
@@ -686,8 +683,6 @@ def prepare_run(point: GridPoint, config: TrainConfig, paths: TrainPaths) -> Pre
 def record_run_inputs(point: GridPoint, config: TrainConfig, prepared: PreparedRun, paths: TrainPaths) -> None:
     """Params and dataset inputs of a new run (a resumed run has them already)."""
     import mlflow
-
-    from pipeline.core.tracking import log_dataset_input
 
     mlflow.log_params(run_params(point, config, prepared.base_reference, prepared.stats, prepared.total_steps,
                                  prepared.train_md5, prepared.val_md5))

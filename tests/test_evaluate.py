@@ -111,6 +111,16 @@ def test_cut_at_stop_keeps_only_tokens_before_the_first_stop(tokens, expected):
     assert modeling.cut_at_stop(tokens, [2, 0]) == expected
 
 
+def test_a_looping_answer_is_counted_by_the_repetition_metric():
+    from pipeline.core.textmetrics import repeated_ngram_rate
+
+    loop = "He was also a teacher of the school of Sharia, which is the Islamic law. " * 6
+    assert repeated_ngram_rate(loop) > 0.75  # 6 copies: 5 of every 6 sentences' 4-grams repeat
+    assert repeated_ngram_rate("Bees turn nectar into honey by drying it and adding enzymes.") == 0.0
+    assert repeated_ngram_rate("Mars.") == 0.0  # fewer than 4 words: nothing to repeat
+    assert repeated_ngram_rate("a b c d a b c d") == pytest.approx(1 / 5)  # 5 4-grams, 1 repeated
+
+
 @pytest.mark.parametrize(
     ("name", "expected"),
     [
@@ -469,8 +479,13 @@ def test_registered_model_answers_exactly_as_the_predict_stage(stage_dir, mlflow
                                  config.evaluate.batch_size)
     predict.main(["--models", name])
     expected = pd.read_parquet(f"reports/predictions/{name}.parquet")["answer"].tolist()
-    served = mlflow.pyfunc.load_model(info.model_uri).predict(QUESTIONS)
+    loaded = mlflow.pyfunc.load_model(info.model_uri)
+    served = loaded.predict(QUESTIONS)
     assert served == expected
+    assert loaded.model_config["precision"] == precision  # served in the precision it was evaluated in
+    assert mlflow.get_run(info.run_id).data.tags["serve_precision"] == precision
+    recorded = json.loads(Path(f"reports/predictions/{name}.json").read_text())
+    assert recorded["precision"] == precision and recorded["decoding"] == loaded.model_config["decoding"]
     assert len(set(expected)) > 1 and all(expected)
     assert info.signature.inputs.to_dict() == [{"type": "string", "required": True}]
 
