@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import time
@@ -97,6 +98,18 @@ def default_attention() -> str:
     return "sdpa" if torch.cuda.is_available() else "eager"
 
 
+def _not_the_int8_cast_warning(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast")
+
+
+def quiet_int8_cast_warning() -> None:
+    """bitsandbytes logs that it casts bf16 inputs to fp16 on every 8-bit matmul (thousands of
+    lines per evaluated model); the cast is how LLM.int8() works, not a problem to report."""
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if _not_the_int8_cast_warning not in logger.filters:
+        logger.addFilter(_not_the_int8_cast_warning)
+
+
 def load_base_model(base_dir: str | Path, precision: str, int8_threshold: float = 6.0,
                     attn_implementation: str | None = None):
     """The base model in `precision`: bf16, fp32, or bitsandbytes 8-bit with lm_head kept in bf16.
@@ -114,6 +127,7 @@ def load_base_model(base_dir: str | Path, precision: str, int8_threshold: float 
         "attn_implementation": attn_implementation or default_attention(),
     }
     if precision == "int8":
+        quiet_int8_cast_warning()
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_8bit=True, llm_int8_threshold=int8_threshold, llm_int8_skip_modules=["lm_head"]
         )
