@@ -554,7 +554,7 @@ def main(argv: list[str] | None = None) -> None:
           + (f"; MLflow run {run_id}" if run_id else ""))
     for row in summary_rows(records, not_run):
         print(f"report:   {row['Model']:<40} {row['% conversational responses']:>8} % conversational, similarity "
-              f"{row['Similarity']}, {row['% ended turn']}% ended turn, repetition {row['repetition']}")
+              f"{row['Similarity']}, % ended turn {row['% ended turn']}, repetition {row['repetition']}")
 
 
 if __name__ == "__main__":
