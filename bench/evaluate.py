@@ -1,13 +1,13 @@
-"""Benchmark of the evaluate stage on SmolLM2-135M-Instruct (models/base), CPU, in one run.
+"""Benchmark of the predict stage's inference path (pipeline.core.modeling) on models/base, in one run.
 
-1. Greedy generation tokens/s, batched (left padding, length-sorted batches: what the stage
-   does) versus one question at a time, on the same kind of questions. Goal: >= 5x.
-2. The cost of switching LoRA adapters on a loaded base (load_adapter + set_adapter +
-   delete_adapter: what the stage does) versus reloading base + adapter from disk per model.
-3. Optionally (--dtypes) the same batched generation in bfloat16, to back evaluate.dtype=auto.
+1. Generation tokens/s under a decoding policy, batched (left padding, length-sorted batches:
+   what the stage and the registered model do) versus one question at a time. Goal: >= 5x.
+2. The cost of switching LoRA adapters on a loaded base (AdapterSwitcher: what the stage does)
+   versus reloading base + adapter from disk per model (what a fresh pyfunc load does).
+3. Per precision (--precisions bf16,fp32,int8): the precisions adapters are evaluated and served in.
 
     .venv/bin/python bench/evaluate.py                      # ~3-5 minutes on 2 idle cores
-    .venv/bin/python bench/evaluate.py --batch-size 8 --max-new-tokens 128 --dtypes float32,bfloat16
+    .venv/bin/python bench/evaluate.py --batch-size 8 --max-new-tokens 128 --precisions bf16,fp32,int8
 
 Tokens counted are the kept answer tokens (up to the end of turn), so a batch that keeps
 computing for already-finished rows is charged for that waste. Wall and CPU seconds are both
@@ -29,8 +29,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline import evaluate  # noqa: E402
+from pipeline.core import modeling  # noqa: E402
 from pipeline.core.config import BASE_MODEL_DIR  # noqa: E402
+from pipeline.core.modeling import DecodingPolicy  # noqa: E402
 
 QUESTIONS = [
     "Why did the Roman Empire split into an eastern and a western half?",
@@ -59,15 +60,13 @@ def timed(function, *args, **kwargs):
     return result, time.perf_counter() - wall, time.process_time() - cpu
 
 
-def bench_generation(model, tokenizer, system_prompt, questions, batch_size, single, max_new_tokens) -> dict:
+def bench_generation(model, tokenizer, system_prompt, questions, batch_size, single, policy: DecodingPolicy) -> dict:
     """Batched vs one-at-a-time tokens/s on the same model."""
-    stop_ids = evaluate.end_of_turn_ids(tokenizer, model.generation_config)
-    prompts = evaluate.build_prompts(tokenizer, system_prompt, questions)
-    evaluate.generate_answers(model, tokenizer, prompts[:1], stop_ids, 4, 1)  # warm-up
-    one, one_wall, one_cpu = timed(evaluate.generate_answers, model, tokenizer, prompts[:single], stop_ids, max_new_tokens, 1)
-    many, many_wall, many_cpu = timed(
-        evaluate.generate_answers, model, tokenizer, prompts, stop_ids, max_new_tokens, batch_size
-    )
+    stop_ids = modeling.end_of_turn_ids(tokenizer, model.generation_config)
+    prompts = modeling.build_prompts(tokenizer, system_prompt, questions)
+    modeling.generate_answers(model, tokenizer, prompts[:1], stop_ids, DecodingPolicy.greedy(4), 1)  # warm-up
+    one, one_wall, one_cpu = timed(modeling.generate_answers, model, tokenizer, prompts[:single], stop_ids, policy, 1)
+    many, many_wall, many_cpu = timed(modeling.generate_answers, model, tokenizer, prompts, stop_ids, policy, batch_size)
     return {
         "single_tokens": sum(one.n_tokens), "single_wall": one_wall, "single_cpu": one_cpu,
         "single_tps": sum(one.n_tokens) / one_wall,
@@ -96,12 +95,10 @@ def make_adapters(base_dir: Path, folder: Path, count: int, r: int) -> list[Path
     return paths
 
 
-def bench_switching(base_dir: Path, adapters: list[Path], dtype: str, rounds: int) -> dict:
+def bench_switching(base_dir: Path, adapters: list[Path], precision: str, rounds: int) -> dict:
     """Seconds per adapter switch on a loaded base vs per reload of base + adapter."""
-    from peft import PeftModel
-
-    model, _ = evaluate.load_base(base_dir, dtype)
-    switcher = evaluate.AdapterSwitcher(model)
+    model, _ = modeling.load_for_inference(base_dir, precision)
+    switcher = modeling.AdapterSwitcher(model, precision)
     switcher.load(adapters[0].name, adapters[0])
     switches = []
     for index in range(rounds):
@@ -113,8 +110,7 @@ def bench_switching(base_dir: Path, adapters: list[Path], dtype: str, rounds: in
         adapter = adapters[index % len(adapters)]
 
         def reload(adapter=adapter):
-            fresh, _ = evaluate.load_base(base_dir, dtype)
-            return PeftModel.from_pretrained(fresh, str(adapter)).eval()
+            return modeling.load_adapter_model(base_dir, adapter, precision)
 
         _, wall, _ = timed(reload)
         reloads.append(wall)
@@ -128,7 +124,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--questions", type=int, default=16, help="questions for the batched run")
     parser.add_argument("--single", type=int, default=4, help="questions answered one at a time")
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--dtypes", default="float32", help="comma-separated: float32,bfloat16")
+    parser.add_argument("--precisions", default="bf16", help="comma-separated: bf16,fp32,int8")
+    parser.add_argument("--no-repeat-ngram-size", type=int, default=0, help="decoding policy knob (0: plain greedy)")
     parser.add_argument("--lora-r", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=6, help="adapter switches timed")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice, one per core); "
@@ -149,12 +146,14 @@ def main(argv=None) -> None:
     questions = (QUESTIONS * (args.questions // len(QUESTIONS) + 1))[: args.questions]
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), load average {os.getloadavg()[0]:.1f}, {time.strftime('%Y-%m-%d')}")
-    for dtype in args.dtypes.split(","):
-        model, tokenizer = evaluate.load_base(args.base, dtype)
+    policy = DecodingPolicy(no_repeat_ngram_size=args.no_repeat_ngram_size, max_new_tokens=args.max_new_tokens)
+    print(f"decoding: {policy.describe()}")
+    for precision in args.precisions.split(","):
+        model, tokenizer = modeling.load_for_inference(args.base, precision)
         result = bench_generation(model, tokenizer, CONCISE_SYSTEM_PROMPT, questions, args.batch_size, args.single,
-                                  args.max_new_tokens)
+                                  policy)
         print(
-            f"generation {dtype}: one at a time {result['single_tps']:.1f} tokens/s "
+            f"generation {precision}: one at a time {result['single_tps']:.1f} tokens/s "
             f"({result['single_tokens']} tokens, {result['single_wall']:.1f} s wall, {result['single_cpu']:.1f} s CPU); "
             f"batch {args.batch_size}: {result['batched_tps']:.1f} tokens/s ({result['batched_tokens']} tokens, "
             f"{result['batched_wall']:.1f} s wall, {result['batched_cpu']:.1f} s CPU, {result['stopped_pct']:.0f}% ended "
@@ -165,7 +164,7 @@ def main(argv=None) -> None:
     folder = Path(tempfile.mkdtemp(prefix="bench_evaluate_"))
     try:
         adapters = make_adapters(args.base, folder, 2, args.lora_r)
-        switching = bench_switching(args.base, adapters, args.dtypes.split(",")[0], args.rounds)
+        switching = bench_switching(args.base, adapters, args.precisions.split(",")[0], args.rounds)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     print(f"adapters (r={args.lora_r}, q/k/v): switch on a loaded base {1000 * switching['switch_s']:.0f} ms, "

@@ -1,12 +1,15 @@
 """Stage `report`: the paper's results, in the paper's shapes, from the per-model metrics files.
 
-Reads metrics/eval/*.json (written by `evaluate`, one per model; see pipeline.core.evalmetrics for
+Reads metrics/eval/*.json (written by `score`, one per model; see pipeline.core.evalmetrics for
 the record) and, when the OpenAI arm has run, metrics/openai/*.json, and writes:
 
 - reports/results.md: the first table of appendix A.6 (base vs best fine-tuned % conversational
   per model family) and Table A.6 itself (model, data type, LoRA r, learning rate, training
   samples, % conversational, similarity; base rows have 0 training samples), plus the bootstrap
-  interval, mean Flesch and answer length. OpenAI models show as "not run" when
+  interval, mean Flesch and answer length, and degeneration: % of answers that ended their turn
+  and the repetition rate (share of repeated 4-grams). Below them, the decoding ablation (each
+  model under plain greedy and under the policy, on the first `evaluate.ablation_limit`
+  questions) when the score stage recorded one. OpenAI models show as "not run" when
   `openai.enabled` is false (or their metrics are missing).
 - reports/figures/*.png in the shape of Figures 2-4: base vs fine-tuned bars (with 95% bootstrap
   intervals); % conversational vs training samples, one line per learning rate, one panel per
@@ -31,6 +34,8 @@ from typing import TYPE_CHECKING, Any
 from pipeline.core.config import METRICS_DIR, REPORTS_DIR, OpenAIConfig, load_config
 from pipeline.core.contracts import openai_family
 from pipeline.core.errors import TonetuneError, exit_on_user_error
+from pipeline.core.modeling import DecodingPolicy
+from pipeline.core.tracking import code_version_tags, configure_mlflow
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -177,6 +182,8 @@ def results_rows(records: Sequence[dict[str, Any]], not_run: Sequence[str], open
                 "% conversational responses": _fmt(record.get("pct_conversational"), 1),
                 "95% CI": _fmt_interval(record.get("pct_conversational_ci_low"), record.get("pct_conversational_ci_high")),
                 "Similarity prediction & correct answer": _fmt(record.get("similarity_mean"), 3),
+                "% ended turn": _fmt(record.get("stopped_pct"), 1, missing="-"),
+                "repetition": _fmt(record.get("repetition_rate"), 3, missing="-"),
                 "Mean Flesch": _fmt(record.get("flesch_mean"), 1),
                 "Mean words": _fmt(record.get("answer_words_mean"), 0),
                 "Run": str(record["model"]),
@@ -186,7 +193,8 @@ def results_rows(records: Sequence[dict[str, Any]], not_run: Sequence[str], open
             rows.append({
                 "Model": family, "Data type": UNKNOWN, "LoRA r": UNKNOWN, "Learning rate": UNKNOWN,
                 "Training samples": str(n_train), "% conversational responses": NOT_RUN, "95% CI": "-",
-                "Similarity prediction & correct answer": NOT_RUN, "Mean Flesch": "-", "Mean words": "-", "Run": "-",
+                "Similarity prediction & correct answer": NOT_RUN, "% ended turn": "-", "repetition": "-",
+                "Mean Flesch": "-", "Mean words": "-", "Run": "-",
             })
     return rows
 
@@ -202,12 +210,52 @@ def summary_rows(records: Sequence[dict[str, Any]], not_run: Sequence[str]) -> l
                 "Model": f"{family} {label}",
                 "% conversational responses": _fmt(record.get("pct_conversational"), 1),
                 "Similarity": _fmt(record.get("similarity_mean"), 3),
+                "% ended turn": _fmt(record.get("stopped_pct"), 1, missing="-"),
+                "repetition": _fmt(record.get("repetition_rate"), 3, missing="-"),
                 "Run": str(record["model"]),
             })
     for family in not_run:
         for label in ("base", "finetuned"):
-            rows.append({"Model": f"{family} {label}", "% conversational responses": NOT_RUN, "Similarity": NOT_RUN, "Run": "-"})
+            rows.append({"Model": f"{family} {label}", "% conversational responses": NOT_RUN, "Similarity": NOT_RUN,
+                         "% ended turn": "-", "repetition": "-", "Run": "-"})
     return rows
+
+
+ABLATION_COLUMNS = (
+    ("% conversational", "pct_conversational", 1),
+    ("similarity", "similarity_mean", 3),
+    ("% ended turn", "stopped_pct", 1),
+    ("repetition", "repetition_rate", 3),
+)
+
+
+def ablation_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
+    """The decoding ablation (score stage keys `ablation_greedy_*` / `ablation_policy_*`): each
+    model under plain greedy and under the policy, on the same questions, side by side."""
+    rows = []
+    for record in sorted((r for r in records if r.get("ablation_n_eval")), key=_sort_key):
+        row = {"Run": str(record["model"]), "Questions": _fmt(record.get("ablation_n_eval"), 0)}
+        for label, key, digits in ABLATION_COLUMNS:
+            row[f"{label} greedy"] = _fmt(record.get(f"ablation_greedy_{key}"), digits, missing="-")
+            row[f"{label} policy"] = _fmt(record.get(f"ablation_policy_{key}"), digits, missing="-")
+        rows.append(row)
+    return rows
+
+
+def ablation_section(records: Sequence[dict[str, Any]], decoding: str | None) -> str:
+    """## Decoding ablation, or nothing when the score stage recorded none."""
+    rows = ablation_rows(records)
+    if not rows:
+        return ""
+    return (
+        "\n## Decoding ablation\n\n"
+        f"Every model under plain greedy decoding and under the evaluation's policy ({decoding or 'see params.yaml'}), "
+        "on the same validation questions: the first `evaluate.ablation_limit` of them (a subset, to keep the demo "
+        "short), so these figures differ from the tables above, which use every question. "
+        "% ended turn: answers that ended their turn before the token cap; repetition: mean share of repeated "
+        "word 4-grams per answer.\n\n"
+        + markdown_table(rows)
+    )
 
 
 def markdown_table(rows: Sequence[dict[str, str]]) -> str:
@@ -215,13 +263,15 @@ def markdown_table(rows: Sequence[dict[str, str]]) -> str:
     if not rows:
         return "_no models evaluated_\n"
     headers = list(rows[0])
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" if h in ("Model", "Run", "Data type") else "---:" for h in headers) + "|"]
+    lines = ["| " + " | ".join(headers) + " |",
+             "|" + "|".join("---" if h in ("Model", "Run", "Data type") else "---:" for h in headers) + "|"]
     lines += ["| " + " | ".join(row[h] for h in headers) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
 def render_results(
-    records: Sequence[dict[str, Any]], not_run: Sequence[str], openai: OpenAIConfig, threshold: float
+    records: Sequence[dict[str, Any]], not_run: Sequence[str], openai: OpenAIConfig, threshold: float,
+    decoding: str | None = None,
 ) -> str:
     """The whole of reports/results.md."""
     evaluated = sorted({r.get("n_eval") for r in records if r.get("n_eval")})
@@ -232,12 +282,16 @@ def render_results(
         f"Flesch reading ease is >= {threshold:g}. Base models answer with the paper's verbose system prompt, "
         "fine-tuned models with the concise one (appendix A.5). Similarity: mean cosine between the embeddings "
         f"of the answer and the reference answer. Validation questions per model: {', '.join(map(str, evaluated)) or '-'}. "
-        "95% CI: percentile bootstrap of % conversational.\n\n"
+        "95% CI: percentile bootstrap of % conversational. "
+        f"Decoding, the same for every model: {decoding or 'see params.yaml evaluate.decoding'}. "
+        "% ended turn: answers that ended their turn before the token cap (the rest ran to it); repetition: "
+        "mean share of repeated word 4-grams per answer (a looping answer scores near 1).\n\n"
         "## Base vs best fine-tuned model\n\n"
         + markdown_table(summary_rows(records, not_run))
         + "\n## All models\n\n"
         + markdown_table(results_rows(records, not_run, openai))
         + (f"\nOpenAI models marked {NOT_RUN!r}: `openai.enabled` is false or their metrics are missing.\n" if not_run else "")
+        + ablation_section(records, decoding)
         + "\n## Figures\n\n"
         + figures
         + "\n"
@@ -455,8 +509,6 @@ def log_report(paths: Sequence[Path], records: Sequence[dict[str, Any]], trackin
     """One MLflow run `report` with results.md, the figures and the plot data; returns its id."""
     import mlflow
 
-    from pipeline.core.tracking import code_version_tags, configure_mlflow
-
     configure_mlflow(tracking)
     with mlflow.start_run(run_name="report") as run:
         mlflow.set_tags({"stage": "report", **code_version_tags()})
@@ -489,18 +541,20 @@ def main(argv: list[str] | None = None) -> None:
     config = load_config()
     records = load_records()
     if not records:
-        raise TonetuneError(f"no metrics in {', '.join(map(str, METRICS_DIRS))} (run `dvc repro evaluate` first)")
+        raise TonetuneError(f"no metrics in {', '.join(map(str, METRICS_DIRS))} (run `dvc repro score` first)")
     not_run = not_run_openai_families(records, config.openai)
     threshold = config.evaluate.conversational_threshold
     RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS_PATH.write_text(render_results(records, not_run, config.openai, threshold))
+    decoding = DecodingPolicy.for_evaluation(config.evaluate).describe()
+    RESULTS_PATH.write_text(render_results(records, not_run, config.openai, threshold, decoding))
     lines, bars = lora_points(records), bar_points(records, not_run)
     paths = [RESULTS_PATH, *write_plot_data(lines, bars), *make_figures(lines, bars, threshold)]
     run_id = None if args.no_mlflow else log_report(paths, records, config.tracking)
     print(f"report: {len(records)} model(s) -> {RESULTS_PATH}, {len(FIGURE_FILES)} figures in {FIGURES_DIR}"
           + (f"; MLflow run {run_id}" if run_id else ""))
     for row in summary_rows(records, not_run):
-        print(f"report:   {row['Model']:<40} {row['% conversational responses']:>8} % conversational, similarity {row['Similarity']}")
+        print(f"report:   {row['Model']:<40} {row['% conversational responses']:>8} % conversational, similarity "
+              f"{row['Similarity']}, % ended turn {row['% ended turn']}, repetition {row['repetition']}")
 
 
 if __name__ == "__main__":

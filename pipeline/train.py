@@ -24,7 +24,8 @@ Tracking: one MLflow run per grid point named like the adapter, tagged `grid=<id
 under a `train-grid-<id>` parent run (same id for every point trained with one recipe), with the
 paper's params, per-step `train_loss`/`learning_rate`/`grad_norm`, tokens/s, peak memory, wall
 time, the train and val splits as dataset inputs (with their DVC md5), and the adapter logged
-as a pyfunc model (registry.model.ConversationalAdapterModel; base referenced by path + hash).
+as a pyfunc model (pipeline.core.servable: base referenced by path + hash, served in the
+precision it was trained and evaluated in, with the evaluation's decoding policy).
 
 Resuming: checkpoints go to `models/.checkpoints/<run-name>/` (outside every DVC output, and
 outside models/adapters, which evaluate scans) every `save_steps` optimizer steps, next to a
@@ -32,7 +33,8 @@ fingerprint of everything that defines the run. A re-run with the same fingerpri
 the newest checkpoint and continues the same MLflow run; a different one starts over. The
 checkpoints are deleted once the adapter is saved and logged.
 
-Not here: evaluation (pipeline.evaluate), registration (registry).
+Not here: loading and answering (pipeline.core.modeling), evaluation (pipeline.predict,
+pipeline.score), registration (registry).
 """
 
 from __future__ import annotations
@@ -60,14 +62,26 @@ from pipeline.core.config import (
     train_split_path,
 )
 from pipeline.core.contracts import ADAPTER_METADATA_FILE, GridPoint, format_learning_rate
+from pipeline.core.dvcmeta import file_md5
 from pipeline.core.errors import TonetuneError, exit_on_user_error
+from pipeline.core.modeling import (
+    PRECISIONS,
+    DecodingPolicy,
+    adapter_dtype,
+    base_model_reference,
+    cast_adapter_weights,
+    load_base_model,
+    require_bitsandbytes,
+)
+from pipeline.core.servable import log_adapter_model
 from pipeline.core.system_prompts import CONCISE_SYSTEM_PROMPT, chat_messages
+from pipeline.core.tables import read_table
+from pipeline.core.tracking import code_version_tags, configure_mlflow, log_dataset_input
 
 if TYPE_CHECKING:
     import datasets
     import pandas as pd
 
-PRECISIONS = ("bf16", "fp32", "int8")
 REQUIRED_COLUMNS = ("question", "answer")
 CHECKPOINTS_DIRNAME = ".checkpoints"
 CHECKPOINT_STATE_FILE = "tonetune_checkpoint.json"
@@ -115,18 +129,6 @@ class TrainPaths:
         )
 
 
-def require_bitsandbytes() -> None:
-    """int8 needs bitsandbytes importable (>= 0.45 on H100/H200); say so in one line."""
-    try:
-        import bitsandbytes  # noqa: F401
-    except Exception as error:  # ImportError, or a broken install failing at import
-        message = " ".join(str(error).split()) or type(error).__name__
-        raise TonetuneError(
-            f"--precision int8 needs bitsandbytes, which cannot be imported ({message}); "
-            "install bitsandbytes>=0.45 or train in bf16/fp32"
-        ) from None
-
-
 def check_inputs(point: GridPoint, paths: TrainPaths) -> None:
     """Every input exists (and int8 can run) before the model is loaded."""
     if not paths.train_split.is_file():
@@ -145,8 +147,6 @@ def check_inputs(point: GridPoint, paths: TrainPaths) -> None:
 # --------------------------------------------------------------------------- data
 def read_split(path: Path, expected_rows: int | None = None) -> pd.DataFrame:
     """A split parquet with non-empty `question` and `answer` columns (and `expected_rows` rows)."""
-    from pipeline.core.tables import read_table
-
     frame = read_table(path, REQUIRED_COLUMNS, "run the split stage first (dvc repro split)")
     if frame.empty:
         raise TonetuneError(f"{path}: no rows")
@@ -214,47 +214,6 @@ def sequence_stats(tokenizer, examples: datasets.Dataset, max_seq_length: int) -
 
 
 # --------------------------------------------------------------------------- model
-def adapter_dtype(precision: str):
-    """LoRA weights: fp32 for an fp32 run, bf16 otherwise (paper: adapters in bfloat16)."""
-    import torch
-
-    return torch.float32 if precision == "fp32" else torch.bfloat16
-
-
-def default_attention() -> str:
-    """`eager` on CPU, `sdpa` on CUDA.
-
-    For these short sequences (~130 tokens) torch's CPU flash-attention kernel is slower than
-    plain matmul + softmax: eager made a whole SmolLM2 training step ~15% cheaper in CPU time
-    (BENCHMARKS.md "## train"); on a GPU, sdpa is the fast path.
-    """
-    import torch
-
-    return "sdpa" if torch.cuda.is_available() else "eager"
-
-
-def load_base_model(base_dir: Path, precision: str, int8_threshold: float = 6.0, attn_implementation: str | None = None):
-    """The base model in `precision`: bf16, fp32, or bitsandbytes 8-bit with lm_head kept in bf16.
-
-    No prepare_model_for_kbit_training: it would upcast lm_head and the norms to fp32 and turn
-    gradient checkpointing on, neither of which the paper did.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    kwargs: dict[str, Any] = {
-        "dtype": torch.float32 if precision == "fp32" else torch.bfloat16,
-        "attn_implementation": attn_implementation or default_attention(),
-    }
-    if precision == "int8":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_8bit=True, llm_int8_threshold=int8_threshold, llm_int8_skip_modules=["lm_head"]
-        )
-        if torch.cuda.is_available():
-            kwargs["device_map"] = {"": torch.cuda.current_device()}
-    return AutoModelForCausalLM.from_pretrained(str(base_dir), **kwargs)
-
-
 def lora_config(lora_r: int, config: TrainConfig):
     """The paper's LoRA: q/k/v, alpha = r, dropout 0.2, only LoRA biases trained."""
     from peft import LoraConfig
@@ -273,8 +232,6 @@ def attach_lora(model, lora_r: int, config: TrainConfig, precision: str):
     """Wrap the base in a PeftModel whose adapter weights are in the precision's adapter dtype."""
     import torch
     from peft import get_peft_model
-
-    from registry.model import cast_adapter_weights
 
     torch.manual_seed(config.seed)  # LoRA A is initialised randomly
     peft_model = get_peft_model(model, lora_config(lora_r, config), autocast_adapter_dtype=False)
@@ -652,8 +609,6 @@ def start_tracking(config: Config, point: GridPoint, resume: ResumeState):
     """Start (or re-open, when resuming) the grid point's MLflow run under its grid parent."""
     import mlflow
 
-    from pipeline.core.tracking import code_version_tags, configure_mlflow
-
     experiment_id = configure_mlflow(config.tracking)
     if resume.mlflow_run_id:
         try:
@@ -711,9 +666,6 @@ def prepare_run(point: GridPoint, config: TrainConfig, paths: TrainPaths) -> Pre
     """Read and check the splits, tokenizer lengths, step count, hashes and the run fingerprint."""
     from transformers import AutoTokenizer
 
-    from pipeline.core.dvcmeta import file_md5
-    from registry.model import base_model_reference
-
     train_frame = read_split(paths.train_split, point.n_train)
     val_frame = read_split(paths.val_split)
     tokenizer = AutoTokenizer.from_pretrained(str(paths.base_dir))
@@ -731,8 +683,6 @@ def prepare_run(point: GridPoint, config: TrainConfig, paths: TrainPaths) -> Pre
 def record_run_inputs(point: GridPoint, config: TrainConfig, prepared: PreparedRun, paths: TrainPaths) -> None:
     """Params and dataset inputs of a new run (a resumed run has them already)."""
     import mlflow
-
-    from pipeline.core.tracking import log_dataset_input
 
     mlflow.log_params(run_params(point, config, prepared.base_reference, prepared.stats, prepared.total_steps,
                                  prepared.train_md5, prepared.val_md5))
@@ -788,8 +738,7 @@ def training_metrics(fitted: FitResult) -> dict[str, float]:
 def publish_adapter(point: GridPoint, config: Config, prepared: PreparedRun, paths: TrainPaths, fitted: FitResult,
                     run_id: str):
     """Save the adapter folder (the DVC output) and log it as the run's pyfunc model."""
-    from registry.model import log_adapter_model
-
+    policy = DecodingPolicy.for_evaluation(config.evaluate)
     metadata = {
         "run_name": point.name,
         "precision": point.precision,
@@ -801,11 +750,14 @@ def publish_adapter(point: GridPoint, config: Config, prepared: PreparedRun, pat
         "base_model": prepared.base_reference,
         "system_prompt": CONCISE_SYSTEM_PROMPT,
         "train_dataset_md5": prepared.train_md5,
+        "serve_precision": point.precision,
+        "decoding": policy.to_dict(),
+        "batch_size": config.evaluate.batch_size,
     }
     save_adapter(fitted.trainer.model, prepared.tokenizer, paths, metadata)
     return log_adapter_model(
-        paths.adapter_dir, prepared.base_reference, point.precision,
-        max_new_tokens=config.evaluate.max_new_tokens, int8_threshold=config.train.int8_threshold,
+        paths.adapter_dir, prepared.base_reference, point.precision, policy, config.evaluate.batch_size,
+        int8_threshold=config.train.int8_threshold,
     )
 
 

@@ -23,7 +23,7 @@ from tests.conftest import REPO_ROOT
 
 VENV_BIN = Path(sys.executable).parent
 FOUNDATION_STAGES = ("source", "base_model")
-MLPROJECT_STAGES = ("source", "base_model", "generate", "validate", "split", "train", "evaluate", "report", "promote")
+MLPROJECT_STAGES = ("source", "base_model", "generate", "validate", "split", "train", "predict", "score", "report", "promote")
 
 
 def tool_env(**extra: str) -> dict[str, str]:

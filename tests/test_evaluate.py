@@ -1,5 +1,7 @@
-"""Stage `evaluate`: batched greedy generation, end-of-turn stopping, adapter switching, and the
-whole stage on a tiny model (predictions, metrics files, MLflow runs).
+"""The evaluation (stages `predict` + `score`) and the inference path it shares with serving
+(pipeline.core.modeling): batched generation under the decoding policy, end-of-turn stopping,
+adapter switching, the stages on a tiny model (predictions, metrics files, MLflow runs), and the
+registered pyfunc answering exactly as the predict stage did.
 
 The tiny models share SmolLM2's real tokenizer and chat template (conftest.tiny_llama_dir), so
 stop ids are derived from the same template the demo uses.
@@ -13,8 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import evaluate
+from pipeline import predict, score
+from pipeline.core import adapterinfo, modeling
 from pipeline.core.errors import TonetuneError
+from pipeline.core.modeling import DecodingPolicy
 
 QUESTIONS = [
     "Why is the sky blue?",
@@ -94,7 +98,7 @@ def save_random_adapter(tiny_llama_dir, folder: Path, seed: int, r: int = 4, bia
 
 def test_length_sorted_batches_cover_every_index_once_longest_first():
     lengths = [5, 9, 1, 9, 3, 7, 2]
-    batches = evaluate.length_sorted_batches(lengths, 3)
+    batches = modeling.length_sorted_batches(lengths, 3)
     assert batches == [[1, 3, 5], [0, 4, 6], [2]]
     assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
 
@@ -104,7 +108,17 @@ def test_length_sorted_batches_cover_every_index_once_longest_first():
     [([5, 6, 2, 7, 8], ([5, 6], True)), ([5, 6, 7], ([5, 6, 7], False)), ([2], ([], True)), ([5, 0, 2], ([5], True))],
 )
 def test_cut_at_stop_keeps_only_tokens_before_the_first_stop(tokens, expected):
-    assert evaluate.cut_at_stop(tokens, [2, 0]) == expected
+    assert modeling.cut_at_stop(tokens, [2, 0]) == expected
+
+
+def test_a_looping_answer_is_counted_by_the_repetition_metric():
+    from pipeline.core.textmetrics import repeated_ngram_rate
+
+    loop = "He was also a teacher of the school of Sharia, which is the Islamic law. " * 6
+    assert repeated_ngram_rate(loop) > 0.75  # 6 copies: 5 of every 6 sentences' 4-grams repeat
+    assert repeated_ngram_rate("Bees turn nectar into honey by drying it and adding enzymes.") == 0.0
+    assert repeated_ngram_rate("Mars.") == 0.0  # fewer than 4 words: nothing to repeat
+    assert repeated_ngram_rate("a b c d a b c d") == pytest.approx(1 / 5)  # 5 4-grams, 1 repeated
 
 
 @pytest.mark.parametrize(
@@ -118,7 +132,7 @@ def test_cut_at_stop_keeps_only_tokens_before_the_first_stop(tokens, expected):
 def test_adapter_metadata_from_folder_name(tmp_path, name, expected):
     folder = tmp_path / name
     folder.mkdir()
-    metadata = evaluate.adapter_metadata(folder)
+    metadata = adapterinfo.adapter_metadata(folder)
     assert {key: metadata[key] for key in expected} == expected
 
 
@@ -126,10 +140,10 @@ def test_adapter_metadata_prefers_training_run_params_over_files(tmp_path):
     folder = tmp_path / "lora-int8-r32-lr0.001-n150"
     folder.mkdir()
     (folder / "adapter_config.json").write_text(json.dumps({"r": 16, "lora_alpha": 16}))
-    from_files = evaluate.adapter_metadata(folder)
+    from_files = adapterinfo.adapter_metadata(folder)
     assert from_files["lora_r"] == 16 and from_files["lora_alpha"] == 16  # adapter_config beats the name
     params = {"precision": "bf16", "lora_r": "48", "lora_alpha": "48", "learning_rate": "0.0002", "n_train": "100"}
-    assert evaluate.adapter_metadata(folder, params) == {
+    assert adapterinfo.adapter_metadata(folder, params) == {
         "precision": "bf16", "lora_r": 48, "lora_alpha": 48, "learning_rate": 0.0002, "n_train": 100
     }
 
@@ -143,7 +157,7 @@ def test_end_of_turn_comes_from_the_chat_template_not_only_eos(tokenizer):
     # Llama-3-style mismatch): the chat template still says the turn ends with <|im_end|>.
     tok = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
     tok.eos_token = "<|endoftext|>"
-    ids = evaluate.end_of_turn_ids(tok, GenerationConfig(eos_token_id=endoftext))
+    ids = modeling.end_of_turn_ids(tok, GenerationConfig(eos_token_id=endoftext))
     assert ids[0] == im_end
     assert endoftext in ids
 
@@ -153,10 +167,10 @@ def test_end_of_turn_comes_from_the_chat_template_not_only_eos(tokenizer):
 
 def test_batched_greedy_answers_equal_one_at_a_time(chatty_llama_dir, tokenizer):
     model = load_tiny(chatty_llama_dir)
-    prompts = evaluate.build_prompts(tokenizer, SYSTEM_PROMPT, QUESTIONS)
-    stop_ids = evaluate.end_of_turn_ids(tokenizer, model.generation_config)
-    batched = evaluate.generate_answers(model, tokenizer, prompts, stop_ids, max_new_tokens=12, batch_size=3)
-    single = evaluate.generate_answers(model, tokenizer, prompts, stop_ids, max_new_tokens=12, batch_size=1)
+    prompts = modeling.build_prompts(tokenizer, SYSTEM_PROMPT, QUESTIONS)
+    stop_ids = modeling.end_of_turn_ids(tokenizer, model.generation_config)
+    batched = modeling.generate_answers(model, tokenizer, prompts, stop_ids, DecodingPolicy.greedy(12), batch_size=3)
+    single = modeling.generate_answers(model, tokenizer, prompts, stop_ids, DecodingPolicy.greedy(12), batch_size=1)
     assert batched.answers == single.answers
     assert batched.n_tokens == single.n_tokens
     assert all(batched.answers) and len(set(batched.answers)) > 1  # real, question-dependent text
@@ -190,26 +204,22 @@ def test_adapters_switch_on_one_base_and_match_a_fresh_load(chatty_llama_dir, bi
 
     adapter_a = save_random_adapter(tiny_llama_dir, tmp_path / "lora-bf16-r4-lr0.001-n10", seed=1, bias=bias)
     adapter_b = save_random_adapter(tiny_llama_dir, tmp_path / "lora-int8-r8-lr0.0002-n20", seed=2, r=8, bias=bias)
-    prompts = evaluate.build_prompts(tokenizer, SYSTEM_PROMPT, QUESTIONS[:4])
+    prompts = modeling.build_prompts(tokenizer, SYSTEM_PROMPT, QUESTIONS[:4])
     base = load_tiny(tiny_llama_dir)
-    stop_ids = evaluate.end_of_turn_ids(tokenizer, base.generation_config)
+    stop_ids = modeling.end_of_turn_ids(tokenizer, base.generation_config)
 
     def answers(model, batch_size=4):
-        return evaluate.generate_answers(model, tokenizer, prompts, stop_ids, 10, batch_size).answers
+        return modeling.generate_answers(model, tokenizer, prompts, stop_ids, DecodingPolicy.greedy(10), batch_size).answers
 
     def fresh(adapter):
         return answers(PeftModel.from_pretrained(load_tiny(tiny_llama_dir), str(adapter)).eval(), batch_size=1)
 
     base_answers = answers(base)
-    switcher = evaluate.AdapterSwitcher(base)
-    specs = {
-        "a": evaluate.ModelSpec(adapter_a.name, "lora", "concise", "", adapter_dir=adapter_a),
-        "b": evaluate.ModelSpec(adapter_b.name, "lora", "concise", "", adapter_dir=adapter_b),
-        "base": evaluate.ModelSpec("base", "base", "verbose", ""),
-    }
+    switcher = modeling.AdapterSwitcher(base, "fp32")
+    specs = {"a": (adapter_a.name, adapter_a), "b": (adapter_b.name, adapter_b), "base": ("base", None)}
     seen = {}
     for key in ["a", "b", "base", "a", "b"]:
-        with switcher.activate(specs[key]) as model:
+        with switcher.activate(*specs[key]) as model:
             seen.setdefault(key, []).append(answers(model))
     assert seen["a"][0] != base_answers and seen["b"][0] != seen["a"][0]
     assert seen["a"][0] == fresh(adapter_a)  # batched on the shared base == one at a time, fresh load
@@ -248,7 +258,7 @@ def bigram_model(tokenizer, prompt_last_token: int, chain: list[int]):
 
 
 def test_generation_stops_at_the_end_of_the_assistant_turn(tokenizer):
-    prompts = evaluate.build_prompts(tokenizer, SYSTEM_PROMPT, ["Say hello.", "Please say hello to the whole wide world."])
+    prompts = modeling.build_prompts(tokenizer, SYSTEM_PROMPT, ["Say hello.", "Please say hello to the whole wide world."])
     last_tokens = {tokenizer(p, add_special_tokens=False)["input_ids"][-1] for p in prompts}
     assert len(last_tokens) == 1  # the generation prompt always ends the same way
     words = [tokenizer.convert_tokens_to_ids(t) for t in ["Hello", "Ġworld", "!"]]
@@ -257,13 +267,14 @@ def test_generation_stops_at_the_end_of_the_assistant_turn(tokenizer):
     assert tokenizer.unk_token_id not in [*words, leak]
     model = bigram_model(tokenizer, last_tokens.pop(), [*words, im_end, leak, leak, leak])
 
-    stop_ids = evaluate.end_of_turn_ids(tokenizer, model.generation_config)
-    result = evaluate.generate_answers(model, tokenizer, prompts, stop_ids, max_new_tokens=20, batch_size=2)
+    stop_ids = modeling.end_of_turn_ids(tokenizer, model.generation_config)
+    result = modeling.generate_answers(model, tokenizer, prompts, stop_ids, DecodingPolicy.greedy(20), batch_size=2)
     assert result.answers == ["Hello world!", "Hello world!"]
     assert result.n_tokens == [3, 3] and result.stopped == [True, True]
 
     # Control: stopping only at the model's eos (<|endoftext|>) runs past the end of the turn.
-    runaway = evaluate.generate_answers(model, tokenizer, prompts, [model.generation_config.eos_token_id], 20, 2)
+    runaway = modeling.generate_answers(model, tokenizer, prompts, [model.generation_config.eos_token_id],
+                                        DecodingPolicy.greedy(20), 2)
     assert runaway.answers[0].startswith("Hello world! After After")
     assert runaway.stopped == [False, False] and runaway.n_tokens == [20, 20]
 
@@ -296,7 +307,13 @@ def stage_dir(tmp_path, monkeypatch, chatty_llama_dir, write_params):
     return tmp_path
 
 
-def test_stage_writes_predictions_metrics_and_mlflow_runs(stage_dir, mlflow_uri, capsys):
+def run_stages(*predict_args: str) -> None:
+    """The evaluation as `dvc repro score` runs it: predict, then score."""
+    predict.main(list(predict_args))
+    score.main([])
+
+
+def test_stages_write_predictions_metrics_and_mlflow_runs(stage_dir, mlflow_uri, capsys):
     import mlflow
     import pandas as pd
 
@@ -312,50 +329,175 @@ def test_stage_writes_predictions_metrics_and_mlflow_runs(stage_dir, mlflow_uri,
     Path("models/adapters/lora-int8-r4-lr0.001-n10/tonetune_adapter.json").write_text(
         json.dumps({"mlflow_run_id": int8_run.info.run_id, "system_prompt": "Talk like a pirate."})
     )
+    client = mlflow.MlflowClient()
+    before = {run.info.run_id: client.get_run(run.info.run_id).info for run in (training_run, int8_run)}
 
-    evaluate.main([])
-    assert "skipping 1 adapter(s) not in train.grid" in capsys.readouterr().out
+    run_stages()
+    out = capsys.readouterr().out
+    assert "skipping 1 adapter(s) not in train.grid" in out
+    assert "decoding: greedy, no_repeat_ngram_size=4, max 6 tokens" in out
 
     names = {"base", "lora-bf16-r4-lr0.001-n10", "lora-int8-r4-lr0.001-n10"}
     assert {p.stem for p in Path("reports/predictions").glob("*.parquet")} == names
     assert {p.stem for p in Path("metrics/eval").glob("*.json")} == names
     predictions = pd.read_parquet("reports/predictions/lora-bf16-r4-lr0.001-n10.parquet")
-    assert list(predictions.columns[:6]) == ["id", "question", "reference", "answer", "flesch", "similarity"]
+    assert list(predictions.columns) == ["id", "question", "reference", "answer", "n_tokens", "stopped"]
     assert len(predictions) == 4  # evaluate.limit
+    scored = pd.read_parquet("reports/scores/lora-bf16-r4-lr0.001-n10.parquet")
+    assert scored["answer"].tolist() == predictions["answer"].tolist()
     record = json.loads(Path("metrics/eval/lora-bf16-r4-lr0.001-n10.json").read_text())
     assert record["kind"] == "lora" and record["precision"] == "bf16" and record["lora_r"] == 4 and record["n_train"] == 10
     assert record["mlflow_run_id"] == training_run.info.run_id
-    recomputed = summarize_predictions(predictions, 60, 200, 0)  # the numbers come from the saved table
+    recomputed = summarize_predictions(scored, 60, 200, 0)  # the numbers come from the saved table
     assert record["pct_conversational"] == pytest.approx(recomputed["pct_conversational"], abs=1e-4)
     assert record["similarity_mean"] == pytest.approx(recomputed["similarity_mean"], abs=1e-4)
+    assert 0 <= record["repetition_rate"] <= 1 and 0 <= record["stopped_pct"] <= 100
     base = json.loads(Path("metrics/eval/base.json").read_text())
     assert base["kind"] == "base" and base["n_train"] == 0 and base["system_prompt"] == "verbose"
+    assert "lora_r" not in base and "learning_rate" not in base  # unknown is left out, never null
+    for path in Path("metrics/eval").glob("*.json"):  # DVC metrics: scalars only
+        assert all(isinstance(v, int | float | str | bool) for v in json.loads(path.read_text()).values()), path
 
-    client = mlflow.MlflowClient()
     trained = client.get_run(training_run.info.run_id)
     assert trained.data.metrics["eval_pct_conversational"] == pytest.approx(record["pct_conversational"])
     assert trained.data.tags["eval.system_prompt"] == "concise"
+    assert trained.data.tags["eval.precision"] == "bf16"
+    assert trained.data.tags["eval.decoding"] == "greedy, no_repeat_ngram_size=4, max 6 tokens"
     assert "eval/predictions.json" in [a.path for a in client.list_artifacts(trained.info.run_id, "eval")]
     runs = {r.info.run_name: r for r in client.search_runs([experiment_id])}
     assert set(runs) == {"eval-base", "lora-bf16-r4-lr0.001-n10", "renamed"}
     assert runs["eval-base"].data.metrics["eval_n_eval"] == 4
+    assert runs["eval-base"].info.status == "FINISHED"
+    assert runs["eval-base"].data.tags["eval.precision"] == "bf16"  # evaluate.base_precision
     assert runs["renamed"].data.tags["eval.system_prompt"] == "as-trained"  # the prompt it recorded
     int8 = json.loads(Path("metrics/eval/lora-int8-r4-lr0.001-n10.json").read_text())
     assert int8["mlflow_run_id"] == int8_run.info.run_id and int8["precision"] == "int8"
+    assert runs["renamed"].data.tags["eval.precision"] == "int8"  # on the 8-bit base, as it is served
+    for run_id, info in before.items():  # logged onto, never re-opened: durations stay the training's
+        after = client.get_run(run_id).info
+        assert (after.status, after.start_time, after.end_time) == (info.status, info.start_time, info.end_time)
 
-    evaluate.main(["--models", "lora-bf16-r4-lr0.001-n10"])  # re-evaluation must not append to the first table
+    run_stages("--models", "lora-bf16-r4-lr0.001-n10")  # re-evaluation must not append to the first table
     artifacts = [a.path for a in client.list_artifacts(trained.info.run_id, "eval")]
     assert len(artifacts) == 2 and mlflow.load_table("eval/predictions.json", run_ids=[trained.info.run_id]).shape[0] == 4
+
+
+def test_int8_adapter_runs_on_the_8bit_base(stage_dir):
+    import bitsandbytes as bnb
+
+    from pipeline.core.config import load_config
+
+    specs = {spec.name: spec for spec in predict.model_specs(adapterinfo.discover_adapters(Path("models/adapters")),
+                                                             None, "bf16")}
+    assert specs["lora-int8-r4-lr0.001-n10"].precision == "int8" and specs["lora-bf16-r4-lr0.001-n10"].precision == "bf16"
+    groups = predict.precision_groups(list(specs.values()))
+    assert [precision for precision, _ in groups] == ["bf16", "int8"]  # one base load per precision
+    model, _ = modeling.load_for_inference("models/base", "int8", load_config().train.int8_threshold, "cpu")
+    assert isinstance(model.model.layers[0].self_attn.q_proj, bnb.nn.Linear8bitLt)
+
+
+def test_ablation_scores_greedy_beside_the_policy(stage_dir, write_params, capsys):
+    write_params({
+        "evaluate": {"max_new_tokens": 6, "batch_size": 4, "bootstrap_samples": 200, "limit": 4, "ablation_limit": 2},
+        "train": {"grid": {"precision": ["bf16"], "lora_r": [4], "learning_rate": [0.001], "n_train": [10]}},
+    })
+    predict.main([])
+    score.main(["--no-mlflow"])
+    record = json.loads(Path("metrics/eval/base.json").read_text())
+    assert record["ablation_n_eval"] == 2
+    for key in ("pct_conversational", "similarity_mean", "stopped_pct", "repetition_rate"):
+        assert f"ablation_greedy_{key}" in record and f"ablation_policy_{key}" in record
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"repetition_penalty": 0}, "evaluate.decoding.repetition_penalty = 0.0: must be > 0"),
+        ({"top_p": 1.5}, "evaluate.decoding.top_p = 1.5: must be in (0, 1]"),
+        ({"top_p": 0}, "evaluate.decoding.top_p = 0.0: must be in (0, 1]"),
+        ({"strategy": "sample", "temperature": 0}, "evaluate.decoding.temperature = 0.0: must be > 0 when strategy"),
+        ({"no_repeat_ngram_size": -1}, "evaluate.decoding.no_repeat_ngram_size = -1: must be >= 0"),
+        ({"strategy": "beam"}, "evaluate.decoding.strategy = 'beam': must be one of"),
+    ],
+)
+def test_decoding_policy_is_validated_at_stage_start_in_one_line(stage_dir, write_params, capsys, change, message):
+    import yaml
+
+    from tests.conftest import REPO_ROOT
+
+    decoding = {**yaml.safe_load((REPO_ROOT / "params.yaml").read_text())["evaluate"]["decoding"], **change}
+    write_params({"evaluate": {"decoding": decoding}})
+    with pytest.raises(SystemExit) as exit_info:
+        predict.main([])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not Path("reports/predictions").exists()  # refused before any work
+
+
+def test_sampling_is_reproducible_per_batch_and_differs_from_greedy(chatty_llama_dir, tokenizer):
+    model = load_tiny(chatty_llama_dir)
+    prompts = modeling.build_prompts(tokenizer, SYSTEM_PROMPT, QUESTIONS)
+    stop_ids = modeling.end_of_turn_ids(tokenizer, model.generation_config)
+    policy = DecodingPolicy(strategy="sample", temperature=1.5, seed=3, no_repeat_ngram_size=0, max_new_tokens=12)
+    first = modeling.generate_answers(model, tokenizer, prompts, stop_ids, policy, batch_size=2).answers
+    import torch
+
+    torch.manual_seed(12345)  # whatever ran before does not matter
+    again = modeling.generate_answers(model, tokenizer, prompts, stop_ids, policy, batch_size=2).answers
+    other_seed = modeling.generate_answers(model, tokenizer, prompts, stop_ids,
+                                           DecodingPolicy(**{**policy.to_dict(), "seed": 4}), batch_size=2).answers
+    greedy = modeling.generate_answers(model, tokenizer, prompts, stop_ids, DecodingPolicy.greedy(12), 2).answers
+    assert first == again
+    assert first != other_seed and first != greedy
+
+
+@pytest.mark.parametrize(("precision", "strategy"), [("bf16", "greedy"), ("bf16", "sample"), ("int8", "greedy")])
+def test_registered_model_answers_exactly_as_the_predict_stage(stage_dir, mlflow_uri, write_params, precision, strategy):
+    """The pyfunc logged for an adapter (as the train stage logs it) answers the validation
+    questions string for string as the predict stage did: same precision, policy and batches."""
+    import mlflow
+    import pandas as pd
+
+    from pipeline.core.config import load_config
+    from pipeline.core.servable import log_adapter_model
+    from pipeline.core.tracking import configure_mlflow
+
+    name = f"lora-{precision}-r4-lr0.001-n10"
+    decoding = {"strategy": strategy, "temperature": 1.3, "top_p": 0.95, "top_k": 0, "seed": 7,
+                "repetition_penalty": 1.0, "no_repeat_ngram_size": 3}
+    write_params({
+        "evaluate": {"max_new_tokens": 10, "batch_size": 2, "limit": 5, "ablation_limit": 0, "decoding": decoding},
+        "train": {"grid": {"precision": [precision], "lora_r": [4], "learning_rate": [0.001], "n_train": [10]}},
+    })
+    config = load_config()
+    policy = DecodingPolicy.for_evaluation(config.evaluate)
+    configure_mlflow(config.tracking)
+    adapter = Path("models/adapters") / name
+    with mlflow.start_run(run_name=name):
+        info = log_adapter_model(adapter, modeling.base_model_reference("models/base"), precision, policy,
+                                 config.evaluate.batch_size)
+    predict.main(["--models", name])
+    expected = pd.read_parquet(f"reports/predictions/{name}.parquet")["answer"].tolist()
+    loaded = mlflow.pyfunc.load_model(info.model_uri)
+    served = loaded.predict(QUESTIONS)
+    assert served == expected
+    assert loaded.model_config["precision"] == precision  # served in the precision it was evaluated in
+    assert mlflow.get_run(info.run_id).data.tags["serve_precision"] == precision
+    recorded = json.loads(Path(f"reports/predictions/{name}.json").read_text())
+    assert recorded["precision"] == precision and recorded["decoding"] == loaded.model_config["decoding"]
+    assert len(set(expected)) > 1 and all(expected)
+    assert info.signature.inputs.to_dict() == [{"type": "string", "required": True}]
 
 
 def test_stage_fails_in_one_line_without_a_base_model(stage_dir, capsys):
     shutil.rmtree("models/base")
     with pytest.raises(SystemExit) as exit_info:
-        evaluate.main(["--no-mlflow"])
+        predict.main([])
     assert exit_info.value.code == 2
     assert "base model not found" in capsys.readouterr().err
 
 
 def test_unknown_model_name_is_rejected(stage_dir):
     with pytest.raises(TonetuneError, match="no such model"):
-        evaluate.model_specs(evaluate.discover_adapters(Path("models/adapters")), {"lora-nope"})
+        predict.model_specs(adapterinfo.discover_adapters(Path("models/adapters")), {"lora-nope"}, "bf16")

@@ -33,6 +33,8 @@ SENTINELS = {
     "OPENAI_API_KEY": "sk-proj-" + "SENTINEL-5c1e8a2f9d7b34",  # split: not a real key
 }
 QUESTION = "Why is the sky blue?"
+SERVE_POLICY = {"strategy": "greedy", "no_repeat_ngram_size": 4, "max_new_tokens": 8}  # as evaluate.decoding records it
+SERVE_BATCH_SIZE = 4
 BASE = {"pct_conversational": 10.0, "similarity_mean": 0.70, "repetition_rate": 0.05, "stopped_pct": 60.0}
 CLEAN = (0.01, 95.0)  # (repetition_rate, stopped_pct) of an adapter that ends its turns and does not loop
 
@@ -214,7 +216,7 @@ def log_training_run(name: str, n_train: int, lora_r: int, learning_rate: str, a
     import pandas as pd
 
     from pipeline.core.tracking import code_version_tags, log_dataset_input
-    from registry.model import log_adapter_model
+    from registry.model import DecodingPolicy, log_adapter_model
 
     train_path, val_path = Path(f"data/splits/train_{n_train}.parquet"), Path("data/splits/val.parquet")
     with mlflow.start_run(run_name=name, tags={"tonetune.stage": "train", **code_version_tags()}) as run:
@@ -226,7 +228,7 @@ def log_training_run(name: str, n_train: int, lora_r: int, learning_rate: str, a
         })
         log_dataset_input(pd.read_parquet(train_path), train_path, context="training", name=train_path.stem)
         log_dataset_input(pd.read_parquet(val_path), val_path, context="validation", name="val")
-        info = log_adapter_model(adapter_dir, base_reference, "fp32", max_new_tokens=8)
+        info = log_adapter_model(adapter_dir, base_reference, "fp32", DecodingPolicy(**SERVE_POLICY), SERVE_BATCH_SIZE)
         mlflow.set_tag("adapter_model_uri", info.model_uri)
     return run.info.run_id
 
@@ -488,7 +490,8 @@ def test_promote_registers_the_best_adapter_with_lineage_tags_card_aliases_and_i
     import mlflow
 
     from pipeline.core.dvcmeta import lock_digest
-    from registry.model import generate_answers, load_adapter_model
+    from pipeline.core.system_prompts import CONCISE_SYSTEM_PROMPT
+    from registry.model import DecodingPolicy, answer_questions, load_adapter_model
 
     eval_dir = write_eval(tmp_path / "eval", ws, A=(60.0, 0.69), B=(60.0, 0.72), C=(40.0, 0.71))
     with warnings.catch_warnings(record=True) as caught:
@@ -519,9 +522,11 @@ def test_promote_registers_the_best_adapter_with_lineage_tags_card_aliases_and_i
                  f"python -m registry lineage models:/{registry_name}/1", md5(Path("data/splits/train_150.parquet"))):
         assert text in card, (text, card)
 
-    answers = mlflow.pyfunc.load_model(f"models:/{registry_name}@production").predict([QUESTION], params={"max_new_tokens": 8})
+    answers = mlflow.pyfunc.load_model(f"models:/{registry_name}@production").predict([QUESTION])
     model, tokenizer = load_adapter_model(ws["base_reference"]["path"], run["adapter"], "fp32")
-    assert answers == generate_answers(model, tokenizer, [QUESTION], max_new_tokens=8)  # adapter A, not B or C
+    expected = answer_questions(model, tokenizer, [QUESTION], CONCISE_SYSTEM_PROMPT, DecodingPolicy(**SERVE_POLICY),
+                                SERVE_BATCH_SIZE).answers
+    assert answers == expected  # adapter A, not B or C, decoded with the policy it was logged with
     assert isinstance(answers[0], str) and len(answers) == 1
 
 

@@ -141,3 +141,28 @@ def test_a_broken_metrics_file_is_named(report_dir, capsys):
     with pytest.raises(SystemExit):
         report.main(["--no-mlflow"])
     assert "metrics/eval/base.json: not a metrics record" in capsys.readouterr().err
+
+
+def test_report_shows_degeneration_and_the_decoding_ablation(report_dir):
+    folder = Path("metrics/eval")
+    folder.mkdir(parents=True)
+    degeneration = {"stopped_pct": 54.0, "repetition_rate": 0.29}
+    ablation = {"ablation_n_eval": 40, "ablation_greedy_pct_conversational": 72.5, "ablation_policy_pct_conversational": 80.0,
+                "ablation_greedy_similarity_mean": 0.544, "ablation_policy_similarity_mean": 0.542,
+                "ablation_greedy_stopped_pct": 60.0, "ablation_policy_stopped_pct": 82.5,
+                "ablation_greedy_repetition_rate": 0.29, "ablation_policy_repetition_rate": 0.009}
+    adapter = metrics_record("lora-bf16-r32-lr0.001-n150", "lora", {**summary(80.0, 0.551), **degeneration, **ablation},
+                             family=FAMILY, precision="bf16", lora_r=32, learning_rate=1e-3, n_train=150)
+    base = metrics_record("base", "base", summary(22.0, 0.59), family=FAMILY, precision="bf16", system_prompt="verbose")
+    for record in (adapter, base):
+        (folder / f"{record['model']}.json").write_text(json.dumps(record))
+    report.main(["--no-mlflow"])
+    results = Path("reports/results.md").read_text()
+    assert "| Similarity prediction & correct answer | % ended turn | repetition |" in results
+    assert "| 80.0 | 71.0-89.0 | 0.551 | 54.0 | 0.290 |" in results
+    assert "| 22.0 | 13.0-31.0 | 0.590 | - | - |" in results  # a record without degeneration keys
+    assert "Decoding, the same for every model: greedy, no_repeat_ngram_size=4" in results
+    ablation_part = results.split("## Decoding ablation", 1)[1]
+    assert "first `evaluate.ablation_limit`" in ablation_part
+    assert "| lora-bf16-r32-lr0.001-n150 | 40 | 72.5 | 80.0 | 0.544 | 0.542 | 60.0 | 82.5 | 0.290 | 0.009 |" in ablation_part
+    assert "| base |" not in ablation_part  # no ablation recorded for it

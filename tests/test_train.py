@@ -20,6 +20,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from pipeline.core.system_prompts import CONCISE_SYSTEM_PROMPT
 from tests.conftest import REPO_ROOT
 
 TOPICS = [
@@ -342,19 +343,26 @@ def test_adapter_folder_and_checkpoints(trained):
 # --------------------------------------------------------------------------- pyfunc
 def test_pyfunc_round_trip_answers_like_the_trained_model(trained):
     """Loaded back from MLflow (adapter artifact + base reference), the model gives exactly the
-    greedy answers the in-process trained model gives."""
+    answers the in-process trained model gives under the evaluation's decoding policy, which
+    the logged model records along with its serving precision and batch size."""
     import mlflow
     import torch
 
-    from registry.model import generate_answers
+    from pipeline.core.modeling import DecodingPolicy, answer_questions
 
-    result = trained["result"]
-    expected = generate_answers(result.model, result.tokenizer, QUESTIONS, max_new_tokens=12)
+    result, config = trained["result"], trained["config"]
+    policy = DecodingPolicy.for_evaluation(config.evaluate)
+    expected = answer_questions(result.model, result.tokenizer, QUESTIONS, CONCISE_SYSTEM_PROMPT, policy,
+                                config.evaluate.batch_size).answers
     loaded = mlflow.pyfunc.load_model(result.model_uri)
+    model_config = loaded.model_config
+    assert model_config["precision"] == "fp32" and model_config["decoding"] == policy.to_dict()
+    assert model_config["batch_size"] == config.evaluate.batch_size
     assert loaded.predict(pd.DataFrame({"question": QUESTIONS})) == expected
     assert loaded.predict(QUESTIONS) == expected  # a plain list of questions works too
-    assert loaded.predict({"question": QUESTIONS}) == expected
-    inner = loaded.unwrap_python_model().model
+    run = mlflow.MlflowClient().get_run(result.run_id)
+    assert run.data.tags["serve_precision"] == "fp32"
+    inner = loaded.unwrap_python_model().server.model
     trained_weights = {n: p for n, p in result.model.named_parameters() if "lora_B" in n}
     loaded_weights = {n: p for n, p in inner.named_parameters() if "lora_B" in n}
     assert trained_weights.keys() == loaded_weights.keys()

@@ -255,8 +255,50 @@ class TrainConfig(Section):
     seed: int = 0
 
 
+def decoding_problem(strategy: str, temperature: float, top_p: float, top_k: int, repetition_penalty: float,
+                     no_repeat_ngram_size: int, max_new_tokens: int) -> str | None:
+    """What is wrong with a decoding policy, as `key = value: reason`, or None. Shared by the
+    params check below and pipeline.core.modeling.DecodingPolicy (a policy read back from a model)."""
+    if strategy not in ("greedy", "sample"):
+        return f"strategy = {strategy!r}: must be one of 'greedy', 'sample'"
+    if not repetition_penalty > 0:
+        return f"repetition_penalty = {repetition_penalty}: must be > 0 (1.0 = off)"
+    if not 0 < top_p <= 1:
+        return f"top_p = {top_p}: must be in (0, 1]"
+    if top_k < 0:
+        return f"top_k = {top_k}: must be >= 0 (0 = off)"
+    if no_repeat_ngram_size < 0:
+        return f"no_repeat_ngram_size = {no_repeat_ngram_size}: must be >= 0 (0 = off)"
+    if strategy == "sample" and not temperature > 0:
+        return f"temperature = {temperature}: must be > 0 when strategy is 'sample'"
+    if max_new_tokens <= 0:
+        return f"max_new_tokens = {max_new_tokens}: must be > 0"
+    return None
+
+
+class DecodingConfig(Section):
+    """How every model decodes (base and adapters alike; serving too: the registered model
+    records this policy and its `predict` uses it). See params.yaml for why the default."""
+
+    strategy: Literal["greedy", "sample"] = "greedy"
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 4
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        problem = decoding_problem(self.strategy, self.temperature, self.top_p, self.top_k, self.repetition_penalty,
+                                   self.no_repeat_ngram_size, 1)
+        if problem:
+            raise ValueError(f"evaluate.decoding.{problem}")
+        return self
+
+
 class EvaluateConfig(Section):
-    """Evaluation on the validation split (paper section 2.4)."""
+    """Evaluation on the validation split (paper section 2.4): the predict and score stages."""
 
     conversational_threshold: FleschScore = 60.0
     max_new_tokens: PositiveInt = 128
@@ -264,10 +306,13 @@ class EvaluateConfig(Section):
     bootstrap_samples: PositiveInt = 1000
     limit: PositiveInt | None = None
     seed: int = 0
-    # auto: float32 on CPU (fast on every CPU; bf16 only pays off with AVX512-BF16/AMX, see
-    # BENCHMARKS.md), bfloat16 on CUDA.
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # Adapters are evaluated in the precision they were trained (and are served) in; this is the
+    # base model's, for the prompting condition.
+    base_precision: Literal["bf16", "fp32", "int8"] = "bf16"
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    decoding: DecodingConfig = Field(default_factory=DecodingConfig)
+    # Decoding ablation: every model again under plain greedy on the first N questions (0: off).
+    ablation_limit: NonNegativeInt = 40
 
 
 class PromoteConfig(Section):
