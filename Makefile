@@ -60,8 +60,9 @@ bench: setup  ## run the benchmarks and print their figures (see BENCHMARKS.md)
 gpu-check: setup  ## GPU: real train (bf16, int8) + evaluate on random 135M/1B models, paper-grid GPU-hours
 	$(PY) bench/gpu_check.py $(GPU_CHECK_ARGS)
 
-lint: setup  ## ruff
+lint: setup  ## ruff and the import layers (import-linter, contracts in pyproject.toml)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports --config pyproject.toml
 
 ui: setup  ## open the MLflow UI on http://127.0.0.1:5000 over the project's store
 	@case "$${MLFLOW_TRACKING_URI:-}" in http://*|https://*) \
