@@ -538,8 +538,12 @@ def run_judge(config: Config, predictions_dir: Path = PREDICTIONS_DIR, metrics_d
     return stage
 
 
-def write_not_run(metrics_dir: Path = JUDGE_METRICS_DIR, reports_dir: Path = JUDGE_REPORTS_DIR) -> None:
+def write_not_run(metrics_dir: Path = JUDGE_METRICS_DIR, reports_dir: Path = JUDGE_REPORTS_DIR,
+                  cache_path: Path = CACHE_PATH) -> None:
+    """Empty metrics (no stale judge columns), a status, and the cache file DVC expects."""
     clear_outputs(metrics_dir, reports_dir)
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    cache_path.touch()
     write_json(reports_dir / STATUS_FILE, {"status": "not_run", "reason": "judge.enabled is false"})
 
 
