@@ -70,15 +70,35 @@ class ExportResult:
 
 
 # --------------------------------------------------------------------------- resolving the input
+def base_weights_sha256(base_dir: Path, chunk_size: int = 1 << 20) -> str:
+    """SHA-256 over the names and bytes of config.json + *.safetensors: the identity the train
+    stage records for its base (registry/model.py `weights_sha256`, same algorithm; to be shared
+    from pipeline.core once the model-loading code lives there)."""
+    digest = hashlib.sha256()
+    for path in [base_dir / "config.json", *sorted(base_dir.glob("*.safetensors"))]:
+        if path.is_file():
+            digest.update(path.name.encode() + b"\0")
+            with open(path, "rb") as handle:
+                for chunk in iter(lambda: handle.read(chunk_size), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _base_from_reference(reference: dict[str, Any], override: Path | None) -> Path:
-    """The base folder: --base, $TONETUNE_BASE_MODEL_DIR, or the recorded path; must hold a model."""
+    """The base folder: --base, $TONETUNE_BASE_MODEL_DIR, or the recorded path; must hold a model,
+    and the weights the adapter was trained on when the reference records their hash (a merge
+    into other weights would export a different model without a word)."""
     env = os.environ.get(BASE_MODEL_DIR_ENV)
     base_dir = override or (Path(env) if env else None) or Path(reference.get("path") or BASE_MODEL_DIR)
+    hint = f"rebuild it (`dvc repro base_model`, `dvc pull models/base`), or pass --base / set {BASE_MODEL_DIR_ENV}"
     if not (base_dir / "config.json").is_file():
-        raise TonetuneError(
-            f"base model {reference.get('model_id', '')} not found at {base_dir} (no config.json): rebuild it "
-            f"(`dvc repro base_model`), or pass --base / set {BASE_MODEL_DIR_ENV}"
-        )
+        raise TonetuneError(f"base model {reference.get('model_id', '')} not found at {base_dir} (no config.json): {hint}")
+    expected = reference.get("sha256")
+    if expected and len(str(expected)) == 64:
+        actual = base_weights_sha256(base_dir)
+        if actual != expected:
+            raise TonetuneError(f"base model at {base_dir} has weights sha256 {actual[:12]}..., but the adapter was "
+                                f"trained on {str(expected)[:12]}...: {hint}")
     return base_dir
 
 

@@ -18,6 +18,7 @@ Tolerances, per file type, for max |logit(GGUF) - logit(merged HF)| over a promp
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -226,7 +227,7 @@ def test_registry_uri_export_records_tags(adapter_dir, tiny_llama_dir, tmp_path,
     assert {t.tensor_type for t in reader.tensors} == {gguf.GGMLQuantizationType.BF16, gguf.GGMLQuantizationType.F32}
 
 
-def test_bad_inputs_fail_with_one_line(tmp_path):
+def test_bad_inputs_fail_with_one_line(tmp_path, adapter_dir, tiny_llama_dir):
     def run(*args):
         return subprocess.run([sys.executable, "-m", "registry", "export", *args], cwd=REPO_ROOT,
                               capture_output=True, text=True)
@@ -241,4 +242,12 @@ def test_bad_inputs_fail_with_one_line(tmp_path):
     assert run(str(tmp_path), "--gguf", "x.gguf", "--type", "q4_k").returncode == 2  # argparse choices
     bad_uri = run("models:/only-a-name", "--gguf", str(tmp_path / "x.gguf"))
     assert bad_uri.returncode == 2 and "expected models:/<name>@<alias>" in bad_uri.stderr
+    # an adapter whose recorded base weights are not the ones at the path: refused, not merged
+    other = tmp_path / "other_adapter"
+    shutil.copytree(adapter_dir, other)
+    (other / "tonetune_adapter.json").write_text(json.dumps({
+        "base_model": {"path": str(tiny_llama_dir), "sha256": "0" * 64, "model_id": "tiny"}}))
+    wrong_base = run(str(other), "--gguf", str(tmp_path / "x.gguf"))
+    assert wrong_base.returncode == 2 and "but the adapter was trained on 000000000000..." in wrong_base.stderr
+    assert len(wrong_base.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x.gguf").exists()
