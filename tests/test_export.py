@@ -207,6 +207,7 @@ def test_registry_uri_export_records_tags(adapter_dir, tiny_llama_dir, tmp_path,
     from registry.export import sha256_file
     from registry.model import base_model_reference, log_adapter_model
 
+    monkeypatch.chdir(tmp_path)  # MLflow's default experiment keeps artifacts in ./mlruns
     write_params({"tracking": {"tracking_uri": mlflow_uri, "artifact_root": str(tmp_path / "art")}})
     name = "tonetune-export-test"
     with mlflow.start_run():
