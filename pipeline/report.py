@@ -41,6 +41,8 @@ if TYPE_CHECKING:
     import pandas as pd
 
 METRICS_DIRS = (METRICS_DIR / "eval", METRICS_DIR / "openai")
+JUDGE_METRICS_DIR = METRICS_DIR / "judge"  # the optional judge stage: one JSON per judged model
+ALIGNMENT_METRICS_DIR = METRICS_DIR / "alignment"  # the optional alignment stage, likewise
 RESULTS_PATH = REPORTS_DIR / "results.md"
 FIGURES_DIR = REPORTS_DIR / "figures"
 PLOTS_DIR = REPORTS_DIR / "plots"
@@ -269,9 +271,51 @@ def markdown_table(rows: Sequence[dict[str, str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def load_optional_records(folder: Path) -> list[dict[str, Any]]:
+    """The optional stages' per-model records (`<model>.json`, the model named by the file); none
+    when the folder is absent or holds only its summary."""
+    records = []
+    for path in sorted(Path(folder).glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise TonetuneError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from None
+        records.append({"model": path.stem, **record})
+    return records
+
+
+def judge_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
+    """One row per judged model: G-Eval means with their spread over repeats, pairwise counts."""
+    rows = []
+    for record in sorted(records, key=lambda r: str(r.get("model"))):
+        rows.append({
+            "Model": str(record.get("model")),
+            "Accuracy (1-5)": f"{_fmt(record.get('accuracy_mean'), 2)} ± {_fmt(record.get('accuracy_repeat_std'), 2)}",
+            "Completeness (1-5)": f"{_fmt(record.get('completeness_mean'), 2)} ± {_fmt(record.get('completeness_repeat_std'), 2)}",
+            "Wins/ties/losses vs base": "/".join(_fmt(record.get(f"pairwise_{k}"), 0, "-") for k in ("wins", "ties", "losses")),
+            "Position-inconsistent": _fmt(record.get("pairwise_inconsistent"), 0, "-"),
+        })
+    return rows
+
+
+def alignment_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
+    """One row per model on the multiple-choice benchmark: accuracy and the tax vs the base."""
+    return [{"Model": str(r.get("model")), "Accuracy": _fmt(r.get("accuracy"), 3), "Tax vs base": _fmt(r.get("tax"), 3, "-")}
+            for r in sorted(records, key=lambda r: str(r.get("model")))]
+
+
+def optional_sections(judge: Sequence[dict[str, Any]], alignment: Sequence[dict[str, Any]]) -> str:
+    """The LLM judge and alignment-tax tables, or "not run" while those stages are off."""
+    judged = markdown_table(judge_rows(judge)) if judge else f"{NOT_RUN} (`judge.enabled` is false or no model was judged).\n"
+    aligned = (markdown_table(alignment_rows(alignment)) if alignment
+               else f"{NOT_RUN} (`alignment.enabled` is false; it needs the Hugging Face hub).\n")
+    return ("\n## LLM judge (G-Eval accuracy and completeness, mean ± spread over repeats; pairwise vs base in both orders)\n\n"
+            + judged + "\n## Alignment tax (multiple choice by log-likelihood)\n\n" + aligned)
+
+
 def render_results(
     records: Sequence[dict[str, Any]], not_run: Sequence[str], openai: OpenAIConfig, threshold: float,
-    decoding: str | None = None,
+    decoding: str | None = None, judge: Sequence[dict[str, Any]] = (), alignment: Sequence[dict[str, Any]] = (),
 ) -> str:
     """The whole of reports/results.md."""
     evaluated = sorted({r.get("n_eval") for r in records if r.get("n_eval")})
@@ -292,6 +336,7 @@ def render_results(
         + markdown_table(results_rows(records, not_run, openai))
         + (f"\nOpenAI models marked {NOT_RUN!r}: `openai.enabled` is false or their metrics are missing.\n" if not_run else "")
         + ablation_section(records, decoding)
+        + optional_sections(judge, alignment)
         + "\n## Figures\n\n"
         + figures
         + "\n"
@@ -546,7 +591,8 @@ def main(argv: list[str] | None = None) -> None:
     threshold = config.evaluate.conversational_threshold
     RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
     decoding = DecodingPolicy.for_evaluation(config.evaluate).describe()
-    RESULTS_PATH.write_text(render_results(records, not_run, config.openai, threshold, decoding))
+    judge, alignment = load_optional_records(JUDGE_METRICS_DIR), load_optional_records(ALIGNMENT_METRICS_DIR)
+    RESULTS_PATH.write_text(render_results(records, not_run, config.openai, threshold, decoding, judge, alignment))
     lines, bars = lora_points(records), bar_points(records, not_run)
     paths = [RESULTS_PATH, *write_plot_data(lines, bars), *make_figures(lines, bars, threshold)]
     run_id = None if args.no_mlflow else log_report(paths, records, config.tracking)

@@ -5,7 +5,8 @@ own arguments; `main()` only parses and dispatches: `lineage` (a data file, or a
 `models:/<name>@production` / `models:/<name>/<version>`: registry.model_lineage, which reuses
 `registry.lineage.lineage_for_file` for the datasets), `list`, `promote [VERSION]`, `rollback`
 and `summary` (registry.promote runs promotion and rollback: registry/policy.py has the rules,
-registry/store.py the registry writes).
+registry/store.py the registry writes), and `export`
+(registry.export: adapter merged into its base -> GGUF).
 
 Heavy imports (mlflow) happen inside the functions that use the store, so `--help` answers instantly.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from pipeline.core.config import load_config
 from pipeline.core.contracts import Tags
@@ -174,6 +176,16 @@ def cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Merge the adapter into its base (float32) and write a llama.cpp GGUF (registry.export)."""
+    from registry.export import run_export
+
+    result = run_export(args.target, args.gguf, args.type, args.base)
+    print(f"wrote {result.path} ({result.file_type}, {result.n_tensors} tensors, {result.n_bytes / 1e6:.1f} MB) "
+          f"sha256 {result.sha256}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The CLI: one subparser per verb, each bound to its cmd_ function via `func`."""
     parser = argparse.ArgumentParser(
@@ -233,6 +245,19 @@ def build_parser() -> argparse.ArgumentParser:
         "either way).",
     )
     summary.set_defaults(func=cmd_summary)
+
+    export = commands.add_parser(
+        "export", help="merge an adapter into its base and write a GGUF (llama.cpp, Ollama, LM Studio)",
+        description="Merge the LoRA adapter of a registered version (models:/<name>@<alias>, "
+        "models:/<name>/<version>) or of an adapter folder into its base model in float32 and write a "
+        "llama-architecture GGUF; for a registry version, record file, sha256 and type as version tags.",
+    )
+    export.add_argument("target", help="models:/<name>@<alias>, models:/<name>/<version> or an adapter folder")
+    export.add_argument("--gguf", type=Path, required=True, metavar="OUT", help="the .gguf file to write")
+    export.add_argument("--type", default="f16", choices=["f32", "f16", "bf16", "q8_0"],
+                        help="tensor type of the 2-D weights (norms stay f32); default f16")
+    export.add_argument("--base", type=Path, help="base model folder (default: the one the adapter records)")
+    export.set_defaults(func=cmd_export)
     return parser
 
 

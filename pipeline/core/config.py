@@ -384,6 +384,49 @@ class OpenAIConfig(Section):
         return self
 
 
+class JudgeConfig(Section):
+    """The optional LLM-judge stage (pipeline/judge.py), off by default like the OpenAI arm.
+
+    Any OpenAI-compatible endpoint; the key comes from the environment variable `api_key_env`
+    only. G-Eval accuracy and completeness (1-5) are asked `repeats` times per answer at
+    `temperature` (each repeat with its own seed, `seed + i`, so the cache keeps them apart) and
+    averaged; the pairwise preference (each fine-tuned model vs `baseline`, both orders) is asked
+    once per order at `pairwise_temperature`."""
+
+    enabled: bool = False
+    base_url: str | None = "https://openrouter.ai/api/v1"
+    model: str = "openai/gpt-4.1-mini"
+    api_key_env: str = "OPENROUTER_API_KEY"
+    baseline: str = "base"  # the model every other one is compared with pairwise
+    repeats: PositiveInt = 10
+    temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
+    pairwise_temperature: Annotated[float, Field(ge=0, le=2)] = 0.0
+    max_tokens: PositiveInt = 512
+    limit: PositiveInt | None = None  # judge the first N validation questions only
+    seed: int = 0
+    request_timeout_s: PositiveFloat = 60.0
+    concurrency: PositiveInt = 8
+    requests_per_minute: PositiveInt | None = None
+    tokens_per_minute: PositiveInt | None = None
+    max_retries: NonNegativeInt = 6
+    prices: dict[str, PriceConfig] = Field(
+        default_factory=lambda: {"openai/gpt-4.1-mini": PriceConfig(input_per_mtok=0.40, output_per_mtok=1.60)}
+    )
+
+
+class AlignmentConfig(Section):
+    """The optional alignment-tax stage (pipeline/alignment.py): a multiple-choice benchmark
+    scored by log-likelihood, base vs each adapter. Needs the Hugging Face hub (`datasets`)."""
+
+    enabled: bool = False
+    dataset: str = "allenai/ai2_arc"
+    dataset_config: str | None = "ARC-Challenge"
+    split: str = "test"
+    limit: PositiveInt | None = 200  # questions (ARC-Challenge test has 1,172)
+    score: Literal["sum", "mean"] = "sum"  # log-prob of a choice's tokens: summed, or per token
+    batch_size: PositiveInt = 8
+
+
 class Config(Section):
     """All of params.yaml."""
 
@@ -398,6 +441,8 @@ class Config(Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     promote: PromoteConfig = Field(default_factory=PromoteConfig)
     openai: OpenAIConfig = Field(default_factory=OpenAIConfig)
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    alignment: AlignmentConfig = Field(default_factory=AlignmentConfig)
 
 
 def _describe_error(error: dict[str, Any], raw: dict[str, Any], params_file: str) -> str:

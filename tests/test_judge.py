@@ -1,0 +1,180 @@
+"""The judge stage against the loopback fake server (tests/judge_fakes.py says how the fake judges).
+
+Three evaluated models on four questions: `base` (BAD answers), `lora-a` (GOOD answers) and
+`lora-b` (one GARBLED answer the fake cannot judge, BAD otherwise); question 3 is "tie" (the fake
+calls a tie) and question 4 "biased" (the fake always prefers answer A: a position-biased judge).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.fakes.openai_server import FakeOpenAIServer, FakeReply
+from tests.judge_fakes import FakeJudge
+
+KEY_ENV = "TONETUNE_TEST_JUDGE_KEY"
+QUESTIONS = ["Why is the sky blue?", "What do bees make?", "Is this a tie question?", "Is this a biased question?"]
+ANSWERS = {
+    "base": [f"A BAD answer number {i}." for i in range(4)],
+    "lora-a": [f"A GOOD answer number {i}." for i in range(4)],
+    "lora-b": ["GARBLED words"] + [f"Another BAD answer {i}." for i in range(1, 4)],
+}
+REPEATS = 4
+PRICE_IN, PRICE_OUT = 1.0, 2.0
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch, write_params, mlflow_uri):
+    """A repo-shaped folder with reports/predictions/<model>.parquet; returns a params writer."""
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "reports" / "predictions"
+    folder.mkdir(parents=True)
+    for index, (name, answers) in enumerate(ANSWERS.items()):
+        pd.DataFrame({
+            "id": [f"q{i}" for i in range(4)], "question": QUESTIONS, "reference": [f"Reference {i}." for i in range(4)],
+            "answer": answers, "flesch": [70.0 + index] * 4, "similarity": [0.5 + index / 10] * 4,
+        }).to_parquet(folder / f"{name}.parquet")
+
+    def params(server: FakeOpenAIServer | None, **judge):
+        return write_params({
+            "tracking": {"tracking_uri": mlflow_uri, "artifact_root": str(tmp_path / "mlartifacts")},
+            "judge": {"enabled": True, "base_url": server.base_url if server else "http://127.0.0.1:9/v1",
+                      "model": "fake-judge", "api_key_env": KEY_ENV, "repeats": REPEATS, "concurrency": 4,
+                      "max_retries": 3, "prices": {"fake-judge": {"input_per_mtok": PRICE_IN, "output_per_mtok": PRICE_OUT}},
+                      **judge},
+        })
+
+    return params
+
+
+def run_stage(capsys):
+    from pipeline.judge import main
+
+    main([])
+    return capsys.readouterr().out
+
+
+def metrics(name: str) -> dict:
+    return json.loads(Path(f"metrics/judge/{name}.json").read_text())
+
+
+def test_judge_scores_repeats_orders_cache_and_cost(workspace, monkeypatch, capsys):
+    import mlflow
+
+    monkeypatch.setenv(KEY_ENV, "sk-judge-test")
+    faults = [FakeReply.error(500, "the judge is overloaded"), FakeReply.malformed()]
+    judge = FakeJudge(faults=faults)
+    with FakeOpenAIServer(chat=judge) as server:
+        workspace(server)
+        out = run_stage(capsys)
+
+        n_models, n_questions = len(ANSWERS), len(QUESTIONS)
+        n_geval = n_models * n_questions * 2 * REPEATS
+        n_pairs = (n_models - 1) * n_questions * 2
+        assert server.chat_calls == n_geval + n_pairs + len(faults)
+        # repeats: every G-Eval judgement asked once per seed 0..R-1
+        assert sorted(set(judge.geval_seeds)) == list(range(REPEATS))
+        assert all(judge.geval_seeds.count(seed) == n_geval // REPEATS for seed in range(REPEATS))
+        # both orders: for every model and question, (baseline, model) and (model, baseline)
+        for model in ("lora-a", "lora-b"):
+            for question, mine, theirs in zip(QUESTIONS, ANSWERS[model], ANSWERS["base"], strict=True):
+                assert (question, theirs, mine) in judge.pairs and (question, mine, theirs) in judge.pairs
+
+        base, good, mixed = metrics("base"), metrics("lora-a"), metrics("lora-b")
+        for record in (base, good, mixed):
+            assert record["repeats"] == REPEATS and record["n_questions"] == n_questions
+        assert base["accuracy_mean"] == pytest.approx(2.5) and base["completeness_mean"] == pytest.approx(2.5)
+        assert base["accuracy_repeat_std"] == pytest.approx(0.5) and base["accuracy_invalid"] == 0
+        assert "pairwise_wins" not in base  # the baseline is not compared with itself
+        assert good["accuracy_mean"] == pytest.approx(4.5) and good["completeness_repeat_std"] == pytest.approx(0.5)
+        assert (good["pairwise_wins"], good["pairwise_ties"], good["pairwise_losses"],
+                good["pairwise_inconsistent"], good["pairwise_invalid"]) == (2, 1, 0, 1, 0)
+        assert good["pairwise_win_rate"] == pytest.approx(0.5)
+        assert good["pairwise_first_position_rate"] == pytest.approx(4 / 8)
+        # the GARBLED answer: its G-Eval replies are not JSON -> invalid, left out of the mean
+        assert mixed["accuracy_invalid"] == REPEATS and mixed["accuracy_mean"] == pytest.approx(2.5)
+        assert (mixed["pairwise_wins"], mixed["pairwise_ties"], mixed["pairwise_losses"],
+                mixed["pairwise_inconsistent"], mixed["pairwise_invalid"]) == (0, 2, 0, 1, 1)
+        assert all(isinstance(value, (int, float)) for record in (base, good, mixed) for value in record.values()
+                   if value is not None)
+
+        table = pd.read_parquet("reports/judge/lora-a.parquet")
+        assert table["pairwise"].tolist() == ["win", "win", "tie", "inconsistent"]
+        assert table["pairwise_baseline_first"].tolist()[3] == "baseline"
+        assert table["pairwise_model_first"].tolist()[3] == "model"
+        assert [list(s) for s in table["accuracy_scores"]] == [[5, 4, 5, 4]] * 4
+
+        status = json.loads(Path("reports/judge/status.json").read_text())
+        assert status["status"] == "judged" and status["api_calls"] == n_geval + n_pairs + len(faults)
+        assert status["retries"] == len(faults) and status["cache_hits"] == 0
+        billed = judge.billed_input / 1e6 * PRICE_IN + judge.billed_output / 1e6 * PRICE_OUT
+        assert status["cost_usd"] == pytest.approx(billed, rel=1e-9) and billed > 0
+        assert sum(metrics(m)["judge_cost_usd"] for m in ANSWERS) == pytest.approx(billed, rel=1e-9)
+        assert "lora-a: accuracy 4.50 (+/- 0.50)" in out and "2 wins, 1 ties, 0 losses, 1 position-inconsistent" in out
+
+        # MLflow: one child run per model, evaluated by mlflow.genai.evaluate with our scorers
+        child = mlflow.search_runs(filter_string="tags.model = 'lora-a'", search_all_experiments=True)
+        assert len(child) == 1
+        assert child["metrics.accuracy/mean"][0] == pytest.approx(4.5)
+        assert child["metrics.flesch/mean"][0] == pytest.approx(71.0)
+        assert child["metrics.judge_pairwise_wins"][0] == 2
+
+        # a re-run is served from the cache: no call, nothing paid, the same numbers
+        calls = server.chat_calls
+        workspace(server)
+        run_stage(capsys)
+        assert server.chat_calls == calls
+        again = json.loads(Path("reports/judge/status.json").read_text())
+        assert again["api_calls"] == 0 and again["cache_hits"] == n_geval + n_pairs and again["cost_usd"] == 0
+        assert metrics("lora-a") == good and metrics("lora-b") == mixed
+
+
+def test_not_run_by_default_writes_a_status_in_no_time(tmp_path, monkeypatch, write_params, capsys):
+    monkeypatch.chdir(tmp_path)
+    write_params()
+    (tmp_path / "metrics" / "judge").mkdir(parents=True)
+    (tmp_path / "metrics" / "judge" / "old.json").write_text("{}")
+    out = run_stage(capsys)
+    assert "judge: not run" in out
+    assert json.loads((tmp_path / "reports/judge/status.json").read_text())["status"] == "not_run"
+    assert list((tmp_path / "metrics" / "judge").iterdir()) == []  # no stale judge columns
+
+
+def test_missing_key_or_baseline_fails_before_any_call(workspace, monkeypatch, capsys):
+    from pipeline.judge import main
+
+    judge = FakeJudge()
+    with FakeOpenAIServer(chat=judge) as server:
+        workspace(server)
+        monkeypatch.delenv(KEY_ENV, raising=False)
+        with pytest.raises(SystemExit) as exit_info:
+            main([])
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.strip() == (
+            f"error: environment variable {KEY_ENV} is not set (judge.api_key_env): export the judge "
+            "endpoint's key; nothing was sent")
+
+        monkeypatch.setenv(KEY_ENV, "sk-judge-test")
+        workspace(server, baseline="nobody")
+        with pytest.raises(SystemExit):
+            main([])
+        assert "judge.baseline = 'nobody': no reports/predictions/nobody.parquet" in capsys.readouterr().err
+        assert server.chat_calls == 0
+    assert not Path("metrics/judge").exists()
+
+
+def test_parsers_accept_the_form_and_reject_the_rest():
+    from pipeline.judge import combine, parse_score, parse_winner, verdict_for_model
+
+    assert parse_score('Sure: {"steps": "x", "score": 4} done') == (4, "x")
+    assert parse_score('{"steps": "x", "score": "5"}')[0] == 5
+    assert parse_score('{"score": 6}')[0] is None and parse_score('{"score": true}')[0] is None
+    assert parse_score("four")[0] is None
+    assert parse_winner('{"winner": "B"}') == "B" and parse_winner('{"winner": "both"}') is None
+    assert verdict_for_model("B", "baseline_first") == "model" and verdict_for_model("B", "model_first") == "baseline"
+    assert combine("model", "model") == "win" and combine("baseline", "model") == "inconsistent"
+    assert combine("tie", "tie") == "tie" and combine("tie", "invalid") == "invalid"
