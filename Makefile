@@ -22,7 +22,7 @@ export TOKENIZERS_PARALLELISM := false
 # Stage commands in dvc.yaml call `python`: it must be the venv's, whoever runs make.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: help setup demo test test-fast bench gpu-check lint ui server ci-deps clean-outputs
+.PHONY: help setup demo test test-fast bench gpu-check lint ui server serve ci-deps clean-outputs
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
@@ -71,6 +71,11 @@ ui: setup  ## open the MLflow UI on http://127.0.0.1:5000 over the project's sto
 
 server: setup  ## team tracking server: PostgreSQL + mlflow server on http://127.0.0.1:5000 (README "Running as a team")
 	$(PY) -m scripts.team_server $(SERVER_ARGS)
+
+serve: setup  ## serve the production model over REST: POST /invocations on http://127.0.0.1:5001 (README "Serve it over REST")
+	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} \
+	$(VENV)/bin/mlflow models serve -m models:/$${MODEL:-tonetune-conversational}@production \
+	  --env-manager local --host 127.0.0.1 --port $${PORT:-5001}
 
 # System packages the tests need (PostgreSQL for the team tracking server). Idempotent: installs
 # only when initdb is missing; needs root (CI runs as root) or sudo.
