@@ -1,4 +1,4 @@
-"""GPU check: the real train and evaluate stages on randomly initialised models, and what the
+"""GPU check: the real train, predict and score stages on randomly initialised models, and what the
 paper's grid would cost (`make gpu-check`).
 
     .venv/bin/python bench/gpu_check.py                         # a CUDA machine, no network needed
@@ -17,7 +17,7 @@ train/evaluate settings, splits from the demo recordings, the model as models/ba
 stages there through their command lines, exactly as `dvc repro` would:
 
   python -m pipeline.train --precision bf16 ...   and   --precision int8 ...
-  python -m pipeline.evaluate                     (the base + both adapters, batched generation)
+  python -m pipeline.predict, then pipeline.score  (the base + both adapters, batched generation)
 
 and reads back what they logged to MLflow (training tokens/s, generation tokens/s) plus the peak
 GPU memory of each stage process. From the 1B figures (the paper's model size) it estimates the
@@ -300,7 +300,9 @@ def check_shape(name: str, args, tokenizer, workdir: Path) -> dict:
         if stages[f"train-{precision}"].returncode != 0:
             break
     if all(run.returncode == 0 for run in stages.values()):
-        stages["evaluate"] = run_stage(project, "pipeline.evaluate", [], args.device, args.stage_timeout)
+        stages["predict"] = run_stage(project, "pipeline.predict", [], args.device, args.stage_timeout)
+        if stages["predict"].returncode == 0:  # score logs the generation figures onto the runs
+            stages["score"] = run_stage(project, "pipeline.score", [], args.device, args.stage_timeout)
 
     logged = mlflow_metrics(project) if (project / "mlflow.db").exists() else {}
     result = {"model": model, "data": data, "params": {"train": params["train"], "evaluate": params["evaluate"]},
@@ -413,7 +415,7 @@ def report_lines(machine: dict, shapes: dict, estimate: dict | None) -> list[str
         for stage, run in result["stages"].items():
             precision = stage.removeprefix("train-")
             train_rate = result["train"].get(precision, {}).get("tokens_per_s") if stage.startswith("train-") else None
-            gen = ", ".join(f"{k} {v:.0f}" for k, v in result["generation"].items()) if stage == "evaluate" else ""
+            gen = ", ".join(f"{k} {v:.0f}" for k, v in result["generation"].items()) if stage == "predict" else ""
             peak_gpu = run.get("peak_gpu_mib")
             lines.append(
                 f"| {result['model']['stands_for']} | {stage} | {run['returncode']} | {run['seconds']} | "

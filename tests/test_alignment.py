@@ -111,7 +111,8 @@ def test_stage_scores_base_and_adapter_from_a_local_dataset(tiny_llama_dir, tmp_
     write_params(params)
     main([])
     assert json.loads((tmp_path / "reports/alignment/status.json").read_text())["status"] == "not_run"
-    assert list((tmp_path / "metrics/alignment").iterdir()) == []
+    assert [p.name for p in (tmp_path / "metrics/alignment").iterdir()] == ["summary.yaml"]  # never empty for DVC
+    assert json.loads((tmp_path / "metrics/alignment/summary.yaml").read_text()) == {"enabled": False, "models": 0}
 
     write_params({**params, "alignment": {"enabled": True, "dataset": str(dataset_dir), "dataset_config": None,
                                           "split": "test", "limit": None, "score": "mean", "batch_size": 5}})
@@ -119,7 +120,8 @@ def test_stage_scores_base_and_adapter_from_a_local_dataset(tiny_llama_dir, tmp_
     out = capsys.readouterr().out
     base_record = json.loads((tmp_path / "metrics/alignment/base.json").read_text())
     adapter_record = json.loads((tmp_path / f"metrics/alignment/{name}.json").read_text())
-    assert sorted(p.name for p in (tmp_path / "metrics/alignment").iterdir()) == ["base.json", f"{name}.json"]
+    assert sorted(p.name for p in (tmp_path / "metrics/alignment").iterdir()) == ["base.json", f"{name}.json", "summary.yaml"]
+    assert json.loads((tmp_path / "metrics/alignment/summary.yaml").read_text()) == {"enabled": True, "models": 2}
     for record in (base_record, adapter_record):
         assert record["n_questions"] == len(ITEMS) and record["accuracy"] == record["accuracy_mean"]
     assert adapter_record["tax"] == pytest.approx(base_record["accuracy"] - adapter_record["accuracy"])

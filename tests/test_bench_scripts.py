@@ -66,7 +66,7 @@ def test_bench_train_names_the_base_model_it_measured(named_tiny_base):
 @pytest.mark.slow
 def test_gpu_check_cpu_dry_run(tmp_path):
     """`bench/gpu_check.py --tiny --device cpu`: both shapes, tiny; each shape runs three stage
-    processes (train bf16, train int8, evaluate), each importing torch/transformers/trl/mlflow,
+    processes (train bf16, train int8, predict, score), each importing torch/transformers/trl/mlflow,
     so this takes one to three minutes on two shared cores (hence slow)."""
     out = tmp_path / "out"
     result = run_script(["bench/gpu_check.py", "--tiny", "--device", "cpu", "--out", str(out)], timeout=1200)
@@ -75,7 +75,7 @@ def test_gpu_check_cpu_dry_run(tmp_path):
     assert summary["failed"] == []
     assert set(summary["shapes"]) == {"smol135m", "llama1b"}
     for shape in summary["shapes"].values():
-        assert set(shape["stages"]) == {"train-bf16", "train-int8", "evaluate"}
+        assert set(shape["stages"]) == {"train-bf16", "train-int8", "predict", "score"}
         assert all(stage["returncode"] == 0 for stage in shape["stages"].values())
         assert "python -m pipeline.train --precision int8" in shape["stages"]["train-int8"]["command"]
         for precision in ("bf16", "int8"):
@@ -89,7 +89,7 @@ def test_gpu_check_cpu_dry_run(tmp_path):
     assert grid["points"] == 72 and grid["epochs"] == 5 and grid["n_train"] == [100, 1000, 5000, 9000]
     assert grid["train_gpu_hours"] > 0 and grid["eval_gpu_hours_upper_bound"] > 0
     assert "hours on this CPU (a dry run: not a GPU figure) of training" in result.stdout
-    assert "| evaluate |" in result.stdout
+    assert "| predict |" in result.stdout and "| score |" in result.stdout
 
 
 def test_gpu_wheels_slims_bitsandbytes_to_the_cuda_libraries_asked_for(tmp_path):

@@ -205,13 +205,14 @@ def test_registry_uri_export_records_tags(adapter_dir, tiny_llama_dir, tmp_path,
 
     from registry.cli import main
     from registry.export import sha256_file
-    from registry.model import base_model_reference, log_adapter_model
+    from registry.model import DecodingPolicy, base_model_reference, log_adapter_model
 
     monkeypatch.chdir(tmp_path)  # MLflow's default experiment keeps artifacts in ./mlruns
     write_params({"tracking": {"tracking_uri": mlflow_uri, "artifact_root": str(tmp_path / "art")}})
     name = "tonetune-export-test"
     with mlflow.start_run():
-        info = log_adapter_model(adapter_dir, base_model_reference(tiny_llama_dir), "fp32", max_new_tokens=8)
+        info = log_adapter_model(adapter_dir, base_model_reference(tiny_llama_dir), "fp32",
+                                 DecodingPolicy(strategy="greedy", max_new_tokens=8), batch_size=4)
     version = mlflow.register_model(info.model_uri, name)
     client = mlflow.MlflowClient()
     client.set_registered_model_alias(name, "production", version.version)

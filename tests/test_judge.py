@@ -141,7 +141,9 @@ def test_not_run_by_default_writes_a_status_in_no_time(tmp_path, monkeypatch, wr
     out = run_stage(capsys)
     assert "judge: not run" in out
     assert json.loads((tmp_path / "reports/judge/status.json").read_text())["status"] == "not_run"
-    assert list((tmp_path / "metrics" / "judge").iterdir()) == []  # no stale judge columns
+    # no stale judge columns; only the summary that keeps the DVC metrics folder from being empty
+    assert [p.name for p in (tmp_path / "metrics" / "judge").iterdir()] == ["summary.yaml"]
+    assert json.loads((tmp_path / "metrics" / "judge" / "summary.yaml").read_text()) == {"enabled": False, "models": 0}
 
 
 def test_missing_key_or_baseline_fails_before_any_call(workspace, monkeypatch, capsys):

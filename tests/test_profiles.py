@@ -150,7 +150,7 @@ def test_applied_profile_is_accepted_by_dvc_for_every_stage(profile, tmp_path):
     assert problems == {}
     n_train_stages = sum(name.startswith("train@") for name in stages)
     assert n_train_stages == grid_size(composed)
-    assert {"validate", "split", "evaluate", "report", "promote"} <= set(stages)
+    assert {"validate", "split", "predict", "score", "report", "promote", "judge", "alignment"} <= set(stages)
 
     # The same through DVC's command line: `dvc repro --dry` walks every stage (data deps are
     # placeholders; nothing runs) without MissingParamsError.

@@ -15,7 +15,7 @@ import pytest
 
 from pipeline.core.errors import TonetuneError
 from tests.conftest import REPO_ROOT
-from tests.test_registry import QUESTION, save_adapter
+from tests.test_registry import QUESTION, SERVE_BATCH_SIZE, SERVE_POLICY, save_adapter
 
 
 def sh(cwd: Path, *command: str) -> str:
@@ -44,7 +44,7 @@ def test_a_second_clone_pulls_and_loads_the_production_model(team_server_info, t
 
     from pipeline.core.config import TrackingConfig
     from pipeline.core.tracking import configure_mlflow
-    from registry.model import base_model_reference, log_adapter_model, resolve_base_model
+    from registry.model import DecodingPolicy, base_model_reference, log_adapter_model, resolve_base_model
 
     remote, alice, bob = tmp_path / "team-remote", tmp_path / "alice", tmp_path / "bob"
     alice.mkdir()
@@ -65,7 +65,7 @@ def test_a_second_clone_pulls_and_loads_the_production_model(team_server_info, t
     assert reference["path"] == str((alice / "models" / "base").resolve())
     adapter = save_adapter(tiny_llama_dir, alice / "models" / "adapters" / "lora-a", seed=5, r=4)
     with mlflow.start_run(run_name="lora-a"):
-        info = log_adapter_model(adapter, reference, "fp32", max_new_tokens=8)
+        info = log_adapter_model(adapter, reference, "fp32", DecodingPolicy(**SERVE_POLICY), SERVE_BATCH_SIZE)
     version = mlflow.register_model(info.model_uri, "tt-team-clone")
     MlflowClient().set_registered_model_alias("tt-team-clone", "production", version.version)
     expected = list(mlflow.pyfunc.load_model("models:/tt-team-clone@production").predict([QUESTION]))
