@@ -69,8 +69,11 @@ def served(registry, tmp_path_factory):
     cwd = tmp_path_factory.mktemp("serve_cwd")
     port = free_port()
     log_path = cwd / "serve.log"
+    # The scoring server is started as `uvicorn` from PATH: the venv's bin folder must be on it
+    # (make puts it there; a bare `.venv/bin/python -m pytest` does not).
     env = {**os.environ, "MLFLOW_TRACKING_URI": registry["uri"], "PYTHONPATH": str(REPO_ROOT),
-           "MLFLOW_DISABLE_TELEMETRY": "true"}
+           "MLFLOW_DISABLE_TELEMETRY": "true",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     mlflow_bin = Path(sys.executable).with_name("mlflow")
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
