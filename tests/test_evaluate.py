@@ -368,7 +368,7 @@ def test_stages_write_predictions_metrics_and_mlflow_runs(stage_dir, mlflow_uri,
     assert set(runs) == {"eval-base", "lora-bf16-r4-lr0.001-n10", "renamed"}
     assert runs["eval-base"].data.metrics["eval_n_eval"] == 4
     assert runs["eval-base"].info.status == "FINISHED"
-    assert runs["eval-base"].data.tags["eval.precision"] == "bf16"  # evaluate.base_precision
+    assert runs["eval-base"].data.tags["eval.precision"] == "fp32"  # evaluate.base_precision
     assert runs["renamed"].data.tags["eval.system_prompt"] == "as-trained"  # the prompt it recorded
     int8 = json.loads(Path("metrics/eval/lora-int8-r4-lr0.001-n10.json").read_text())
     assert int8["mlflow_run_id"] == int8_run.info.run_id and int8["precision"] == "int8"

@@ -220,7 +220,7 @@ class TrainGrid(Section):
 
     precision: list[Literal["bf16", "fp32", "int8"]] = Field(default_factory=lambda: ["bf16", "int8"])
     lora_r: list[PositiveInt] = Field(default_factory=lambda: [32])
-    learning_rate: list[PositiveFloat] = Field(default_factory=lambda: [1e-3])
+    learning_rate: list[PositiveFloat] = Field(default_factory=lambda: [3e-4])
     n_train: list[PositiveInt] = Field(default_factory=lambda: [150])
 
     @model_validator(mode="after")
@@ -236,7 +236,7 @@ class TrainConfig(Section):
     """LoRA SFT hyperparameters (paper appendix A.3)."""
 
     grid: TrainGrid = Field(default_factory=TrainGrid)
-    epochs: PositiveFloat = 3
+    epochs: PositiveFloat = 5
     per_device_batch_size: PositiveInt = 16
     gradient_accumulation_steps: PositiveInt = 2
     lora_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.2
@@ -308,7 +308,7 @@ class EvaluateConfig(Section):
     seed: int = 0
     # Adapters are evaluated in the precision they were trained (and are served) in; this is the
     # base model's, for the prompting condition.
-    base_precision: Literal["bf16", "fp32", "int8"] = "bf16"
+    base_precision: Literal["bf16", "fp32", "int8"] = "fp32"
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     decoding: DecodingConfig = Field(default_factory=DecodingConfig)
     # Decoding ablation: every model again under plain greedy on the first N questions (0: off).
