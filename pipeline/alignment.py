@@ -40,7 +40,9 @@ from pipeline.core.config import (
 )
 from pipeline.core.contracts import ADAPTER_METADATA_FILE, grid_adapter_names
 from pipeline.core.errors import TonetuneError, exit_on_user_error
+from pipeline.core.io import write_metrics_summary
 from pipeline.core.tables import write_table
+from pipeline.core.tracking import code_version_tags, configure_mlflow
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -213,7 +215,6 @@ def log_to_mlflow(config: Config, results: dict[str, tuple[Any, dict]], adapters
     """A run `alignment` (metrics `<model>.<key>`, per-question tables) + metrics on training runs."""
     import mlflow
 
-    from pipeline.core.tracking import code_version_tags, configure_mlflow
 
     configure_mlflow(config.tracking)
     settings = config.alignment
@@ -263,17 +264,6 @@ def run_alignment(config: Config, base_dir: Path = BASE_MODEL_DIR, adapters_dir:
     return {name: record for name, (_, record) in results.items()}
 
 
-def write_metrics_summary(enabled: bool, metrics_dir: Path = ALIGNMENT_METRICS_DIR) -> Path:
-    """metrics/alignment/summary.yaml: scalars for `dvc metrics show`, written on every run so the
-    DVC metrics folder is never empty (an empty one makes DVC warn and reads as deleted in a
-    fresh clone); .yaml so the report's *.json records loader skips it."""
-    models = len(list(metrics_dir.glob("*.json"))) if metrics_dir.is_dir() else 0
-    metrics_dir.mkdir(parents=True, exist_ok=True)
-    path = metrics_dir / "summary.yaml"
-    path.write_text(json.dumps({"enabled": enabled, "models": models}) + "\n")
-    return path
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.alignment",
@@ -289,13 +279,13 @@ def main(argv: list[str] | None = None) -> None:
     config = load_config()
     if not config.alignment.enabled:
         clear_outputs(ALIGNMENT_METRICS_DIR, ALIGNMENT_REPORTS_DIR)
-        write_metrics_summary(False)
+        write_metrics_summary(ALIGNMENT_METRICS_DIR, enabled=False)
         write_json(ALIGNMENT_REPORTS_DIR / STATUS_FILE, {"status": "not_run", "reason": "alignment.enabled is false"})
         print("alignment: not run (alignment.enabled is false; it needs the Hugging Face hub: "
               "`dvc exp run -S alignment.enabled=true`)")
         return
     run_alignment(config)
-    write_metrics_summary(True)
+    write_metrics_summary(ALIGNMENT_METRICS_DIR, enabled=True)
 
 
 if __name__ == "__main__":

@@ -42,10 +42,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.core.config import METRICS_DIR, REPORTS_DIR, Config, JudgeConfig, load_config
+from pipeline.core.config import METRICS_DIR, REPORTS_DIR, Config, GenerateConfig, JudgeConfig, load_config
 from pipeline.core.errors import TonetuneError, exit_on_user_error
+from pipeline.core.io import write_metrics_summary
+from pipeline.core.llmclient import (
+    ChatClient,
+    OpenAIBackend,
+    RequestSettings,
+    StepKey,
+    raise_on_failed_replies,
+)
 from pipeline.core.predictions import PREDICTIONS_DIR
+from pipeline.core.responsecache import ResponseCache
 from pipeline.core.tables import read_table, write_table
+from pipeline.core.tracking import code_version_tags, configure_mlflow, git_commit
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -285,9 +295,6 @@ def ask(phases, settings: JudgeConfig, key: str, cache_path: Path = CACHE_PATH) 
     """Send every request through ChatClient (one client per phase: its seed and temperature),
     sharing one backend and one durable cache. A request that fails after its retries fails the
     stage in one line; what was answered is cached, so a re-run pays only for the rest."""
-    from pipeline.core.config import GenerateConfig
-    from pipeline.core.llmclient import ChatClient, OpenAIBackend, RequestFailed, RequestSettings, StepKey
-    from pipeline.core.responsecache import ResponseCache
 
     client_config = GenerateConfig(
         backend="openai", base_url=settings.base_url, model=settings.model, max_tokens=settings.max_tokens,
@@ -309,14 +316,7 @@ def ask(phases, settings: JudgeConfig, key: str, cache_path: Path = CACHE_PATH) 
                 ), return_exceptions=True)
                 for name, value in client.stats.as_dict().items():
                     result.stats[name] = result.stats.get(name, 0) + value
-                errors = [reply for reply in replies if isinstance(reply, BaseException)]
-                fatal = next((error for error in errors if isinstance(error, TonetuneError)), None)
-                if fatal is not None:
-                    raise fatal
-                if errors:
-                    first = errors[0] if isinstance(errors[0], RequestFailed) else repr(errors[0])
-                    raise TonetuneError(f"{len(errors)} of {len(requests)} judge requests to {settings.model} failed "
-                                        f"(first: {first}); re-run to retry them, the answers received are cached")
+                raise_on_failed_replies(replies, "judge", settings.model)
                 for (key_, _), reply in zip(requests, replies, strict=True):
                     result.replies[key_] = reply
                     tally = result.tallies.setdefault(key_[1], Tally())
@@ -455,7 +455,6 @@ def log_to_mlflow(config: Config, scored: dict[str, tuple[pd.DataFrame, dict]], 
     import mlflow
     import pandas as pd
 
-    from pipeline.core.tracking import code_version_tags, configure_mlflow, git_commit
 
     configure_mlflow(config.tracking)
     settings = config.judge
@@ -547,17 +546,6 @@ def write_not_run(metrics_dir: Path = JUDGE_METRICS_DIR, reports_dir: Path = JUD
     write_json(reports_dir / STATUS_FILE, {"status": "not_run", "reason": "judge.enabled is false"})
 
 
-def write_metrics_summary(enabled: bool, metrics_dir: Path = JUDGE_METRICS_DIR) -> Path:
-    """metrics/judge/summary.yaml: scalars for `dvc metrics show`, written on every run so the
-    DVC metrics folder is never empty (an empty one makes DVC warn and reads as deleted in a
-    fresh clone); .yaml so the report's *.json records loader skips it."""
-    models = len(list(metrics_dir.glob("*.json"))) if metrics_dir.is_dir() else 0
-    metrics_dir.mkdir(parents=True, exist_ok=True)
-    path = metrics_dir / "summary.yaml"
-    path.write_text(json.dumps({"enabled": enabled, "models": models}) + "\n")
-    return path
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.judge",
@@ -574,12 +562,12 @@ def main(argv: list[str] | None = None) -> None:
     config = load_config()
     if not config.judge.enabled:
         write_not_run()
-        write_metrics_summary(False)
+        write_metrics_summary(JUDGE_METRICS_DIR, enabled=False)
         print("judge: not run (judge.enabled is false; enable with `dvc exp run -S judge.enabled=true` and "
               f"export {config.judge.api_key_env})")
         return
     run_judge(config, predictions_dir=args.predictions)
-    write_metrics_summary(True)
+    write_metrics_summary(JUDGE_METRICS_DIR, enabled=True)
 
 
 if __name__ == "__main__":

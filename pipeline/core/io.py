@@ -100,3 +100,16 @@ def durable_append_line(path: str | Path, line: str | bytes) -> None:
         os.fsync(handle.fileno())
     if created:
         fsync_dir(path.parent)
+
+
+def write_metrics_summary(metrics_dir: str | Path, enabled: bool) -> Path:
+    """<metrics_dir>/summary.yaml for an optional stage: whether it ran and how many per-model
+    records (`*.json`) it left. Written on every run, so the DVC metrics folder is never empty
+    (an empty one makes DVC warn and reads as deleted in a fresh clone); `.yaml` (JSON is YAML)
+    so loaders of the per-model `*.json` records skip it."""
+    import json
+
+    metrics_dir = Path(metrics_dir)
+    models = len(list(metrics_dir.glob("*.json"))) if metrics_dir.is_dir() else 0
+    metrics_dir.mkdir(parents=True, exist_ok=True)
+    return atomic_write_text(metrics_dir / "summary.yaml", json.dumps({"enabled": enabled, "models": models}) + "\n")

@@ -35,6 +35,7 @@ import email.utils
 import json
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
@@ -398,6 +399,21 @@ class ChatClient:
 
 
 # --------------------------------------------------------------------------- OpenAI backend
+
+
+def raise_on_failed_replies(replies: Sequence[Any], what: str, model: str) -> None:
+    """After `asyncio.gather(..., return_exceptions=True)` over a batch of requests: re-raise the
+    first one-line TonetuneError (a fatal API answer), else fail in one line naming how many of
+    the batch failed; nothing when every request got an answer. The answers that did arrive are
+    in the response cache, so a re-run pays only for the failed ones."""
+    errors = [reply for reply in replies if isinstance(reply, BaseException)]
+    fatal = next((error for error in errors if isinstance(error, TonetuneError)), None)
+    if fatal is not None:
+        raise fatal
+    if errors:
+        first = errors[0] if isinstance(errors[0], RequestFailed) else repr(errors[0])
+        raise TonetuneError(f"{len(errors)} of {len(replies)} {what} requests to {model} failed (first: {first}); "
+                            "re-run to retry them, the answers received are cached")
 
 
 def host_of(base_url: str | None) -> str:

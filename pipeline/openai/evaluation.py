@@ -18,9 +18,14 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.core.config import Config, GenerateConfig
 from pipeline.core.contracts import openai_family
-from pipeline.core.errors import TonetuneError
 from pipeline.core.evalmetrics import metrics_record, summarize_predictions
-from pipeline.core.llmclient import ChatClient, OpenAIBackend, RequestFailed, RequestSettings, StepKey
+from pipeline.core.llmclient import (
+    ChatClient,
+    OpenAIBackend,
+    RequestSettings,
+    StepKey,
+    raise_on_failed_replies,
+)
 from pipeline.core.predictions import (
     MLFLOW_METRIC_PREFIX,
     GenerationResult,
@@ -80,14 +85,7 @@ def ask_all(model: str, system_prompt: str, questions: list[str], config: Config
         replies, stats = asyncio.run(run())
     finally:
         cache.close()
-    errors = [reply for reply in replies if isinstance(reply, BaseException)]
-    fatal = next((error for error in errors if isinstance(error, TonetuneError)), None)
-    if fatal is not None:
-        raise fatal
-    if errors:
-        first = errors[0] if isinstance(errors[0], RequestFailed) else repr(errors[0])
-        raise TonetuneError(f"{len(errors)} of {len(questions)} evaluation requests to {model} failed (first: {first}); "
-                            "re-run to retry them, the answers received are cached")
+    raise_on_failed_replies(replies, "evaluation", model)
     result = GenerationResult(
         answers=[reply.content.strip() for reply in replies],
         n_tokens=[reply.output_tokens for reply in replies],
