@@ -132,7 +132,8 @@ def train_ours(frame, precision: str, output_dir: Path, base_dir: Path) -> dict:
     from transformers import AutoTokenizer
 
     from pipeline.core.contracts import GridPoint
-    from pipeline.train import attach_lora, build_trainer, conversational_examples, load_base_model
+    from pipeline.core.modeling import load_base_model
+    from pipeline.train import attach_lora, build_trainer, conversational_examples
 
     config = load_config().train.model_copy(update={"epochs": 1, "save_steps": 10**6})
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
@@ -177,7 +178,8 @@ def train_naive(frame, precision: str, output_dir: Path, base_dir: Path) -> dict
     from transformers import AutoTokenizer, Trainer, TrainingArguments, default_data_collator
     from transformers.trainer_callback import PrinterCallback
 
-    from pipeline.train import attach_lora, load_base_model
+    from pipeline.core.modeling import load_base_model
+    from pipeline.train import attach_lora
 
     config = load_config().train
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))

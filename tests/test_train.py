@@ -127,7 +127,7 @@ def test_run_names_match_the_paths_dvc_renders(tmp_path, params_file):
 
     from pipeline.core.contracts import GridPoint
     from pipeline.core.contracts import adapter_name as run_name
-    from pipeline.train import parse_args
+    from pipeline.train.__main__ import parse_args
 
     subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
     (tmp_path / "dvc.yaml").write_text((REPO_ROOT / "dvc.yaml").read_text())
@@ -149,7 +149,7 @@ def test_run_names_match_the_paths_dvc_renders(tmp_path, params_file):
         assert name == run_name(arguments.precision, arguments.lora_r, arguments.learning_rate, arguments.n_train)
         deps = {str(dep.def_path) for dep in stage.deps}
         assert f"data/splits/train_{arguments.n_train}.parquet" in deps
-        assert {"models/base", "pipeline/train.py", "pipeline/core/system_prompts.py"} <= deps
+        assert {"models/base", "pipeline/train", "pipeline/core/system_prompts.py"} <= deps
 
 
 def test_optimizer_steps_match_the_trainer():
@@ -181,7 +181,8 @@ def test_labels_cover_only_the_assistant_answer(tmp_path, tiny_llama_dir):
     decode to exactly the answer plus the end-of-turn the model must learn to emit."""
     from transformers import AutoTokenizer
 
-    from pipeline.train import attach_lora, build_trainer, conversational_examples, load_base_model
+    from pipeline.core.modeling import load_base_model
+    from pipeline.train import attach_lora, build_trainer, conversational_examples
 
     config = tiny_config(tmp_path)
     point = tiny_point()
@@ -213,12 +214,12 @@ def test_completion_loss_equals_trls_fused_loss(tmp_path, tiny_llama_dir):
     from transformers import AutoTokenizer
     from trl import SFTTrainer
 
+    from pipeline.core.modeling import load_base_model
     from pipeline.train import (
         attach_lora,
         build_trainer,
         completion_loss,
         conversational_examples,
-        load_base_model,
     )
 
     config = tiny_config(tmp_path, {"lora_dropout": 0.0})
@@ -403,7 +404,8 @@ def test_int8_path_gives_lora_gradients_on_cpu(tmp_path, tiny_llama_dir):
     import torch
     from transformers import AutoTokenizer
 
-    from pipeline.train import attach_lora, build_trainer, conversational_examples, load_base_model
+    from pipeline.core.modeling import load_base_model
+    from pipeline.train import attach_lora, build_trainer, conversational_examples
 
     config = tiny_config(tmp_path)
     base = load_base_model(tiny_llama_dir, "int8", config.train.int8_threshold)
