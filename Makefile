@@ -43,7 +43,7 @@ $(STAMP): $(PY) requirements.lock pyproject.toml
 
 setup: $(STAMP)  ## create .venv, install pinned dependencies, prepare offline assets
 
-demo: setup  ## run the whole pipeline offline (dvc repro) and show the Production model
+demo: setup  ## run the whole pipeline offline (dvc repro), then show the Production model or why there is none
 	@[ -d .git ] || { echo "error: run inside the git clone" >&2; exit 1; }
 	dvc repro
 	@$(PY) -m registry summary

@@ -30,6 +30,36 @@ for _key, _value in {
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+MLFLOW_STATE_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID",
+                          "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def mlflow_state_stays_in_its_module():
+    """MLflow keeps its store, registry and active experiment in process globals, and
+    `set_tracking_uri`/`set_registry_uri` also export them as environment variables that every
+    later subprocess inherits. A test module that points MLflow at a temporary store or server
+    would otherwise leave the next module talking to a deleted store or a stopped server (seen:
+    "No Experiment with id=1", "Connection refused" on a server port of an earlier module).
+    Restore all of it when each module ends."""
+    import mlflow.tracking._model_registry.utils as registry_utils
+    import mlflow.tracking._tracking_service.utils as tracking_utils
+    import mlflow.tracking.fluent as fluent
+
+    environment = {name: os.environ.get(name) for name in MLFLOW_STATE_VARIABLES}
+    tracking, registry = tracking_utils._tracking_uri, registry_utils._registry_uri
+    yield
+    while fluent.active_run() is not None:
+        fluent.end_run()
+    for name, value in environment.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    tracking_utils._tracking_uri, registry_utils._registry_uri = tracking, registry
+    fluent._active_experiment_id = None
+
+
 @pytest.fixture
 def mlflow_uri(tmp_path, monkeypatch) -> str:
     """A fresh sqlite MLflow store for this test, exported as MLFLOW_TRACKING_URI."""
