@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,7 +39,7 @@ from pipeline.core.config import (
 )
 from pipeline.core.contracts import ADAPTER_METADATA_FILE, grid_adapter_names
 from pipeline.core.errors import TonetuneError, exit_on_user_error
-from pipeline.core.io import write_metrics_summary
+from pipeline.core.io import atomic_write_text, clear_model_outputs, write_metrics_summary
 from pipeline.core.tables import write_table
 from pipeline.core.tracking import code_version_tags, configure_mlflow
 
@@ -198,17 +197,7 @@ def score_models(config: Config, items: list[Item], base_dir: Path, adapters: li
 # ----------------------------------------------------------------------------------- outputs
 def write_json(path: Path, record: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(partial, path)
-    return path
-
-
-def clear_outputs(metrics_dir: Path, reports_dir: Path) -> None:
-    for folder, pattern in ((metrics_dir, "*.json"), (reports_dir, "*.parquet")):
-        folder.mkdir(parents=True, exist_ok=True)
-        for stale in folder.glob(pattern):
-            stale.unlink()
+    return atomic_write_text(path, json.dumps(record, indent=2) + "\n")
 
 
 def log_to_mlflow(config: Config, results: dict[str, tuple[Any, dict]], adapters: list[Path]) -> str:
@@ -249,7 +238,7 @@ def run_alignment(config: Config, base_dir: Path = BASE_MODEL_DIR, adapters_dir:
         raise TonetuneError(f"alignment.dataset {settings.dataset}: no questions to score")
     print(f"alignment: {len(items)} questions of {settings.dataset}, base + {len(adapters)} adapter(s)", flush=True)
     results = score_models(config, items, base_dir, adapters)
-    clear_outputs(metrics_dir, reports_dir)
+    clear_model_outputs(metrics_dir, reports_dir)
     for name, (frame, record) in results.items():
         write_table(frame, reports_dir / f"{name}.parquet")
         write_json(metrics_dir / f"{name}.json", record)
@@ -278,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
     parse_args(argv)
     config = load_config()
     if not config.alignment.enabled:
-        clear_outputs(ALIGNMENT_METRICS_DIR, ALIGNMENT_REPORTS_DIR)
+        clear_model_outputs(ALIGNMENT_METRICS_DIR, ALIGNMENT_REPORTS_DIR)
         write_metrics_summary(ALIGNMENT_METRICS_DIR, enabled=False)
         write_json(ALIGNMENT_REPORTS_DIR / STATUS_FILE, {"status": "not_run", "reason": "alignment.enabled is false"})
         print("alignment: not run (alignment.enabled is false; it needs the Hugging Face hub: "

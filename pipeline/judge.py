@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.core.config import METRICS_DIR, REPORTS_DIR, Config, GenerateConfig, JudgeConfig, load_config
 from pipeline.core.errors import TonetuneError, exit_on_user_error
-from pipeline.core.io import write_metrics_summary
+from pipeline.core.io import atomic_write_text, clear_model_outputs, write_metrics_summary
 from pipeline.core.llmclient import (
     ChatClient,
     OpenAIBackend,
@@ -481,19 +481,8 @@ def log_to_mlflow(config: Config, scored: dict[str, tuple[pd.DataFrame, dict]], 
 # ----------------------------------------------------------------------------------- stage
 def write_json(path: Path, record: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
     clean = {key: None if isinstance(value, float) and math.isnan(value) else value for key, value in record.items()}
-    partial.write_text(json.dumps(clean, indent=2) + "\n")
-    os.replace(partial, path)
-    return path
-
-
-def clear_outputs(metrics_dir: Path, reports_dir: Path) -> None:
-    """Remove this stage's own earlier results (so a model no longer evaluated is not reported)."""
-    for folder, pattern in ((metrics_dir, "*.json"), (reports_dir, "*.parquet")):
-        folder.mkdir(parents=True, exist_ok=True)
-        for stale in folder.glob(pattern):
-            stale.unlink()
+    return atomic_write_text(path, json.dumps(clean, indent=2) + "\n")
 
 
 def run_judge(config: Config, predictions_dir: Path = PREDICTIONS_DIR, metrics_dir: Path = JUDGE_METRICS_DIR,
@@ -510,7 +499,7 @@ def run_judge(config: Config, predictions_dir: Path = PREDICTIONS_DIR, metrics_d
     started = time.perf_counter()
     run = ask(phases, settings, key, cache_path)
     scored = {model.name: score_model(model, baseline, run, settings) for model in models}
-    clear_outputs(metrics_dir, reports_dir)
+    clear_model_outputs(metrics_dir, reports_dir)
     for name, (frame, record) in scored.items():
         write_table(frame, reports_dir / f"{name}.parquet")
         write_json(metrics_dir / f"{name}.json", record)
@@ -540,7 +529,7 @@ def run_judge(config: Config, predictions_dir: Path = PREDICTIONS_DIR, metrics_d
 def write_not_run(metrics_dir: Path = JUDGE_METRICS_DIR, reports_dir: Path = JUDGE_REPORTS_DIR,
                   cache_path: Path = CACHE_PATH) -> None:
     """Empty metrics (no stale judge columns), a status, and the cache file DVC expects."""
-    clear_outputs(metrics_dir, reports_dir)
+    clear_model_outputs(metrics_dir, reports_dir)
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     cache_path.touch()
     write_json(reports_dir / STATUS_FILE, {"status": "not_run", "reason": "judge.enabled is false"})

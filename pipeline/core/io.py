@@ -113,3 +113,12 @@ def write_metrics_summary(metrics_dir: str | Path, enabled: bool) -> Path:
     models = len(list(metrics_dir.glob("*.json"))) if metrics_dir.is_dir() else 0
     metrics_dir.mkdir(parents=True, exist_ok=True)
     return atomic_write_text(metrics_dir / "summary.yaml", json.dumps({"enabled": enabled, "models": models}) + "\n")
+
+
+def clear_model_outputs(metrics_dir: str | Path, reports_dir: str | Path) -> None:
+    """Remove an optional stage's own earlier per-model results (`*.json` metrics, `*.parquet`
+    reports), creating both folders, so a model no longer evaluated is not reported."""
+    for folder, pattern in ((Path(metrics_dir), "*.json"), (Path(reports_dir), "*.parquet")):
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob(pattern):
+            stale.unlink()
