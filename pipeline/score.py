@@ -50,7 +50,7 @@ from pipeline.core.predictions import (
 )
 from pipeline.core.tables import read_table, write_table
 from pipeline.core.textmetrics import load_embedder, repeated_ngram_rate
-from pipeline.core.tracking import code_version_tags, configure_mlflow
+from pipeline.core.tracking import code_version_tags, configure_mlflow, find_run
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -126,15 +126,10 @@ def ablation_summary(scorer: Scorer, scored: pd.DataFrame, greedy_frame: pd.Data
 def find_training_run(client, experiment_id: str, name: str, run_id: str | None = None):
     """The adapter's training run: `run_id` from its tonetune_adapter.json when this store has
     it, else the newest run named `name` (the train stage names runs after the adapter folder)."""
-    from mlflow.exceptions import MlflowException
-
-    if run_id:
-        try:
-            run = client.get_run(run_id)
-            if run.info.experiment_id == experiment_id:
-                return run
-        except MlflowException:
-            pass  # recorded in another store (e.g. a copied adapter): fall back to the name
+    run = find_run(client, run_id)
+    if run is not None and run.info.experiment_id == experiment_id:
+        return run
+    # not recorded here (e.g. a copied adapter, another store): fall back to the name
     escaped = name.replace("'", "\\'")
     runs = client.search_runs(
         [experiment_id],

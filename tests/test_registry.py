@@ -18,8 +18,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 import warnings
 from pathlib import Path
 
@@ -27,6 +25,7 @@ import pytest
 import yaml
 
 from pipeline.core.errors import TonetuneError
+from scripts.team_server import wait_healthy
 
 SENTINELS = {
     "OPENROUTER_API_KEY": "sk-or-v1-" + "SENTINEL-0b9d3f7e2a41c6",  # split: not a real key
@@ -46,21 +45,6 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-def wait_healthy(url: str, process: subprocess.Popen, timeout_s: float = 180) -> None:
-    """Poll /health until the server answers (it needs ~7 s idle, more on a busy machine)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"mlflow server exited with {process.returncode}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise RuntimeError(f"mlflow server did not answer {url}/health within {timeout_s} s")
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +68,7 @@ def server(tmp_path_factory):
     )
     uri = f"http://127.0.0.1:{port}"
     try:
-        yield {"uri": uri, "database": database, "artifacts": artifacts, "ready": lambda: wait_healthy(uri, process)}
+        yield {"uri": uri, "database": database, "artifacts": artifacts, "ready": lambda: wait_healthy(uri, process, timeout_s=180)}
     finally:
         try:
             os.killpg(process.pid, signal.SIGTERM)
