@@ -86,7 +86,7 @@ Needs the tonetune package importable and the base model at its recorded path (o
 TONETUNE_BASE_MODEL_DIR pointing at a copy with the same weights).
 
 **Lineage.** Training run `{tags.get(Tags.TRAINING_RUN_ID)}` ({tags.get(Tags.TRAINING_RUN_NAME)}), code \
-`{tags.get(Tags.GIT_COMMIT, '-')}`, dvc.lock md5 `{tags.get(Tags.DVC_LOCK_MD5, '-')}`. Audit it with \
+`{tags.get(Tags.GIT_COMMIT, '-')}`, dvc.lock digest `{tags.get(Tags.DVC_LOCK_MD5, '-')}`. Audit it with \
 `python -m registry lineage models:/{name}/{version}`.
 
 **Promotion policy.** {tags.get(Tags.PROMOTE_POLICY)}.

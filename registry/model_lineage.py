@@ -9,7 +9,8 @@ For `models:/<name>@<alias>` or `models:/<name>/<version>`, `lineage_for_model` 
          `dataset.*` tags; pipeline.core.tracking.logged_datasets), each audited with
          `registry.lineage.lineage_for_file`: md5 on disk vs
          dvc.lock, the upstream stages and their params, generation run, source corpus, commit
-      -> dvc.lock md5 at promotion vs now
+      -> dvc.lock digest at promotion vs now (pipeline.core.dvcmeta.lock_digest: every stage but
+         promote, whose own entry DVC writes after promotion)
 
 The verdict is MATCH only when every dataset on disk is the file dvc.lock records AND the file the
 version was trained on; otherwise the worst dataset status (MODIFIED, MISSING, NOT TRACKED, or
@@ -235,6 +236,6 @@ def render_text(report: ModelLineageReport) -> str:
     lines.append(f"  -> commit    trained at {report.git_commit or '-'}; promoted at {tags.get(Tags.PROMOTE_GIT_COMMIT, '-')}")
     lock_then, lock_now = report.dvc_lock_md5_at_promotion, report.dvc_lock_md5_now
     same = "unchanged since" if lock_then and lock_then == lock_now else "CHANGED since" if lock_then else "not recorded at"
-    lines.append(f"              dvc.lock md5 {lock_now or '-'} ({same} promotion{'' if same != 'CHANGED since' else f': was {lock_then}'})")
+    lines.append(f"              dvc.lock digest {lock_now or '-'} ({same} promotion{'' if same != 'CHANGED since' else f': was {lock_then}'})")
     lines.append(f"  {report.status}: {VERDICTS.get(report.status, report.status)}")
     return "\n".join(lines)

@@ -21,7 +21,7 @@ them explicitly by number.
 
 Promotion registers the adapter's pyfunc model (logged by the train stage) as a version of
 `promote.registered_model_name`, tagged with its metrics, the base model's, the dataset DVC md5s,
-training params, git commit, dvc.lock md5, training run id and data-quality verdict, with a model
+training params, git commit, dvc.lock digest, training run id and data-quality verdict, with a model
 card as the description; it sets alias `production`, moves the old one to alias `previous`,
 moves the legacy stage and appends to a history tag that `rollback` pops. All of it under a
 file lock per store (registry/store.py says what that does and does not protect).

@@ -729,6 +729,28 @@ def test_lineage_of_a_model_uri_audits_every_dataset_against_dvc_lock(ws, regist
     assert code == 2 and "no such model version" in err
 
 
+def test_lineage_ignores_promotes_own_dvc_lock_entry_but_sees_any_upstream_change(ws, registry_name, tmp_path, capsys):
+    """Under `dvc repro`, DVC writes the promote stage's entry into dvc.lock after promote exits:
+    that must not read as "CHANGED since promotion"; a changed upstream entry must."""
+    assert promote(write_eval(tmp_path / "eval", ws, B=(60.0, 0.70))).version == "1"
+    lock_file = Path("dvc.lock")
+    original = lock_file.read_bytes()
+    try:
+        lock = yaml.safe_load(original)
+        lock["stages"]["promote"] = {"cmd": "python -m registry.promote", "deps": [{"path": "metrics/eval", "md5": "0" * 32}]}
+        lock_file.write_text(yaml.safe_dump(lock, sort_keys=False))
+        code, out, err = cli(capsys, "lineage", f"models:/{registry_name}@production")
+        assert code == 0 and "(unchanged since promotion)" in out, (out, err)
+
+        first_stage = next(name for name in lock["stages"] if name != "promote")
+        lock["stages"][first_stage]["cmd"] = lock["stages"][first_stage].get("cmd", "") + " --edited"
+        lock_file.write_text(yaml.safe_dump(lock, sort_keys=False))
+        code, out, _ = cli(capsys, "lineage", f"models:/{registry_name}@production")
+        assert "(CHANGED since promotion: was " in out, out
+    finally:
+        lock_file.write_bytes(original)
+
+
 def test_no_api_key_in_any_tag_param_description_or_artifact(ws, registry_name, tmp_path, server):
     """The sentinels are in the environment of every run, promotion and subprocess of this module;
     the scan covers whatever the server holds when it runs (at least the workspace's runs and this

@@ -80,6 +80,20 @@ def locked_md5(path: str | Path, lock_path: str | Path = DVC_LOCK) -> tuple[str,
     return None
 
 
-def lock_digest(lock_path: str | Path = DVC_LOCK) -> str | None:
-    """md5 of dvc.lock itself: one hash naming the whole pipeline state."""
-    return file_md5(lock_path) if Path(lock_path).exists() else None
+PROMOTE_STAGE = "promote"
+
+
+def lock_digest(lock_path: str | Path = DVC_LOCK, exclude_stages: tuple[str, ...] = (PROMOTE_STAGE,)) -> str | None:
+    """md5 naming the pipeline state dvc.lock records, without the entries of `exclude_stages`.
+
+    The promote stage records this digest while it runs, but DVC writes promote's own entry into
+    dvc.lock only after it exits: a digest of the whole file would read "changed since promotion"
+    right after every promotion. So the digest covers every other stage (md5 of canonical JSON of
+    the lock's schema and stages); any change to data, params or code upstream still changes it.
+    """
+    lock = read_lock(lock_path)
+    if not lock:
+        return None
+    stages = {name: entry for name, entry in (lock.get("stages") or {}).items() if name not in exclude_stages}
+    canonical = json.dumps({"schema": lock.get("schema"), "stages": stages}, sort_keys=True, separators=(",", ":"))
+    return hashlib.md5(canonical.encode()).hexdigest()
