@@ -63,7 +63,11 @@ if TYPE_CHECKING:
 JUDGE_METRICS_DIR = METRICS_DIR / "judge"
 JUDGE_REPORTS_DIR = REPORTS_DIR / "judge"
 STATUS_FILE = "status.json"
-CACHE_PATH = Path("data/cache/judge_responses.jsonl")
+# The paid replies, a DVC `persist` output. A folder holding the JSONL rather than the bare file:
+# DVC warns "'...' is empty" for an empty file output (every demo run, the judge being off), not
+# for a folder holding one. Caches written before that live at LEGACY_CACHE_PATH and are moved.
+CACHE_PATH = Path("data/cache/judge/responses.jsonl")
+LEGACY_CACHE_PATH = Path("data/cache/judge_responses.jsonl")
 PROMPT_VERSION = "judge-v1"
 
 # ----------------------------------------------------------------------------------- prompts
@@ -545,10 +549,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def adopt_legacy_cache(legacy: Path = LEGACY_CACHE_PATH, cache_path: Path = CACHE_PATH) -> bool:
+    """Move replies cached at the old path into the cache folder (paid work is never dropped).
+
+    Only when the folder holds no replies yet; returns whether anything was moved."""
+    if not legacy.is_file() or legacy.stat().st_size == 0:
+        return False
+    if cache_path.is_file() and cache_path.stat().st_size > 0:
+        return False
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(legacy, cache_path)
+    print(f"judge: moved the cached replies from {legacy} to {cache_path}")
+    return True
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     config = load_config()
+    adopt_legacy_cache()
     if not config.judge.enabled:
         write_not_run()
         write_metrics_summary(JUDGE_METRICS_DIR, enabled=False)

@@ -144,6 +144,21 @@ def test_not_run_by_default_writes_a_status_in_no_time(tmp_path, monkeypatch, wr
     # no stale judge columns; only the summary that keeps the DVC metrics folder from being empty
     assert [p.name for p in (tmp_path / "metrics" / "judge").iterdir()] == ["summary.yaml"]
     assert json.loads((tmp_path / "metrics" / "judge" / "summary.yaml").read_text()) == {"enabled": False, "models": 0}
+    # the DVC persist output is a folder holding the (empty) cache file: DVC warns about an empty
+    # file output on every run, not about a folder that holds one
+    assert [p.name for p in (tmp_path / "data" / "cache" / "judge").iterdir()] == ["responses.jsonl"]
+
+
+def test_replies_cached_at_the_old_path_are_moved_not_dropped(tmp_path, monkeypatch, write_params, capsys):
+    monkeypatch.chdir(tmp_path)
+    write_params()
+    legacy = tmp_path / "data" / "cache" / "judge_responses.jsonl"
+    legacy.parent.mkdir(parents=True)
+    paid = b'{"key": "k1", "value": {"content": "paid for"}}\n'
+    legacy.write_bytes(paid)
+    out = run_stage(capsys)
+    assert "judge: moved the cached replies from data/cache/judge_responses.jsonl to data/cache/judge/responses.jsonl" in out
+    assert (tmp_path / "data" / "cache" / "judge" / "responses.jsonl").read_bytes() == paid and not legacy.exists()
 
 
 def test_missing_key_or_baseline_fails_before_any_call(workspace, monkeypatch, capsys):
