@@ -297,7 +297,8 @@ def stage_dir(tmp_path, monkeypatch, chatty_llama_dir, write_params):
     (tmp_path / "data" / "splits").mkdir(parents=True)
     references = ["The sky looks blue because air scatters blue light more.", "Shakespeare wrote it.", "A number with two divisors.", "Bees dry nectar.", "Mars."]
     pd.DataFrame(
-        {"id": [f"q{i}" for i in range(5)], "question": QUESTIONS, "answer": references, "factual_answer": references}
+        {"id": [f"q{i}" for i in range(5)], "question": QUESTIONS, "answer": references, "factual_answer": references,
+         "position": range(5)}  # an integer column, as the split stage writes (MLflow's schema notes fire on it)
     ).to_parquet(tmp_path / "data" / "splits" / "val.parquet")
     write_params({
         "evaluate": {"max_new_tokens": 6, "batch_size": 4, "bootstrap_samples": 200, "limit": 4},
@@ -332,9 +333,18 @@ def test_stages_write_predictions_metrics_and_mlflow_runs(stage_dir, mlflow_uri,
     client = mlflow.MlflowClient()
     before = {run.info.run_id: client.get_run(run.info.run_id).info for run in (training_run, int8_run)}
 
-    run_stages()
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_stages()
     out = capsys.readouterr().out
     assert "skipping 1 adapter(s) not in train.grid" in out
+    # MLflow's schema-inference notes on the validation dataset input reach no user
+    notes = [str(w.message) for w in caught if "Inferred schema" in str(w.message) or "dataset source" in str(w.message)]
+    assert not notes, notes
+    inputs = client.get_run(training_run.info.run_id).inputs.dataset_inputs
+    assert "val" in [dataset_input.dataset.name for dataset_input in inputs]
     assert "decoding: greedy, no_repeat_ngram_size=4, max 6 tokens" in out
 
     names = {"base", "lora-bf16-r4-lr0.001-n10", "lora-int8-r4-lr0.001-n10"}

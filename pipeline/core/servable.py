@@ -30,6 +30,7 @@ loads or runs a model (train, bench) does not import it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -141,16 +142,24 @@ def _log(adapter_dir, base_reference, precision, policy, batch_size, int8_thresh
     """log_adapter_model's work, with MLflow's download bars already off."""
     import mlflow
 
-    with tempfile.TemporaryDirectory() as scratch:
-        reference_file = Path(scratch) / BASE_REFERENCE_FILE
-        reference_file.write_text(json.dumps(base_reference, indent=2) + "\n")
-        info = mlflow.pyfunc.log_model(
-            name=name,
-            python_model=str(MODEL_CODE_PATH),
-            artifacts={ADAPTER_ARTIFACT: str(adapter_dir), BASE_ARTIFACT: str(reference_file)},
-            model_config=model_config(precision, policy, batch_size, int8_threshold),
-            input_example=(INPUT_EXAMPLE, {"max_new_tokens": int(policy.max_new_tokens), "batch_size": int(batch_size)}),
-            pip_requirements=pip_requirements(),
-        )
+    # MLflow announces at INFO that it runs predict on the input example (that is the check we
+    # want, not news for the user of a training stage): quiet for this call only.
+    signature_logger = logging.getLogger("mlflow.models.signature")
+    previous_level = signature_logger.level
+    signature_logger.setLevel(logging.WARNING)
+    try:
+        with tempfile.TemporaryDirectory() as scratch:
+            reference_file = Path(scratch) / BASE_REFERENCE_FILE
+            reference_file.write_text(json.dumps(base_reference, indent=2) + "\n")
+            info = mlflow.pyfunc.log_model(
+                name=name,
+                python_model=str(MODEL_CODE_PATH),
+                artifacts={ADAPTER_ARTIFACT: str(adapter_dir), BASE_ARTIFACT: str(reference_file)},
+                model_config=model_config(precision, policy, batch_size, int8_threshold),
+                input_example=(INPUT_EXAMPLE, {"max_new_tokens": int(policy.max_new_tokens), "batch_size": int(batch_size)}),
+                pip_requirements=pip_requirements(),
+            )
+    finally:
+        signature_logger.setLevel(previous_level)
     mlflow.set_tag("serve_precision", precision)
     return info
