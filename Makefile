@@ -74,6 +74,7 @@ server: setup  ## team tracking server: PostgreSQL + mlflow server on http://127
 
 serve: setup  ## serve the production model over REST: POST /invocations on http://127.0.0.1:5001 (README "Serve it over REST")
 	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} \
+	MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT=$${MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT:-600} \
 	$(VENV)/bin/mlflow models serve -m models:/$${MODEL:-tonetune-conversational}@production \
 	  --env-manager local --host 127.0.0.1 --port $${PORT:-5001}
 
