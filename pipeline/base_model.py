@@ -20,7 +20,6 @@ or hub id + resolved revision, dtype, library versions).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.core.config import BASE_MODEL_DIR, BaseModelConfig, load_config
+from pipeline.core.dvcmeta import file_sha256
 from pipeline.core.errors import TonetuneError, exit_on_user_error
 
 if TYPE_CHECKING:
@@ -35,15 +35,6 @@ if TYPE_CHECKING:
 
 PROVENANCE_FILE = "tonetune_base.json"
 CHECK_PROMPT = "What is the capital of France?"
-
-
-def file_sha256(path: Path, chunk_size: int = 1 << 20) -> str:
-    """SHA-256 of a file's bytes (identifies the exact GGUF the weights came from)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(chunk_size), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def torch_dtype(name: str):

@@ -27,7 +27,6 @@ When the input is a registry URI the export is recorded on the model version as 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -37,6 +36,7 @@ from typing import Any
 
 from pipeline.core.config import BASE_MODEL_DIR
 from pipeline.core.contracts import ADAPTER_METADATA_FILE
+from pipeline.core.dvcmeta import file_sha256
 from pipeline.core.errors import TonetuneError
 from pipeline.core.modeling import weights_sha256
 
@@ -281,14 +281,6 @@ def write_gguf(model, tokenizer, tokenizer_dir: Path, out: Path, file_type: str,
     return count
 
 
-def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(chunk_size), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def export_gguf(source: ExportInput, out: Path, file_type: str = "f16") -> ExportResult:
     """Merge, write `out` atomically (a sibling temp file renamed into place), hash it."""
     if file_type not in FILE_TYPES:
@@ -302,7 +294,7 @@ def export_gguf(source: ExportInput, out: Path, file_type: str = "f16") -> Expor
         os.replace(partial, out)
     finally:
         partial.unlink(missing_ok=True)
-    return ExportResult(out, sha256_file(out), file_type, out.stat().st_size, count)
+    return ExportResult(out, file_sha256(out), file_type, out.stat().st_size, count)
 
 
 def record_on_version(source: ExportInput, result: ExportResult) -> None:

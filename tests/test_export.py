@@ -203,8 +203,8 @@ def test_registry_uri_export_records_tags(adapter_dir, tiny_llama_dir, tmp_path,
     import gguf
     import mlflow
 
+    from pipeline.core.dvcmeta import file_sha256
     from registry.cli import main
-    from registry.export import sha256_file
     from registry.model import DecodingPolicy, base_model_reference, log_adapter_model
 
     monkeypatch.chdir(tmp_path)  # MLflow's default experiment keeps artifacts in ./mlruns
@@ -223,7 +223,7 @@ def test_registry_uri_export_records_tags(adapter_dir, tiny_llama_dir, tmp_path,
     assert exit_info.value.code == 0
     tags = client.get_model_version(name, version.version).tags
     assert tags["export.gguf.type"] == "bf16"
-    assert tags["export.gguf.sha256"] == sha256_file(out)
+    assert tags["export.gguf.sha256"] == file_sha256(out)
     assert Path(tags["export.gguf.path"]) == out.resolve()
     reader = gguf.GGUFReader(str(out))
     assert {t.tensor_type for t in reader.tensors} == {gguf.GGMLQuantizationType.BF16, gguf.GGMLQuantizationType.F32}

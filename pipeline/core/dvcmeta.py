@@ -19,13 +19,23 @@ DVC_LOCK = Path("dvc.lock")
 DVC_CACHE = Path(".dvc/cache/files/md5")
 
 
-def file_md5(path: str | Path, chunk_size: int = 1 << 20) -> str:
-    """md5 of a file's bytes, the hash DVC 3 records for a file."""
-    digest = hashlib.md5()
+def _file_digest(path: str | Path, algorithm: str, chunk_size: int = 1 << 20) -> str:
+    """Hex digest of a file's bytes with hashlib's `algorithm`, read in chunks."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(chunk_size), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def file_md5(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    """md5 of a file's bytes, the hash DVC 3 records for a file."""
+    return _file_digest(path, "md5", chunk_size)
+
+
+def file_sha256(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    """SHA-256 of a file's bytes (names an exact GGUF: the one the base came from, or an export)."""
+    return _file_digest(path, "sha256", chunk_size)
 
 
 @dataclass(frozen=True)
