@@ -35,7 +35,6 @@ import gc
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,14 +42,12 @@ from pipeline.core.adapterinfo import (
     adapter_metadata,
     discover_adapters,
     model_family,
-    read_adapter_record,
     select_adapters,
 )
 from pipeline.core.config import ADAPTERS_DIR, BASE_MODEL_DIR, VAL_SPLIT_PATH, Config, load_config
 from pipeline.core.contracts import grid_adapter_names
 from pipeline.core.errors import TonetuneError, exit_on_user_error
 from pipeline.core.modeling import (
-    PRECISIONS,
     AdapterSwitcher,
     DecodingPolicy,
     answer_questions,
@@ -58,53 +55,19 @@ from pipeline.core.modeling import (
     load_for_inference,
     require_bitsandbytes,
 )
+from pipeline.core.modelspec import ModelSpec, adapter_spec, base_spec, check_base_model
 from pipeline.core.predictions import PREDICTIONS_DIR, GenerationResult, read_validation
-from pipeline.core.system_prompts import CONCISE_SYSTEM_PROMPT, VERBOSE_SYSTEM_PROMPT
 from pipeline.core.tables import write_table
 
 if TYPE_CHECKING:
     import pandas as pd
 
-BASE_NAME = "base"
 ABLATION_DIRNAME = "ablation"
-
-
-@dataclass
-class ModelSpec:
-    """One model to run: its name (file names, MLflow), prompt, precision and optional adapter."""
-
-    name: str
-    kind: str  # "base" or "lora"
-    system_prompt_name: str  # "verbose", "concise" or "as-trained"
-    system_prompt: str
-    precision: str
-    adapter_dir: Path | None = None
-    record: dict[str, Any] = field(default_factory=dict)  # the adapter's tonetune_adapter.json
-
-
-def check_base_model(model_dir: Path) -> None:
-    """Fail in one line when the base model folder is missing (before torch is imported)."""
-    if not (model_dir / "config.json").is_file():
-        raise TonetuneError(f"{model_dir}: base model not found (run `dvc repro base_model` first)")
-
-
-def adapter_spec(path: Path) -> ModelSpec:
-    """An adapter, prompted as it was trained, in the precision it was trained in."""
-    record = read_adapter_record(path)
-    trained_with = record.get("system_prompt") or CONCISE_SYSTEM_PROMPT
-    precision = record.get("serve_precision") or adapter_metadata(path)["precision"]
-    if precision not in PRECISIONS:
-        raise TonetuneError(
-            f"{path}: cannot tell which precision the adapter was trained in (got {precision!r}; expected one of "
-            f"{', '.join(PRECISIONS)} in tonetune_adapter.json or a lora-<precision>-... folder name)"
-        )
-    prompt_name = "concise" if trained_with == CONCISE_SYSTEM_PROMPT else "as-trained"
-    return ModelSpec(path.name, "lora", prompt_name, trained_with, precision, adapter_dir=path, record=record)
 
 
 def model_specs(adapters: Sequence[Path], only: set[str] | None, base_precision: str) -> list[ModelSpec]:
     """The base model first, then each adapter, filtered by `--models` if given."""
-    specs = [ModelSpec(BASE_NAME, "base", "verbose", VERBOSE_SYSTEM_PROMPT, base_precision)]
+    specs = [base_spec(base_precision)]
     specs += [adapter_spec(path) for path in adapters]
     if only:
         unknown = only - {spec.name for spec in specs}
@@ -145,7 +108,7 @@ def clear_outputs(folder: Path = PREDICTIONS_DIR) -> None:
 
 
 def predictions_frame(validation: pd.DataFrame, result: GenerationResult) -> pd.DataFrame:
-    """The unscored predictions table: [id,] question, reference, answer, n_tokens, stopped."""
+    """The unscored predictions table: [id,] question, reference, answer, n_tokens, stopped[, factual]."""
     import pandas as pd
 
     frame = pd.DataFrame({
@@ -155,6 +118,8 @@ def predictions_frame(validation: pd.DataFrame, result: GenerationResult) -> pd.
         "n_tokens": result.n_tokens,
         "stopped": result.stopped,
     })
+    if "factual_answer" in validation.columns:  # the content without the tone: what the content metric reads
+        frame["factual"] = validation["factual_answer"].astype(str).tolist()
     if "id" in validation.columns:
         frame.insert(0, "id", validation["id"].astype(str).tolist())
     return frame

@@ -43,7 +43,9 @@ from pipeline.core.predictions import (
     EVAL_METRICS_DIR,
     MLFLOW_METRIC_PREFIX,
     PREDICTIONS_DIR,
+    SCORES_DIR,
     GenerationResult,
+    content_similarity,
     predictions_artifact_path,
     score_answers,
     write_metrics,
@@ -55,11 +57,11 @@ from pipeline.core.tracking import code_version_tags, configure_mlflow, find_run
 if TYPE_CHECKING:
     import pandas as pd
 
-SCORES_DIR = PREDICTIONS_DIR.parent / "scores"
 ABLATION_DIRNAME = "ablation"
 REPETITION_N = 4
 ABLATION_KEYS = ("pct_conversational", "similarity_mean", "stopped_pct", "repetition_rate")
 PREDICTION_COLUMNS = ("question", "reference", "answer", "n_tokens", "stopped")
+OPTIONAL_COLUMNS = ("id", "factual")
 RUN_NAME_PREFIX = "eval-"
 
 
@@ -73,6 +75,8 @@ class Scorer:
 
     def score(self, frame: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, Any]]:
         """(scored table, summary) of one predictions table."""
+        import numpy as np
+
         references = tuple(frame["reference"].astype(str))
         if references not in self._references:
             self._references[references] = self.embedder.encode(list(references))
@@ -86,6 +90,10 @@ class Scorer:
                                         settings.seed)
         if "repetition_rate" not in summary:  # pipeline.core.evalmetrics may compute it itself
             summary["repetition_rate"] = float(scored[f"repeated_{REPETITION_N}gram_rate"].mean())
+        if "factual" in frame.columns:  # the content metric: similarity to the factual answer
+            scored["content_similarity"] = content_similarity(result.answers, frame["factual"].astype(str).tolist(),
+                                                              self.embedder)
+            summary["content_similarity_mean"] = float(np.nanmean(scored["content_similarity"]))
         return scored, summary
 
 
@@ -112,7 +120,7 @@ def ablation_summary(scorer: Scorer, scored: pd.DataFrame, greedy_frame: pd.Data
     """`ablation_greedy_*` and `ablation_policy_*` on the same first N questions."""
     n = len(greedy_frame)
     _, greedy = scorer.score(greedy_frame)
-    _, policy = scorer.score(scored.head(n)[list(PREDICTION_COLUMNS) + [c for c in ("id",) if c in scored]])
+    _, policy = scorer.score(scored.head(n)[list(PREDICTION_COLUMNS) + [c for c in OPTIONAL_COLUMNS if c in scored]])
     values: dict[str, float] = {"ablation_n_eval": n}
     for key in ABLATION_KEYS:
         values[f"ablation_greedy_{key}"] = greedy.get(key)
@@ -232,7 +240,8 @@ def describe(record: dict[str, Any]) -> str:
     return (
         f"score: {record['model']}: {number('pct_conversational', 1)}% conversational "
         f"[{number('pct_conversational_ci_low', 1)}, {number('pct_conversational_ci_high', 1)}], "
-        f"similarity {number('similarity_mean', 3)}, Flesch {number('flesch_mean', 1)}, "
+        f"similarity {number('similarity_mean', 3)}, to the factual answer {number('content_similarity_mean', 3)}, "
+        f"Flesch {number('flesch_mean', 1)}, "
         f"{number('stopped_pct', 0)}% ended their turn, repetition {number('repetition_rate', 3)}"
     )
 

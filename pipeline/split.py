@@ -1,11 +1,19 @@
-"""Stage `split`: a validation set and nested training subsets of the validated pairs.
+"""Stage `split`: a validation set, nested training subsets and a held-out test set of the pairs.
 
-One seeded permutation of the rows of data/generated/pairs.parquet decides everything:
-validation = its first `split.val_size` rows, the training pool = the rest, and train_N = the
-first N rows of the pool. So every training subset is contained in the next larger one (the
-paper's 100 in 1,000 in 5,000 in 9,000) and none shares a row with validation, and the same
-file and seed always give the same splits. Rows keep their permuted order, so train_N is a
-prefix of every larger train file.
+One seeded permutation of the source sections of data/generated/pairs.parquet decides everything
+(rows of one section stay together, so no section is in two splits): validation = the first
+`split.val_size` rows, then the training pool (train_N = its first N rows, so every training
+subset is contained in the next larger one: the paper's 100 in 1,000 in 5,000 in 9,000), then
+the test set = the rows after the largest training subset (`split.test_size` of them; null: all).
+The same file and seed always give the same splits, and growing `test_size` never moves a row
+between validation and training.
+
+Validation is for recipe work and for choosing among grid points; the test set is read only by the
+final decision (the `heldout` stage and promotion). No test question may be a near duplicate of a
+validation or training question: a test row whose question has a cosine above
+`generate.dedup_threshold` (under the `embeddings` model) to any of theirs is dropped and counted;
+a validation/training pair above it stops the stage (generate's dedup makes that impossible for
+generated data).
 
 Writes data/splits/val.parquet and data/splits/train_<N>.parquet (all columns of pairs),
 reports/splits.json (per split: rows, Flesch mean/median/min recomputed with textstat, mean
@@ -24,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -55,26 +64,93 @@ class SplitPlan:
 
     val: np.ndarray
     train: dict[int, np.ndarray]
+    test: np.ndarray
 
 
-def plan_split(n_rows: int, val_size: int, train_sizes: list[int], seed: int) -> SplitPlan:
-    """Pure: positions for val and nested train subsets from one seeded permutation.
+def section_order(sections: Sequence[str], seed: int) -> np.ndarray:
+    """Row positions ordered by a seeded permutation of the sections (first-appearance order
+    before permuting), rows of one section adjacent. One row per section: a row permutation."""
+    import numpy as np
+
+    first_seen = list(dict.fromkeys(sections))
+    rank = {section: position for position, section in enumerate(np.random.default_rng(seed).permutation(len(first_seen)))}
+    order_of_section = {section: rank[index] for index, section in enumerate(first_seen)}
+    return np.array(sorted(range(len(sections)), key=lambda row: (order_of_section[sections[row]], row)), dtype=int)
+
+
+def cut_at_section(order: np.ndarray, sections: Sequence[str], start: int, size: int) -> int:
+    """The end of a block of `size` rows from `start`, moved forward to the end of its section."""
+    end = min(start + size, len(order))
+    while 0 < end < len(order) and sections[order[end]] == sections[order[end - 1]]:
+        end += 1
+    return end
+
+
+def plan_split(n_rows: int, val_size: int, train_sizes: list[int], seed: int, test_size: int | None = None,
+               min_test_size: int = 1, sections: Sequence[str] | None = None) -> SplitPlan:
+    """Pure: positions for val, nested train subsets and test from one seeded permutation of the
+    sections (`sections`: the section of each row; None: every row its own section).
 
     Raises TonetuneError, giving available vs needed rows, when the file is too small.
     """
-    import numpy as np
-
+    sections = [str(i) for i in range(n_rows)] if sections is None else [str(s) for s in sections]
     largest = max(train_sizes)
-    needed = val_size + largest
+    needed = val_size + largest + (test_size or min_test_size)
     if n_rows < needed:
         raise TonetuneError(
-            f"split needs {needed} rows (split.val_size {val_size} + largest split.train_sizes "
-            f"{largest}) but pairs has only {n_rows}: generate more (generate.target_pairs) "
-            "or lower the split sizes"
+            f"split needs {needed} rows (split.val_size {val_size} + largest split.train_sizes {largest} + "
+            f"test {test_size or min_test_size}) but pairs has only {n_rows}: generate more "
+            "(generate.target_pairs) or lower the split sizes"
         )
-    order = np.random.default_rng(seed).permutation(n_rows)
-    pool = order[val_size:]
-    return SplitPlan(val=order[:val_size], train={size: pool[:size] for size in sorted(train_sizes)})
+    order = section_order(sections, seed)
+    val_end = cut_at_section(order, sections, 0, val_size)
+    train_end = cut_at_section(order, sections, val_end, largest)
+    pool = order[val_end:train_end]
+    train = {size: pool[:size] for size in sorted(train_sizes)}
+    test = order[train_end:] if test_size is None else order[train_end:train_end + test_size]
+    return SplitPlan(val=order[:val_end], train=train, test=test)
+
+
+def near_duplicates(questions: Sequence[str], others: Sequence[str], embedder, threshold: float) -> np.ndarray:
+    """Per question: its highest cosine to any of `others` (the dedup rule's metric)."""
+    import numpy as np
+
+    if not len(questions) or not len(others):
+        return np.zeros(len(questions))
+    mine = np.asarray(embedder.encode(list(questions)), dtype=float)
+    theirs = np.asarray(embedder.encode(list(others)), dtype=float)
+    mine /= np.linalg.norm(mine, axis=1, keepdims=True)
+    theirs /= np.linalg.norm(theirs, axis=1, keepdims=True)
+    return (mine @ theirs.T).max(axis=1)
+
+
+def drop_test_near_duplicates(pairs: pd.DataFrame, plan: SplitPlan, embedder, threshold: float,
+                              min_test_size: int) -> tuple[SplitPlan, dict[str, float]]:
+    """The plan without test rows whose question is a near duplicate of a validation or training
+    question; stops when validation and training themselves share one, or too few test rows remain."""
+    import numpy as np
+
+    questions = pairs["question"].astype(str).to_numpy()
+    largest = plan.train[max(plan.train)]
+    val_train = near_duplicates(questions[plan.val], questions[largest], embedder, threshold)
+    if val_train.size and val_train.max() > threshold:
+        worst = int(val_train.argmax())
+        raise TonetuneError(
+            f"validation question {questions[plan.val][worst]!r} has cosine {val_train.max():.3f} > "
+            f"{threshold} to a training question: the pairs were not deduplicated (re-run generate)"
+        )
+    test_cosine = near_duplicates(questions[plan.test], np.concatenate([questions[plan.val], questions[largest]]),
+                                  embedder, threshold)
+    keep = test_cosine <= threshold
+    test = plan.test[keep]
+    if test.size < min_test_size:
+        raise TonetuneError(
+            f"only {test.size} test rows remain (split.min_test_size {min_test_size}) after dropping "
+            f"{int((~keep).sum())} near duplicates: generate more pairs or lower the split sizes"
+        )
+    facts = {"test_dropped_near_duplicates": int((~keep).sum()),
+             "cross_split_max_cosine": round(float(max(val_train.max(initial=0), test_cosine[keep].max(initial=0))), 4)}
+    return SplitPlan(plan.val, plan.train, test), facts
 
 
 def check_gate(summary_path: Path, pairs_path: Path) -> dict:
@@ -105,10 +181,11 @@ def check_gate(summary_path: Path, pairs_path: Path) -> dict:
 
 
 def split_frames(pairs: pd.DataFrame, plan: SplitPlan) -> dict[str, pd.DataFrame]:
-    """Name -> rows of that split, in permuted order ("val", "train_<N>")."""
+    """Name -> rows of that split, in permuted order ("val", "train_<N>", "test")."""
     frames = {"val": pairs.iloc[plan.val].reset_index(drop=True)}
     for size, positions in plan.train.items():
         frames[f"train_{size}"] = pairs.iloc[positions].reset_index(drop=True)
+    frames["test"] = pairs.iloc[plan.test].reset_index(drop=True)
     return frames
 
 
@@ -129,10 +206,11 @@ def split_stats(frame: pd.DataFrame) -> dict[str, float | int]:
     }
 
 
-def split_metrics(pairs_rows: int, unused_rows: int, stats: dict[str, dict], largest: int) -> dict:
+def split_metrics(pairs_rows: int, unused_rows: int, stats: dict[str, dict], largest: int,
+                  facts: dict[str, float] | None = None) -> dict:
     """The DVC metrics: a few scalars with fixed names (growing split.train_sizes adds no
     columns to `dvc exp show`); the per-split table is in reports/splits.json."""
-    val, train = stats["val"], stats[f"train_{largest}"]
+    val, train, test = stats["val"], stats[f"train_{largest}"], stats["test"]
     return {
         "pairs_rows": int(pairs_rows),
         "unused_rows": int(unused_rows),
@@ -140,6 +218,8 @@ def split_metrics(pairs_rows: int, unused_rows: int, stats: dict[str, dict], lar
         "val_flesch_mean": val["flesch_mean"],
         "train_largest_rows": train["rows"],
         "train_largest_flesch_mean": train["flesch_mean"],
+        "test_rows": test["rows"],
+        **(facts or {}),
     }
 
 
@@ -192,9 +272,10 @@ def log_split_run(config, frames: dict[str, pd.DataFrame], paths: dict[str, Path
         mlflow.set_tags({**code_version_tags(), "stage": "split", **tags})
         split: SplitConfig = config.split
         mlflow.log_params({"val_size": split.val_size, "train_sizes": ",".join(map(str, split.train_sizes)),
-                           "seed": split.seed})
+                           "test_size": split.test_size, "seed": split.seed})
         for name, frame in frames.items():
-            log_dataset_input(frame, paths[name], context="validation" if name == "val" else "training", name=name)
+            context = {"val": "validation", "test": "test"}.get(name, "training")
+            log_dataset_input(frame, paths[name], context=context, name=name)
             mlflow.log_metrics({f"{name}.rows": stats[name]["rows"], f"{name}.flesch_mean": stats[name]["flesch_mean"]})
         return run.info.run_id
 
@@ -210,8 +291,9 @@ def write_json(data: dict, path: Path) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.split",
-        description=f"Stage split: seeded validation set and nested training subsets of {PAIRS_PATH} "
-        f"into {SPLITS_DIR}/ (params: split.*). Needs a passing {DATA_QUALITY_PATH}.",
+        description=f"Stage split: seeded validation set, nested training subsets and a held-out test set of "
+        f"{PAIRS_PATH} into {SPLITS_DIR}/, disjoint by source section, no cross-split question above "
+        f"generate.dedup_threshold (params: split.*). Needs a passing {DATA_QUALITY_PATH}.",
     )
     parser.add_argument("--pairs", type=Path, default=PAIRS_PATH, help="validated pairs parquet")
     parser.add_argument("--data-quality", type=Path, default=DATA_QUALITY_PATH, help="validate's summary JSON")
@@ -231,14 +313,21 @@ def main(argv: list[str] | None = None) -> None:
 
     import pandas as pd
 
+    from pipeline.core.textmetrics import load_embedder
+
     pairs = pd.read_parquet(args.pairs)
-    plan = plan_split(len(pairs), config.split.val_size, config.split.train_sizes, config.split.seed)
+    split = config.split
+    sections = pairs["source_id"].astype(str).tolist() if "source_id" in pairs.columns else None
+    plan = plan_split(len(pairs), split.val_size, split.train_sizes, split.seed, split.test_size, split.min_test_size,
+                      sections)
+    plan, facts = drop_test_near_duplicates(pairs, plan, load_embedder(config.embeddings),
+                                            config.generate.dedup_threshold, split.min_test_size)
     frames = split_frames(pairs, plan)
     stats = {name: split_stats(frame) for name, frame in frames.items()}
     paths = write_splits(frames, args.splits_dir)
-    unused = int(len(pairs) - plan.val.size - max(plan.train))
-    write_json({"pairs_rows": int(len(pairs)), "unused_rows": unused, "splits": stats}, args.report)
-    write_json(split_metrics(len(pairs), unused, stats, max(plan.train)), args.metrics)
+    unused = int(len(pairs) - plan.val.size - plan.train[max(plan.train)].size - plan.test.size)
+    write_json({"pairs_rows": int(len(pairs)), "unused_rows": unused, **facts, "splits": stats}, args.report)
+    write_json(split_metrics(len(pairs), unused, stats, max(plan.train), facts), args.metrics)
     tags = {
         "generation_run_id": str(manifest.get("mlflow_run_id") or "unknown"),
         "pairs_md5": verdict["pairs_md5"],

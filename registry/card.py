@@ -19,6 +19,7 @@ PRODUCTION = "production"
 METRIC_ROWS = (  # (label, metric key, digits)
     ("% conversational", "pct_conversational", 1),
     ("similarity to reference", "similarity_mean", 3),
+    ("similarity to the factual answer", "content_similarity_mean", 3),
     ("mean Flesch", "flesch_mean", 1),
     ("mean words per answer", "answer_words_mean", 0),
     ("% answers that ended their turn", "stopped_pct", 1),
@@ -30,6 +31,47 @@ def fmt(value: Any, digits: int) -> str:
     """A number for the card ('-' when missing)."""
     number = as_float(value)
     return "-" if number != number else f"{number:.{digits}f}"
+
+
+def fmt_tag(tags: dict[str, str], key: str, digits: int) -> str:
+    """A numeric tag rounded ('-' when absent)."""
+    return fmt(tags.get(key), digits)
+
+
+CHECK_LABELS = (  # (tag name, label, unit, digits)
+    ("style_gain", "style gain", " points", 1),
+    ("content_non_inferiority", "content", "", 3),
+    ("repetition", "repetition", "", 3),
+    ("ended_turn", "ended turn", "%", 1),
+)
+
+
+def decision_lines(tags: dict) -> list[str]:
+    """The test-set decision recorded on a version (or a run): each check with its bound and limit."""
+    decision = Tags.decision
+    if decision("outcome") not in tags:
+        return ["  decision      none on record (decided before the test-set rule)"]
+    lines = [f"  decision      {tags[decision('outcome')]} by the rule declared in "
+             f"{str(tags.get(decision('declared_in'), '-'))[:12]}: {tags.get(decision('rule'), '-')}",
+             f"  test set      n = {tags.get(decision('n_test'), '-')} (md5 {tags.get(decision('test_md5'), '-')}), "
+             f"bootstrap seed {tags.get(decision('seed'), '-')}, {tags.get(decision('bootstrap_samples'), '-')} resamples"]
+    for name, label, unit, digits in CHECK_LABELS:
+        if decision(f"{name}.estimate") in tags:
+            lines.append(f"  {label:<13} {fmt_tag(tags, decision(f'{name}.estimate'), digits)}{unit}, one-sided bound "
+                         f"{fmt_tag(tags, decision(f'{name}.bound'), digits)} (limit "
+                         f"{fmt_tag(tags, decision(f'{name}.limit'), digits)}): "
+                         f"{'pass' if tags.get(decision(f'{name}.passed')) == 'true' else 'not shown'}")
+    if decision("beats_production.bound") in tags:
+        lines.append(f"  vs Production {tags.get(decision('incumbent'), '-')}: "
+                     f"{fmt_tag(tags, decision('beats_production.estimate'), 1)} points, exact McNemar p = "
+                     f"{fmt_tag(tags, decision('beats_production.bound'), 4)}")
+    lines.append(f"  power         content {fmt_tag(tags, decision('power.content_power'), 2)}, style "
+                 f"{fmt_tag(tags, decision('power.style_power'), 2)} (at the validation SDs)")
+    lines.append(f"  machine       {tags.get(decision('machine.cpu'), '-')}, torch {tags.get(decision('machine.torch'), '-')}, "
+                 f"{tags.get(decision('machine.torch_threads'), '-')} threads, ONEDNN_MAX_CPU_ISA="
+                 f"{tags.get(decision('machine.ONEDNN_MAX_CPU_ISA')) or '-'}, ATEN_CPU_CAPABILITY="
+                 f"{tags.get(decision('machine.ATEN_CPU_CAPABILITY')) or '-'}")
+    return lines
 
 
 def forced_section(tags: dict[str, str]) -> str:
@@ -67,6 +109,11 @@ copied (weights sha256 `{str(tags.get(param + 'base_model_sha256', '-'))[:16]}..
 - pairs.parquet md5 `{tags.get(Tags.DQ_PAIRS_MD5, '-')}`, data-quality gate: {quality} \
 ({tags.get(Tags.DQ_SOURCE, '-')}); generation run `{tags.get(Tags.GENERATION_RUN_ID, '-')}`
 
+**Decision on the held-out test set** (paired by question against the base; docs/evaluation.md
+explains how to read it):
+
+{chr(10).join('- ' + line.strip() for line in decision_lines(tags))}
+
 **Metrics vs the base model** (validation set, n = {fmt(tags.get(mine + 'n_eval'), 0)}; conversational = \
 Flesch >= {tags.get('evaluate.conversational_threshold')}; 95% bootstrap interval {interval}; the base \
 answers with the paper's verbose prompt; the last two rows are degeneration: answers that ran to the \
@@ -89,6 +136,6 @@ TONETUNE_BASE_MODEL_DIR pointing at a copy with the same weights).
 `{tags.get(Tags.GIT_COMMIT, '-')}`, dvc.lock digest `{tags.get(Tags.DVC_LOCK_MD5, '-')}`. Audit it with \
 `python -m registry lineage models:/{name}/{version}`.
 
-**Promotion policy.** {tags.get(Tags.PROMOTE_POLICY)}.
+**Promotion rule.** {tags.get(Tags.PROMOTE_POLICY)}.
 """
     return redact(card)[:MAX_TAG_CHARS]

@@ -22,8 +22,8 @@ from pipeline.core.config import load_config
 from pipeline.core.contracts import Tags
 from pipeline.core.errors import TonetuneError, exit_on_user_error
 from pipeline.core.tracking import open_client
-from registry.evidence import EVAL_DIR, load_eval_records
-from registry.policy import Limits, guard_report, is_eligible
+from registry.card import decision_lines
+from registry.evidence import read_heldout
 from registry.promote import add_promote_arguments, report, rollback, run_promote
 from registry.store import PRODUCTION, all_versions, version_by_alias
 
@@ -119,35 +119,31 @@ def _difference(tags: dict, key: str, digits: int, unit: str = "") -> str:
 
 
 def why_no_production(config, client, name: str) -> list[str]:
-    """Plain reasons there is no production version: what the registry holds, and how each
-    adapter of metrics/eval fares against the guards (read-only: nothing is written)."""
+    """Plain reasons there is no production version: what the registry holds, and the rule's
+    checks of this round's finalist against the base (read-only: nothing is written)."""
+    from pipeline.core.decision import Rule, checks_against_base, verdict
 
     versions = all_versions(client, name)
     if versions:
         lines = [f"  {len(versions)} version(s) are registered but none holds alias production (rolled back, or the "
                  "alias was removed): `python -m registry list`, then `python -m registry promote VERSION`"]
     else:
-        lines = ["  no version was ever registered: the promote stage found no adapter it could promote"]
+        lines = ["  no version was ever registered: the rule has not said promote for any finalist"]
     try:
-        base, candidates = load_eval_records(EVAL_DIR)
+        heldout = read_heldout()
     except TonetuneError as error:
         return [*lines, f"  ({error})"]
-    limits = Limits.for_base(float(base["similarity_mean"]), config.promote)
-    eligible = [c for c in candidates if is_eligible(c, limits)]
-    if not eligible:
-        lines.append(f"  no adapter in {EVAL_DIR.as_posix()} passes the guards (base similarity "
-                     f"{float(base['similarity_mean']):.3f}):")
-    else:
-        lines.append(f"  {len(eligible)} adapter(s) pass the guards: the data-quality gate or the rollback history "
-                     "refused them (`python -m registry promote` says which)")
-    lines += ["  " + line for line in guard_report(candidates, limits)]
-    lines.append("  to override the policy: python -m registry promote --force --reason TEXT")
+    checks = checks_against_base(heldout.finalist, heldout.base, Rule.from_config(config.promote))
+    lines.append(f"  finalist {heldout.record['finalist']} against the base on {heldout.base.n} test questions: "
+                 f"{verdict(checks)} (rule declared in {str(heldout.record.get('declared_in'))[:12]})")
+    lines += [f"    {check.describe()}" for check in checks]
+    lines.append("  to override the rule: python -m registry promote --force --reason TEXT")
     return lines
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
-    """The Production model: name, version, % conversational, similarity vs base, degeneration,
-    how to load and audit it; or, plainly, why there is none."""
+    """The Production model: name, version, the test-set decision with its bounds, validation
+    metrics vs base, how to load and audit it; or, plainly, why there is none."""
 
     config = load_config()
     name = config.promote.registered_model_name
@@ -164,13 +160,12 @@ def cmd_summary(args: argparse.Namespace) -> int:
     print(f"  adapter       {tags.get(Tags.TRAINING_RUN_NAME, '-')}: precision {tags.get(Tags.param('precision'), '-')}, "
           f"LoRA r {tags.get(Tags.param('lora_r'), '-')}, learning rate {tags.get(Tags.param('learning_rate'), '-')}, "
           f"{tags.get(Tags.param('n_train'), '-')} training samples, base {tags.get(Tags.param('base_model_id'), '-')}")
-    print(f"  conversational {_difference(tags, 'pct_conversational', 1, '%')} "
-          f"[95% interval {_tag_number(tags, Tags.metric('pct_conversational_ci_low'), 1)}, "
-          f"{_tag_number(tags, Tags.metric('pct_conversational_ci_high'), 1)}] (n = {_tag_number(tags, Tags.metric('n_eval'), 0)})")
-    print(f"  similarity    {_difference(tags, 'similarity_mean', 3)} (the guard allows "
-          f"-{config.promote.similarity_tolerance:g})")
+    print("\n".join(decision_lines(tags)))
+    print(f"  validation    conversational {_difference(tags, 'pct_conversational', 1, '%')}; similarity "
+          f"{_difference(tags, 'similarity_mean', 3)}; to the factual answer {_difference(tags, 'content_similarity_mean', 3)} "
+          f"(n = {_tag_number(tags, Tags.metric('n_eval'), 0)})")
     print(f"  degeneration  ended their turn {_difference(tags, 'stopped_pct', 1, '%')}; repeated 4-grams "
-          f"{_difference(tags, 'repetition_rate', 3)}")
+          f"{_difference(tags, 'repetition_rate', 3)} (validation)")
     print(f"  load          mlflow.pyfunc.load_model(\"{uri}\").predict([\"Why is the sky blue?\"])")
     print(f"  lineage       python -m registry lineage {uri}")
     return 0
@@ -219,12 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
     listing.set_defaults(func=cmd_list)
 
     promote = commands.add_parser(
-        "promote", help="promote the best adapter (or VERSION) to production, through the gate",
-        description="Without VERSION: the DVC stage (best adapter of metrics/eval by the policy: max % "
-        "conversational; guards: similarity >= base - promote.similarity_tolerance, repetition rate <= "
-        "promote.max_repetition_rate, % ended turn >= promote.min_stopped_pct; ties: fewer samples, smaller r). "
-        "With VERSION: that existing version. Refused (exit 1) when the data-quality gate did not pass for its "
-        "data, a guard fails or it is not better than the current production version, unless --force --reason TEXT.",
+        "promote", help="promote the finalist (or VERSION) to production, if the rule says so",
+        description="Without VERSION: the DVC stage (the heldout stage's finalist, decided by the declared rule in "
+        "params.yaml promote: paired one-sided bounds on the test set against the base, exact McNemar against the "
+        "current production version; see docs/evaluation.md). With VERSION: that existing version, if its "
+        "recorded decision is promote and the data-quality gate passed for its data. Refused otherwise, unless "
+        "--force --reason TEXT (recorded on the version and in its model card).",
     )
     promote.add_argument("version", nargs="?", help="an existing version number (default: pick by policy)")
     add_promote_arguments(promote)
@@ -239,10 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.set_defaults(func=cmd_rollback)
 
     summary = commands.add_parser(
-        "summary", help="the production model's name, version, metrics, and the lineage command",
-        description="Print the production model (end of `make demo`): name, version, % conversational and "
-        "similarity vs the base model, degeneration (ended turn, repetition); when there is none, why (exit 0 "
-        "either way).",
+        "summary", help="the production model's name, version, decision evidence, and the lineage command",
+        description="Print the production model (end of `make demo`): name, version, the test-set decision (each "
+        "check's estimate, one-sided bound and limit, n, the declaring commit, the seed, the machine), validation "
+        "metrics vs the base model; when there is none, the rule's checks of this round's finalist (exit 0 either way).",
     )
     summary.set_defaults(func=cmd_summary)
 

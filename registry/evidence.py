@@ -1,6 +1,9 @@
 """What promotion reads as evidence, and what a registered version records about where it came from.
 
 Owns: reading metrics/eval/<model>.json into policy candidates (`load_eval_records`), the
+held-out test evidence (`read_heldout`: the heldout stage's decision record and per-question
+scores), the current Production version's scores on the same test questions (`incumbent_scores`:
+decoded once through its registered model and cached), the
 data-quality verdict for the exact pairs.parquet an adapter's training split came from
 (`data_quality_verdict`: training-run tags, else the `split` run that logged the same training
 file, else dvc.lock through pipeline.core.dvcmeta), and the tags a version carries
@@ -8,9 +11,9 @@ file, else dvc.lock through pipeline.core.dvcmeta), and the tags a version carri
 (registry/policy.py), the card text (registry/card.py) or any write to the store
 (registry/store.py). Reads the store through a client it is given; never writes.
 
-Keys read from metrics/eval/<model>.json (written by the evaluate stage through
+Keys read from metrics/eval/<model>.json (written by the score stage through
 pipeline.core.evalmetrics.metrics_record): model, kind ("base" / "lora"), mlflow_run_id,
-pct_conversational (+ _ci_low/_ci_high), similarity_mean, flesch_mean, flesch_median,
+pct_conversational (+ _ci_low/_ci_high), similarity_mean, content_similarity_mean, flesch_mean, flesch_median,
 answer_words_mean, n_eval, repetition_rate, stopped_pct, n_train, lora_r, family.
 """
 
@@ -23,22 +26,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.config import METRICS_DIR, PAIRS_PATH, Config
+from pipeline.core.config import HELDOUT_DIR, METRICS_DIR, PAIRS_PATH, TEST_SPLIT_PATH, Config
 from pipeline.core.contracts import Tags
+from pipeline.core.decision import Scores
 from pipeline.core.dvcmeta import lock_digest, locked_md5, read_lock
 from pipeline.core.errors import TonetuneError
 from pipeline.core.tracking import git_commit, logged_datasets
-from registry.policy import POLICY_TEXT, Candidate
+from registry.policy import Candidate
 
 EVAL_DIR = METRICS_DIR / "eval"
+INCUMBENTS_DIR = Path("reports/incumbents")  # the Production version's test answers, decoded once per version
 DATA_QUALITY_PATH = METRICS_DIR / "data_quality.json"
 BASE_KIND, ADAPTER_KIND = "base", "lora"
 METRIC_KEYS = (
     "pct_conversational", "pct_conversational_ci_low", "pct_conversational_ci_high",
-    "similarity_mean", "flesch_mean", "flesch_median", "answer_words_mean", "n_eval",
+    "similarity_mean", "content_similarity_mean", "flesch_mean", "flesch_median", "answer_words_mean", "n_eval",
     "repetition_rate", "stopped_pct",
 )
-BASE_METRIC_KEYS = ("pct_conversational", "similarity_mean", "flesch_mean", "answer_words_mean", "repetition_rate", "stopped_pct")
+BASE_METRIC_KEYS = ("pct_conversational", "similarity_mean", "content_similarity_mean", "flesch_mean", "answer_words_mean", "repetition_rate", "stopped_pct")
 PARAM_KEYS = (
     "precision", "lora_r", "lora_alpha", "learning_rate", "n_train", "epochs", "effective_batch_size",
     "target_modules", "system_prompt", "seed", "base_model_id", "base_model_sha256",
@@ -54,7 +59,7 @@ def load_eval_records(eval_dir: Path) -> tuple[dict[str, Any], list[Candidate]]:
     """(base record, adapter candidates) from metrics/eval/*.json."""
     files = sorted(Path(eval_dir).glob("*.json"))
     if not files:
-        raise TonetuneError(f"{eval_dir}: no metrics files (run `dvc repro evaluate` first)")
+        raise TonetuneError(f"{eval_dir}: no metrics files (run `dvc repro score` first)")
     base, candidates = None, []
     for path in files:
         try:
@@ -65,11 +70,71 @@ def load_eval_records(eval_dir: Path) -> tuple[dict[str, Any], list[Candidate]]:
             base = record
         elif record.get("kind") == ADAPTER_KIND:
             candidates.append(Candidate.from_record(record))
-    if base is None or base.get("similarity_mean") is None:
-        raise TonetuneError(f"{eval_dir}: no base model metrics with similarity_mean (the guard needs them)")
+    if base is None:
+        raise TonetuneError(f"{eval_dir}: no base model metrics (kind 'base')")
     if not candidates:
         raise TonetuneError(f"{eval_dir}: no adapter metrics (kind 'lora'): nothing to promote")
     return base, candidates
+
+
+# --------------------------------------------------------------------------- the test set
+
+
+@dataclass(frozen=True)
+class Heldout:
+    """What the heldout stage wrote: its decision record and the per-question test scores."""
+
+    record: dict[str, Any]
+    base: Scores
+    finalist: Scores
+    table: Any  # the base's scored table: the test questions, references and ids, in id order
+
+
+def read_heldout(folder: Path = HELDOUT_DIR) -> Heldout:
+    """reports/heldout: decision.json and the base's and the finalist's per-question scores."""
+    import pandas as pd
+
+    path = Path(folder) / "decision.json"
+    if not path.is_file():
+        raise TonetuneError(f"{path} not found: run `dvc repro heldout` (the base and the finalist answer the test set)")
+    record = json.loads(path.read_text())
+    tables = {}
+    for name in ("base", record["finalist"]):
+        table_path = Path(folder) / f"{name}.parquet"
+        if not table_path.is_file():
+            raise TonetuneError(f"{table_path} not found: re-run `dvc repro heldout`")
+        tables[name] = pd.read_parquet(table_path).sort_values("id", kind="stable").reset_index(drop=True)
+    return Heldout(record, Scores.from_frame("base", tables["base"]),
+                   Scores.from_frame(record["finalist"], tables[record["finalist"]]), tables["base"])
+
+
+def incumbent_scores(name: str, version: str, heldout: Heldout, config: Config, numerics: dict[str, Any],
+                     folder: Path = INCUMBENTS_DIR) -> Scores:
+    """The Production version's per-question scores on the same test questions: decoded once through
+    its registered model (what it serves) and cached under `folder`, keyed by version, test set and
+    the machine facts that change numerics, so a re-run with nothing changed decodes nothing."""
+    import hashlib
+
+    import pandas as pd
+
+    from pipeline.core.predictions import per_question_scores
+    from pipeline.core.tables import write_table
+    from pipeline.core.textmetrics import load_embedder
+
+    facts = hashlib.sha256(json.dumps(numerics, sort_keys=True).encode()).hexdigest()[:10]
+    cache = Path(folder) / f"{name}-v{version}-test{str(heldout.record.get('test_md5'))[:10]}-{facts}.parquet"
+    if cache.is_file():
+        return Scores.from_frame(f"v{version}", pd.read_parquet(cache))
+    import mlflow
+
+    questions = heldout.table["question"].astype(str).tolist()
+    print(f"promote: decoding {len(questions)} test questions with Production v{version} (cached in {cache})", flush=True)
+    answers = mlflow.pyfunc.load_model(f"models:/{name}/{version}").predict(questions)
+    frame = heldout.table[["id", "question", "reference", "factual"]].assign(
+        answer=[str(answer) for answer in answers], n_tokens=-1, stopped=False)
+    scored = per_question_scores(frame, load_embedder(config.embeddings), config.evaluate.conversational_threshold)
+    write_table(scored, cache)
+    return Scores.from_frame(f"v{version}", scored)
 
 
 # --------------------------------------------------------------------------- data quality
@@ -179,10 +244,14 @@ def clean_tags(tags: dict[str, Any]) -> dict[str, str]:
     return {key: redact(str(value))[:MAX_TAG_CHARS] for key, value in tags.items() if value is not None}
 
 
-def version_tags(candidate: Candidate, base: dict[str, Any], run, quality: DataQuality, config: Config) -> dict[str, str]:
-    """Everything a version records about where it came from (no environment, no secrets)."""
+def version_tags(candidate: Candidate, base: dict[str, Any], run, quality: DataQuality, config: Config,
+                 decision: dict[str, Any] | None = None) -> dict[str, str]:
+    """Everything a version records about where it came from (no environment, no secrets):
+    validation metrics, training params, dataset md5s (the test set's too), the data-quality
+    verdict, commits, and the decision's `decision.*` tags."""
+    from pipeline.core.dvcmeta import file_md5
+
     params, run_tags = run.data.params, run.data.tags
-    promote = config.promote
     tags: dict[str, Any] = {
         Tags.TRAINING_RUN_ID: run.info.run_id,
         Tags.TRAINING_RUN_NAME: run.info.run_name,
@@ -200,9 +269,14 @@ def version_tags(candidate: Candidate, base: dict[str, Any], run, quality: DataQ
         Tags.GIT_COMMIT: run_tags.get(Tags.GIT_COMMIT) or run_tags.get(Tags.MLFLOW_GIT_COMMIT),
         Tags.PROMOTE_GIT_COMMIT: git_commit(),
         Tags.DVC_LOCK_MD5: lock_digest(),
-        Tags.PROMOTE_POLICY: POLICY_TEXT.format(tolerance=promote.similarity_tolerance,
-                                                max_repetition_rate=promote.max_repetition_rate,
-                                                min_stopped_pct=f"{promote.min_stopped_pct:g}"),
         "evaluate.conversational_threshold": config.evaluate.conversational_threshold,
+        **(decision or {}),
     }
+    if decision and decision.get(Tags.decision("test_md5")):
+        tags[Tags.dataset("test", "path")] = TEST_SPLIT_PATH.as_posix()
+        tags[Tags.dataset("test", "dvc_md5")] = decision[Tags.decision("test_md5")]
+        if TEST_SPLIT_PATH.is_file() and file_md5(TEST_SPLIT_PATH) != decision[Tags.decision("test_md5")]:
+            tags[Tags.dataset("test", "matches_dvc_lock")] = "false"
+    if decision and decision.get(Tags.decision("rule")):
+        tags[Tags.PROMOTE_POLICY] = decision[Tags.decision("rule")]
     return clean_tags(tags)

@@ -1,70 +1,79 @@
-"""Stage `promote`: put the best LoRA adapter in the MLflow registry as the Production model.
+"""Stage `promote`: put the finalist in the MLflow registry as the Production model, if the rule says so.
 
-    python -m registry.promote                          # the DVC stage (after `report`)
+    python -m registry.promote                          # the DVC stage (after `heldout` and `report`)
     python -m registry promote [VERSION] [--force --reason TEXT]
     python -m registry rollback
 
 Owns the order of operations (`promote_best`, `promote_version`, `rollback`) and the CLI: read the
-evidence, ask the policy, write the store, print one outcome. Does not own the rules
-(registry/policy.py: the guards, the ranking, the gate), the evidence and version tags
-(registry/evidence.py), the model card (registry/card.py) or the registry writes and the lock
-(registry/store.py); the store is opened by pipeline.core.tracking.open_client.
+evidence, apply the rule, write the store, print one outcome. Does not own the rule
+(pipeline.core.decision, with registry/policy.py combining its parts into one outcome), the
+evidence and version tags (registry/evidence.py), the model card (registry/card.py) or the
+registry writes and the lock (registry/store.py).
 
-A candidate replaces the current Production version only if it passes every guard (similarity,
-degeneration), is strictly better under the policy (the Production version is judged by this
-round's evaluation of its training run when there is one, else by the metrics recorded on it)
-and the data-quality gate passed for the exact pairs.parquet its training split came from.
-Every candidate's guards are printed. `--force --reason TEXT` overrides the refusals; the reason
-and each overridden refusal are recorded as version tags and in the model card. Versions that
-were rolled back are skipped by the stage (else `dvc repro` would undo the rollback); promote
-them explicitly by number.
+The stage reads the heldout stage's evidence (reports/heldout: the one finalist chosen on
+validation, and its per-question test scores beside the base's) and decides by the declared rule:
+the paired one-sided bounds against the base must clear their margins, and, when a Production
+version exists, the finalist must be on-style significantly more often than it on the same test
+questions (exact McNemar). The Production version answers those questions through its registered
+model, once: the answers are cached in reports/incumbents/, so a re-run with nothing changed
+decodes nothing and decides the same. The data-quality gate must have passed for the finalist's
+data. Every decision (promoted or not) is written to metrics/promotion.json and as `decision.*`
+tags on the finalist's training run; a promoted version carries them too, with its model card.
 
-Promotion registers the adapter's pyfunc model (logged by the train stage) as a version of
-`promote.registered_model_name`, tagged with its metrics, the base model's, the dataset DVC md5s,
-training params, git commit, dvc.lock digest, training run id and data-quality verdict, with a model
-card as the description; it sets alias `production`, moves the old one to alias `previous`,
-moves the legacy stage and appends to a history tag that `rollback` pops. All of it under a
-file lock per store (registry/store.py says what that does and does not protect).
+`--force --reason TEXT` overrides a refusal; the reason and each overridden refusal are recorded as
+version tags and in the model card. Versions that were rolled back are skipped by the stage (else
+`dvc repro` would undo the rollback); promote them explicitly by number.
 
-Exit codes: 0 promoted, or nothing to do (already Production, the stage kept a Production
-version that is at least as good, or no adapter passes the guards: "NOT PROMOTED");
-1 refused by the gate (data quality, or an explicit VERSION not better or failing a guard);
-2 bad input.
+Exit codes: 0 promoted, or nothing to do (already Production, kept, refused or inconclusive by the
+rule: "NOT PROMOTED" with the numbers); 1 refused by the data-quality gate, or an explicit VERSION
+refused; 2 bad input.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.core.config import Config, load_config
+from pipeline.core.config import HELDOUT_DIR, METRICS_DIR, Config, load_config
 from pipeline.core.contracts import Tags
+from pipeline.core.decision import (
+    INCONCLUSIVE,
+    PROMOTE,
+    REFUSE,
+    Rule,
+    challenge,
+    checks_against_base,
+    verdict,
+)
 from pipeline.core.dvcmeta import DVC_LOCK
 from pipeline.core.errors import TonetuneError, exit_on_user_error
+from pipeline.core.io import write_json
+from pipeline.core.machine import numerics_facts
 from pipeline.core.tracking import find_run, open_client, tracking_uri
 from registry.card import model_card
 from registry.evidence import (
     DATA_QUALITY_PATH,
     EVAL_DIR,
     DataQuality,
+    Heldout,
+    clean_tags,
     data_quality_verdict,
+    incumbent_scores,
     load_eval_records,
+    read_heldout,
     version_tags,
 )
 from registry.policy import (
-    BETTER_THAN_PRODUCTION,
+    DATA_QUALITY,
+    KEPT,
     Candidate,
-    Limits,
-    as_float,
+    Decision,
     check_force,
+    data_quality_refusal,
+    decision_tags,
     describe,
-    gate,
-    guard_report,
-    is_eligible,
-    rank,
-    refusal_name,
 )
 from registry.store import (
     PREVIOUS,
@@ -77,6 +86,7 @@ from registry.store import (
     register_once,
     roll_back,
     rolled_back_runs,
+    set_run_tags,
     set_tags,
     version_by_alias,
 )
@@ -84,7 +94,7 @@ from registry.store import (
 
 @dataclass(frozen=True)
 class Outcome:
-    """What an operation did, for the CLI: `action` promoted/noop/kept/none-eligible/refused/rolled-back."""
+    """What an operation did, for the CLI: `action` promoted/noop/kept/not-promoted/refused/rolled-back."""
 
     action: str
     message: str
@@ -92,76 +102,97 @@ class Outcome:
     exit_code: int = 0
 
 
-def pick_candidate(client, name: str, candidates: list[Candidate], limits: Limits | None):
-    """(best candidate that passes the guards (`limits` None: any) and has a training run with a
-    logged model, its run, notes about the ones skipped for another reason than a guard)."""
-    rolled_back = rolled_back_runs(client, name)
-    notes = []
-    for candidate in rank(candidates):
-        if limits is not None and not is_eligible(candidate, limits):
-            continue  # the guard report says why
-        if not candidate.run_id:
-            notes.append(f"skipped {candidate.model}: no MLflow run recorded with its metrics")
-            continue
-        if candidate.run_id in rolled_back:
-            notes.append(f"skipped {candidate.model}: its version was rolled back (promote it by number to restore it)")
-            continue
-        run = find_run(client, candidate.run_id)
-        if run is None:
-            notes.append(f"skipped {candidate.model}: run {candidate.run_id} is not in this tracking store")
-            continue
-        if not has_model(run):
-            notes.append(f"skipped {candidate.model}: run {candidate.run_id} has no logged adapter model")
-            continue
-        return candidate, run, notes
-    return None, None, notes
+PROMOTION_METRICS_PATH = METRICS_DIR / "promotion.json"
+OUTCOME_CODES = {PROMOTE: 1, KEPT: 0, INCONCLUSIVE: 0, REFUSE: -1, DATA_QUALITY: -1}
 
 
-def incumbent_candidate(production, candidates: list[Candidate]) -> Candidate:
-    """The Production version as a policy candidate: its current evaluation when this round
-    evaluated the same training run (same conditions), else the metrics recorded on it."""
-    run_id = production.tags.get(Tags.TRAINING_RUN_ID) or production.run_id
-    same = [c for c in candidates if run_id and c.run_id == run_id]
-    return same[0] if same else Candidate.from_version_tags(production.tags, str(production.version))
+def finalist_candidate(client, name: str, candidates: list[Candidate], finalist: str):
+    """(the finalist's candidate, its training run) or a TonetuneError saying why it cannot be
+    registered; a rolled-back finalist is None (promote it by number to restore it)."""
+    candidate = next((c for c in candidates if c.model == finalist), None)
+    if candidate is None:
+        raise TonetuneError(f"{EVAL_DIR}: no validation metrics for the finalist {finalist}: re-run `dvc repro score`")
+    if not candidate.run_id:
+        raise TonetuneError(f"{finalist}: no MLflow run recorded with its metrics (re-run `dvc repro score`)")
+    run = find_run(client, candidate.run_id)
+    if run is None:
+        raise TonetuneError(f"{finalist}: run {candidate.run_id} is not in this tracking store")
+    if not has_model(run):
+        raise TonetuneError(f"{finalist}: run {candidate.run_id} has no logged adapter model")
+    if candidate.run_id in rolled_back_runs(client, name):
+        return candidate, None
+    return candidate, run
+
+
+def write_promotion_metrics(decision: Decision, heldout: Heldout, path: Path = PROMOTION_METRICS_PATH) -> None:
+    """metrics/promotion.json: the decision as scalars, first in `dvc exp show`."""
+    values: dict[str, float | int] = {"decision": OUTCOME_CODES[decision.outcome], "n_test": heldout.base.n}
+    for check in (*decision.checks, *([decision.challenge] if decision.challenge else [])):
+        values[f"{check.name}_estimate"] = round(check.estimate, 4)
+        values[f"{check.name}_bound"] = round(check.bound, 4)
+    write_json(values, path)
+
+
+def decision_summary(decision: Decision, heldout: Heldout) -> list[str]:
+    """The lines every stage outcome prints: the finalist, the rule, each check."""
+    record = heldout.record
+    return [f"  finalist {decision.finalist} ({record.get('finalist_reason')}); {heldout.base.n} test questions, "
+            f"rule declared in {str(record.get('declared_in'))[:12]}",
+            *(f"  {line}" for line in decision.lines())]
 
 
 def promote_best(config: Config, eval_dir: Path = EVAL_DIR, summary_path: Path = DATA_QUALITY_PATH,
-                 lock_path: Path | None = None, force: bool = False, reason: str | None = None) -> Outcome:
-    """The DVC stage: promote the best adapter of metrics/eval if the gate lets it through."""
+                 lock_path: Path | None = None, force: bool = False, reason: str | None = None,
+                 heldout_dir: Path = HELDOUT_DIR) -> Outcome:
+    """The DVC stage: decide on the heldout stage's finalist by the rule, and act on the decision."""
     check_force(force, reason)
     name = config.promote.registered_model_name
+    rule = Rule.from_config(config.promote)
+    heldout = read_heldout(heldout_dir)
     base, candidates = load_eval_records(eval_dir)
-    limits = Limits.for_base(float(base["similarity_mean"]), config.promote)
+    checks = tuple(checks_against_base(heldout.finalist, heldout.base, rule))
     client = open_client(config.tracking)
+    numerics = numerics_facts()
     with promotion_lock(tracking_uri(config.tracking)):
-        candidate, run, notes = pick_candidate(client, name, candidates, limits)
-        if candidate is None and force:
-            candidate, run, notes = pick_candidate(client, name, candidates, None)
-        guards = guard_report(candidates, limits, forced=candidate.model if force and candidate else None)
-        if candidate is None:
-            # A policy decision, not a failure: like "kept", the stage ends 0 so `dvc repro` and
-            # `make demo` complete and say so; production (if any) is left as it was.
-            return Outcome("none-eligible", "\n".join([
-                "NOT PROMOTED: no adapter is eligible for promotion (production is unchanged; to override the "
-                "policy: python -m registry promote --force --reason TEXT)", *guards, *notes]))
+        candidate, run = finalist_candidate(client, name, candidates, heldout.record["finalist"])
+        if run is None:
+            return Outcome("not-promoted", f"NOT PROMOTED: the finalist {candidate.model}'s version was rolled back "
+                           "(promote it by number to restore it); production is unchanged")
         production = version_by_alias(client, name, PRODUCTION)
         if production is not None and (production.tags.get(Tags.TRAINING_RUN_ID) or production.run_id) == run.info.run_id:
+            decision = Decision(candidate.model, checks)
+            write_promotion_metrics(decision, heldout)
             message = f"{name} v{production.version} ({candidate.model}) is already production: nothing to do"
-            return Outcome("noop", "\n".join([message, *guards, *notes]), str(production.version))
-        incumbent = incumbent_candidate(production, candidates) if production is not None else None
+            return Outcome("noop", "\n".join([message, *decision_summary(decision, heldout)]), str(production.version))
+        challenge_check, incumbent = None, None
+        if production is not None and verdict(checks) == PROMOTE:
+            incumbent = f"v{production.version} ({production.tags.get(Tags.EVAL_MODEL, '-')})"
+            challenge_check = challenge(heldout.finalist,
+                                        incumbent_scores(name, str(production.version), heldout, config, numerics), rule)
         quality = data_quality_verdict(client, run, summary_path, lock_path or DVC_LOCK)
-        refusals = gate(candidate, quality.success, quality.source, incumbent, limits)
-        if refusals and not force:
-            if [r for r in refusals if refusal_name(r) != BETTER_THAN_PRODUCTION]:
-                message = f"promotion of {describe(candidate)} refused: " + "; ".join(refusals)
-                return Outcome("refused", "\n".join([message, *guards, *notes]), exit_code=1)
-            message = (f"kept {name} v{production.version}: best candidate {describe(candidate)} is "
-                       f"{refusals[0].split(': ', 1)[1]}")
-            return Outcome("kept", "\n".join([message, *guards, *notes]), str(production.version))
-        tags = version_tags(candidate, base, run, quality, config)
-        version, created = register_once(client, name, run, tags)
-        how = promotion_tags("policy" if not force else "forced", force, reason, refusals)
-        return finish_promotion(client, name, version, created, tags, how, describe(candidate), [*guards, *notes])
+        decision = Decision(candidate.model, checks, challenge_check, incumbent,
+                            data_quality_refusal(quality.success, quality.source))
+        tags = decision_tags(decision, heldout.record, numerics)
+        set_run_tags(client, run.info.run_id, clean_tags(tags))
+        write_promotion_metrics(decision, heldout)
+        lines = decision_summary(decision, heldout)
+        outcome = decision.outcome
+        if outcome != PROMOTE and not force:
+            if outcome == DATA_QUALITY:
+                return Outcome("refused", "\n".join([f"promotion of {describe(candidate)} refused: "
+                                                     + decision.data_quality, *lines]), exit_code=1)
+            if outcome == KEPT:
+                return Outcome("kept", "\n".join([f"kept {name} {incumbent}: {candidate.model} does not beat it "
+                                                  "significantly on the test set", *lines]), str(production.version))
+            return Outcome("not-promoted", "\n".join([
+                f"NOT PROMOTED ({outcome}): {candidate.model} against the base on {heldout.base.n} test questions; "
+                "production is unchanged (to override the rule: python -m registry promote --force --reason TEXT)",
+                *lines]))
+        version_record = version_tags(candidate, base, run, quality, config, tags)
+        version, created = register_once(client, name, run, version_record)
+        how = promotion_tags("policy" if outcome == PROMOTE else "forced", outcome != PROMOTE, reason,
+                             decision.refusals())
+        return finish_promotion(client, name, version, created, version_record, how, describe(candidate), lines)
 
 
 def finish_promotion(client, name: str, version, created: bool, tags: dict[str, str],
@@ -184,8 +215,10 @@ def finish_promotion(client, name: str, version, created: bool, tags: dict[str, 
 
 def promote_version(config: Config, number: str, summary_path: Path = DATA_QUALITY_PATH,
                     lock_path: Path | None = None, force: bool = False, reason: str | None = None) -> Outcome:
-    """`registry promote VERSION`: an existing version, under the same gate unless forced. Its
-    guards are judged on the metrics recorded on it (floor: its recorded base similarity)."""
+    """`registry promote VERSION`: an existing version, a person's choice (a rollback target, an
+    earlier winner). Checked against what is on record for it: the data-quality gate, and the
+    outcome the rule recorded when it was decided (`decision.outcome` promote); otherwise refused
+    unless forced."""
     check_force(force, reason)
     name = config.promote.registered_model_name
     client = open_client(config.tracking)
@@ -207,17 +240,12 @@ def promote_version(config: Config, number: str, summary_path: Path = DATA_QUALI
                 run = find_run(client, version.run_id)
                 if run is not None:
                     quality = data_quality_verdict(client, run, summary_path, lock_path or DVC_LOCK)
-            base_similarity = as_float(version.tags.get(f"{Tags.BASE_PREFIX}similarity_mean"))
-            limits = Limits.for_base(base_similarity, config.promote)
-            if base_similarity != base_similarity:  # no base similarity recorded on it: no floor to apply
-                limits = replace(limits, similarity_floor=float("-inf"))
-            incumbent = None
-            if production is not None:
-                try:
-                    incumbent = Candidate.from_version_tags(production.tags, str(production.version))
-                except TonetuneError:
-                    incumbent = None  # a Production version without metrics tags: nothing to compare
-            refusals = gate(candidate, quality.success, quality.source, incumbent, limits)
+            refusal = data_quality_refusal(quality.success, quality.source)
+            refusals += [refusal] if refusal else []
+            recorded = version.tags.get(Tags.decision("outcome"))
+            if recorded != PROMOTE:
+                refusals.append(f"decision: the rule's recorded outcome for v{version.version} is "
+                                f"{recorded or 'missing (decided before the test-set rule)'}, not promote")
         if refusals and not force:
             return Outcome("refused", f"promotion of {name} v{version.version} refused: " + "; ".join(refusals), exit_code=1)
         how = promotion_tags("version" if not force else "forced", force, reason, refusals)
@@ -272,10 +300,10 @@ def run_promote(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m registry.promote",
-        description="Stage promote: register the best adapter of metrics/eval and set alias production "
-        "(policy: max %% conversational; guards: similarity >= base - promote.similarity_tolerance, repetition "
-        "rate <= promote.max_repetition_rate, %% ended turn >= promote.min_stopped_pct; ties: fewer samples, "
-        "smaller r). Exit 0 promoted or nothing to do, 1 refused by the gate, 2 bad input.",
+        description="Stage promote: decide on the heldout stage's finalist by the declared rule (params: promote.*; "
+        "paired one-sided bounds on the test set against the base, exact McNemar against the current production "
+        "version) and, if it says promote, register it and set alias production. Exit 0 promoted or nothing to "
+        "do (kept, refused or inconclusive by the rule), 1 refused by the data-quality gate, 2 bad input.",
     )
     add_promote_arguments(parser)
     sys.exit(run_promote(parser.parse_args(argv)))

@@ -176,6 +176,13 @@ def set_tags(client, name: str, number: str, tags: dict[str, str], recorded: dic
             upsert(client.set_model_version_tag, name, number, key, value)
 
 
+def set_run_tags(client, run_id: str, tags: dict[str, str]) -> None:
+    """Write tags on a tracking run (the decision on the finalist's training run), in one request."""
+    from mlflow.entities import RunTag
+
+    client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
+
+
 def write_history(client, name: str, history: list[str]) -> None:
     """Store the history tag (the newest HISTORY_LIMIT entries)."""
     upsert(client.set_registered_model_tag, name, Tags.PRODUCTION_HISTORY, ",".join(history[-HISTORY_LIMIT:]))
@@ -299,6 +306,6 @@ def promotion_tags(mode: str, forced: bool, reason: str | None, overridden: list
             Tags.ROLLED_BACK: "false"}
     if forced:
         tags[Tags.PROMOTE_FORCE_REASON] = reason or ""
-        tags[Tags.PROMOTE_OVERRIDDEN] = ",".join(line.split(":", 1)[0] for line in overridden) or "none"
+        tags[Tags.PROMOTE_OVERRIDDEN] = ",".join(line.split(":", 1)[0].split(" ", 1)[0] for line in overridden) or "none"
         tags[Tags.PROMOTE_OVERRIDES] = "\n".join(overridden) or "none"
     return clean_tags(tags)

@@ -53,6 +53,8 @@ GENERATION_MANIFEST_PATH = Path("data/generated/manifest.json")
 GENERATE_CACHE_PATH = Path("data/cache/responses.jsonl")
 SPLITS_DIR = Path("data/splits")
 VAL_SPLIT_PATH = SPLITS_DIR / "val.parquet"
+TEST_SPLIT_PATH = SPLITS_DIR / "test.parquet"
+HELDOUT_DIR = Path("reports/heldout")
 ADAPTERS_DIR = Path("models/adapters")
 REPORTS_DIR = Path("reports")
 METRICS_DIR = Path("metrics")
@@ -202,10 +204,13 @@ class ValidateConfig(Section):
 
 
 class SplitConfig(Section):
-    """Validation set and nested training subsets (100 in 1k in 5k in 9k at paper scale)."""
+    """Validation set, nested training subsets (100 in 1k in 5k in 9k at paper scale) and a test
+    set that only the final decision reads (`test_size` null: every row the others leave)."""
 
     val_size: PositiveInt = 100
     train_sizes: list[PositiveInt] = Field(default_factory=lambda: [25, 50, 100, 150])
+    test_size: PositiveInt | None = None
+    min_test_size: PositiveInt = 30
     seed: int = 0
 
     @model_validator(mode="after")
@@ -316,16 +321,21 @@ class EvaluateConfig(Section):
 
 
 class PromoteConfig(Section):
-    """Registry policy: best % conversational among adapters that pass two guards: similarity
-    (at most `similarity_tolerance` below the base's mean similarity) and degeneration (mean
-    repeated-4-gram share <= `max_repetition_rate`, % answers that ended their turn >=
-    `min_stopped_pct`); ties go to fewer training samples, then smaller r. See registry/policy.py."""
+    """The promotion rule (pipeline/core/decision.py; docs/evaluation.md gives each value's reason).
+    Declared before the first test prediction: the heldout stage refuses a rule that differs from
+    the committed one, and every decision records the commit that declared it."""
 
     # Used in models:/<name>@production URIs and registry filters: no '/', '@', quotes or spaces.
     registered_model_name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")] = "tonetune-conversational"
-    similarity_tolerance: Cosine = 0.02
+    min_style_gain: Annotated[float, Field(ge=0, le=100)] = 10.0
+    content_metric: Literal["content_similarity", "similarity"] = "content_similarity"
+    content_margin: Annotated[float, Field(ge=0, le=1)] = 0.05
+    alpha: Annotated[float, Field(gt=0, lt=0.5)] = 0.05
+    power: Annotated[float, Field(gt=0.5, lt=1)] = 0.8
     max_repetition_rate: Annotated[float, Field(ge=0, le=1)] = 0.10
     min_stopped_pct: Annotated[float, Field(ge=0, le=100)] = 50.0
+    bootstrap_samples: Annotated[int, Field(ge=1000)] = 9999
+    seed: int = 0
 
 
 class OpenAIConfig(Section):

@@ -130,6 +130,7 @@ class Tags:
     ROLLED_BACK_AT = "tonetune.rolled_back_at"
     RESTORED_FROM = "tonetune.restored_by_rollback_from"
     RESTORED_AT = "tonetune.restored_at"
+    DECISION_PREFIX = "decision."  # decision.<key>: the promotion rule's evidence on the test set (version and run)
     # Registered-model tag: versions that were Production, oldest first (rollback pops it)
     PRODUCTION_HISTORY = "tonetune.production_history"
 
@@ -142,6 +143,11 @@ class Tags:
     def base(key: str) -> str:
         """`base.<key>`: the base model's metric in the same evaluation round."""
         return f"{Tags.BASE_PREFIX}{key}"
+
+    @staticmethod
+    def decision(key: str) -> str:
+        """`decision.<key>`: one fact of the promotion decision (registry/policy.decision_tags)."""
+        return f"{Tags.DECISION_PREFIX}{key}"
 
     @staticmethod
     def param(key: str) -> str:

@@ -14,8 +14,10 @@ response cache keeps its own handle for group commit, and uses `fsync_dir` from 
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 
 def fsync_dir(directory: str | Path) -> None:
@@ -122,3 +124,8 @@ def clear_model_outputs(metrics_dir: str | Path, reports_dir: str | Path) -> Non
         folder.mkdir(parents=True, exist_ok=True)
         for stale in folder.glob(pattern):
             stale.unlink()
+
+
+def write_json(data: Any, path: str | Path) -> Path:
+    """`data` as indented JSON, written atomically (a reader never sees half a file)."""
+    return atomic_write_text(path, json.dumps(data, indent=2) + "\n")

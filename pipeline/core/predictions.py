@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 PREDICTIONS_DIR = REPORTS_DIR / "predictions"
+SCORES_DIR = REPORTS_DIR / "scores"  # the score stage's per-question tables (validation)
 EVAL_METRICS_DIR = METRICS_DIR / "eval"
 MLFLOW_METRIC_PREFIX = "eval_"
 
@@ -78,6 +79,43 @@ def score_answers(
     if "id" in validation.columns:
         frame.insert(0, "id", validation["id"].astype(str).tolist())
     return frame
+
+
+def content_similarity(answers: list[str], factual: list[str], embedder) -> np.ndarray:
+    """Per answer: cosine to the factual answer (the content without the tone), which sees content
+    that a conversational reference hides; NaN for an empty answer."""
+    import numpy as np
+
+    from pipeline.core.textmetrics import cosine_similarity
+
+    values = cosine_similarity(embedder.encode(list(answers)), embedder.encode(list(factual))).astype(float)
+    values[[not answer for answer in answers]] = np.nan
+    return values
+
+
+def per_question_scores(frame: pd.DataFrame, embedder, threshold: float) -> pd.DataFrame:
+    """A predictions table (id, question, reference, factual, answer, n_tokens, stopped) with each
+    answer's scores: flesch, on_style (flesch >= threshold), similarity (to the conversational
+    reference, the paper's), content_similarity (to the factual answer) and repetition_rate. What
+    the promotion rule reads, for every model it compares (pipeline.core.decision.Scores)."""
+    import numpy as np
+
+    from pipeline.core.evalmetrics import REPETITION_NGRAM, conversational_mask
+    from pipeline.core.textmetrics import cosine_similarity, flesch_reading_ease_batch, repeated_ngram_rate
+
+    answers = frame["answer"].fillna("").astype(str).tolist()
+    scored = frame.copy()
+    flesch = flesch_reading_ease_batch(answers)
+    flesch[[not answer for answer in answers]] = np.nan
+    answer_vectors = embedder.encode(answers)
+    scored["flesch"] = flesch
+    scored["on_style"] = conversational_mask(flesch, threshold)
+    scored["similarity"] = cosine_similarity(answer_vectors, embedder.encode(frame["reference"].astype(str).tolist()))
+    scored["content_similarity"] = cosine_similarity(answer_vectors,
+                                                     embedder.encode(frame["factual"].astype(str).tolist()))
+    scored.loc[[not answer for answer in answers], ["similarity", "content_similarity"]] = np.nan
+    scored["repetition_rate"] = [repeated_ngram_rate(answer, REPETITION_NGRAM) for answer in answers]
+    return scored
 
 
 def predictions_artifact_path(client, run_id: str) -> str:
