@@ -107,6 +107,7 @@ def plan_split(n_rows: int, val_size: int, train_sizes: list[int], seed: int, te
     train_end = cut_at_section(order, sections, val_end, largest)
     pool = order[val_end:train_end]
     train = {size: pool[:size] for size in sorted(train_sizes)}
+    train[largest] = pool  # a section cut at the boundary stays whole in the largest split
     test = order[train_end:] if test_size is None else order[train_end:train_end + test_size]
     return SplitPlan(val=order[:val_end], train=train, test=test)
 

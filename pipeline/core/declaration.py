@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.core.config import DEFAULT_PARAMS_FILE
+from pipeline.core.config import params_path
 
 DECLARED_KEYS = ("min_style_gain", "content_metric", "content_margin", "alpha", "power", "max_repetition_rate",
                  "min_stopped_pct")
@@ -52,21 +52,27 @@ def declared_values(params_text: str | None) -> dict[str, Any] | None:
     return {key: promote.get(key) for key in DECLARED_KEYS}
 
 
-def declared_rule(current: Mapping[str, Any], repo: str | Path = ".", params: str | Path = DEFAULT_PARAMS_FILE) -> Declaration | None:
+def declared_rule(current: Mapping[str, Any], repo: str | Path = ".", params: str | Path | None = None) -> Declaration | None:
     """The declaring commit of `current` (the rule's values as loaded now), or None when HEAD's
-    params.yaml does not hold them (uncommitted) or this is not a git repository."""
-    repo = Path(repo)
+    params file (default: the one in use) does not hold them (uncommitted) or this is not a git
+    repository."""
+    repo = Path(repo).resolve()
+    params = Path(params or params_path()).resolve()
+    try:
+        relative = "./" + params.relative_to(repo).as_posix()
+    except ValueError:
+        return None  # the params file is outside the repository: nothing declares it
     wanted = {key: current.get(key) for key in DECLARED_KEYS}
-    log = _git(["log", "--format=%H %cI", "--", Path(params).as_posix()], repo)
+    log = _git(["log", "--format=%H %cI", "--", relative], repo)
     if not log:
         return None
     declaring = None
     for line in log.splitlines():
         commit, date = line.split(" ", 1)
-        if declared_values(_git(["show", f"{commit}:{Path(params).as_posix()}"], repo)) != wanted:
+        if declared_values(_git(["show", f"{commit}:{relative}"], repo)) != wanted:
             break
         declaring = Declaration(commit, date)
-    head_values = declared_values(_git(["show", f"HEAD:{Path(params).as_posix()}"], repo))
+    head_values = declared_values(_git(["show", f"HEAD:{relative}"], repo))
     if head_values != wanted:
         return None
     return declaring
