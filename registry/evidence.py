@@ -108,21 +108,27 @@ def read_heldout(folder: Path = HELDOUT_DIR) -> Heldout:
                    Scores.from_frame(record["finalist"], tables[record["finalist"]]), tables["base"])
 
 
+def incumbent_cache_path(name: str, version: str, heldout: Heldout, numerics: dict[str, Any],
+                         folder: Path = INCUMBENTS_DIR) -> Path:
+    """Where a version's scored test answers are cached: one file per version, test set and machine."""
+    import hashlib
+
+    facts = hashlib.sha256(json.dumps(numerics, sort_keys=True).encode()).hexdigest()[:10]
+    return Path(folder) / f"{name}-v{version}-test{str(heldout.record.get('test_md5'))[:10]}-{facts}.parquet"
+
+
 def incumbent_scores(name: str, version: str, heldout: Heldout, config: Config, numerics: dict[str, Any],
                      folder: Path = INCUMBENTS_DIR) -> Scores:
     """The Production version's per-question scores on the same test questions: decoded once through
     its registered model (what it serves) and cached under `folder`, keyed by version, test set and
     the machine facts that change numerics, so a re-run with nothing changed decodes nothing."""
-    import hashlib
-
     import pandas as pd
 
     from pipeline.core.predictions import per_question_scores
     from pipeline.core.tables import write_table
     from pipeline.core.textmetrics import load_embedder
 
-    facts = hashlib.sha256(json.dumps(numerics, sort_keys=True).encode()).hexdigest()[:10]
-    cache = Path(folder) / f"{name}-v{version}-test{str(heldout.record.get('test_md5'))[:10]}-{facts}.parquet"
+    cache = incumbent_cache_path(name, version, heldout, numerics, folder)
     if cache.is_file():
         return Scores.from_frame(f"v{version}", pd.read_parquet(cache))
     import mlflow

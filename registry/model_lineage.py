@@ -149,6 +149,10 @@ def lineage_for_model(uri: str, client=None, check_run: bool = True) -> ModelLin
         file_report = lineage_for_file(dataset.path, check_run=check_run)
         datasets.append(DatasetLineage(dataset.name, dataset.path, dataset.dvc_md5,
                                        dataset_status(file_report, dataset.dvc_md5), file_report))
+    test_md5, test_path = version.tags.get(Tags.decision("test_md5")), version.tags.get(Tags.dataset("test", "path"))
+    if test_md5 and test_path:  # the held-out test set the promotion decision read
+        file_report = lineage_for_file(test_path, check_run=False)
+        datasets.append(DatasetLineage("test", test_path, test_md5, dataset_status(file_report, test_md5), file_report))
     statuses = [d.status for d in datasets] or [NOT_TRACKED]
     created = getattr(version, "creation_timestamp", None)
     return ModelLineageReport(
@@ -225,7 +229,8 @@ def render_text(report: ModelLineageReport) -> str:
     for dataset in report.datasets:
         file = dataset.file
         lines.append(f"  -> dataset   {dataset.name}: {dataset.path}")
-        lines.append(f"                trained on md5 {dataset.trained_md5 or '-'}; dvc.lock {file.locked_md5 or '-'} "
+        used = "decided on" if dataset.name == "test" else "trained on"
+        lines.append(f"                {used} md5 {dataset.trained_md5 or '-'}; dvc.lock {file.locked_md5 or '-'} "
                      f"({file.stage or '-'}); on disk {file.md5_on_disk or '-'}: {dataset.status}")
     if report.datasets:
         first = report.datasets[0].file

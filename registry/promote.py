@@ -190,8 +190,7 @@ def promote_best(config: Config, eval_dir: Path = EVAL_DIR, summary_path: Path =
                 *lines]))
         version_record = version_tags(candidate, base, run, quality, config, tags)
         version, created = register_once(client, name, run, version_record)
-        how = promotion_tags("policy" if outcome == PROMOTE else "forced", outcome != PROMOTE, reason,
-                             decision.refusals())
+        how = promotion_tags("forced" if force else "policy", force, reason, decision.refusals())
         return finish_promotion(client, name, version, created, version_record, how, describe(candidate), lines)
 
 
@@ -273,6 +272,8 @@ def add_promote_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reason", help="why the gate is overridden (recorded on the version and in its model card)")
     parser.add_argument("--metrics-dir", type=Path, default=EVAL_DIR, help="per-model metrics JSON files")
     parser.add_argument("--data-quality", type=Path, default=DATA_QUALITY_PATH, help="validate's summary JSON")
+    parser.add_argument("--heldout-dir", type=Path, default=HELDOUT_DIR,
+                        help="the heldout stage's test-set evidence (decision.json, per-question scores)")
 
 
 def report(outcome: Outcome) -> int:
@@ -292,7 +293,8 @@ def run_promote(args: argparse.Namespace) -> int:
             raise TonetuneError(f"VERSION must be a version number, got {version!r}")
         outcome = promote_version(config, str(version), args.data_quality, force=args.force, reason=args.reason)
     else:
-        outcome = promote_best(config, args.metrics_dir, args.data_quality, force=args.force, reason=args.reason)
+        outcome = promote_best(config, args.metrics_dir, args.data_quality, force=args.force, reason=args.reason,
+                               heldout_dir=args.heldout_dir)
     return report(outcome)
 
 

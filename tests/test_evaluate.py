@@ -511,3 +511,60 @@ def test_stage_fails_in_one_line_without_a_base_model(stage_dir, capsys):
 def test_unknown_model_name_is_rejected(stage_dir):
     with pytest.raises(TonetuneError, match="no such model"):
         predict.model_specs(adapterinfo.discover_adapters(Path("models/adapters")), {"lora-nope"}, "bf16")
+
+
+# --------------------------------------------------------------------------- the heldout stage
+
+
+def commit_all(folder: Path, message: str) -> str:
+    import subprocess
+
+    subprocess.run(["git", "init", "-q", "-b", "main"], cwd=folder, check=True)
+    subprocess.run(["git", "add", "params.yaml"], cwd=folder, check=True)
+    subprocess.run(["git", "commit", "-q", "-m", message], cwd=folder, check=True)
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+def test_only_the_base_and_the_one_finalist_answer_the_test_set_under_a_committed_rule(stage_dir, write_params, capsys):
+    """Two adapters of the grid (and a leftover of an older one) were evaluated on validation; the
+    heldout stage decodes the test questions with the base and exactly one of them, and records
+    the commit that declared the rule and the test set's md5. An uncommitted change to the rule
+    is refused in one line before any model is loaded, and nothing is written."""
+    import pandas as pd
+
+    from pipeline import heldout
+    from pipeline.core.dvcmeta import file_md5
+
+    test_questions = ["What do whales eat?", "Why do leaves fall in autumn?", "How far away is the Moon?"]
+    pd.DataFrame({"id": ["t2", "t0", "t1"], "question": test_questions, "answer": ["Krill.", "Less light.", "Far."],
+                  "factual_answer": ["Whales eat krill.", "Trees shed leaves.", "About 384,000 km."]}
+                 ).to_parquet("data/splits/test.parquet")
+    predict.main([])
+    score.main(["--no-mlflow"])
+    declared = commit_all(stage_dir, "declare the rule")
+
+    heldout.main([])
+    files = {path.stem for path in Path("reports/heldout").glob("*.parquet")}
+    decision = json.loads(Path("reports/heldout/decision.json").read_text())
+    assert files == {"base", decision["finalist"]} and len(files) == 2
+    assert decision["finalist"] in {"lora-bf16-r4-lr0.001-n10", "lora-int8-r4-lr0.001-n10"}
+    assert decision["declared_in"] == declared and decision["test_md5"] == file_md5("data/splits/test.parquet")
+    assert decision["n_test"] == 3 and {c["name"] for c in decision["checks"]} == {
+        "style_gain", "content_non_inferiority", "repetition", "ended_turn"}
+    table = pd.read_parquet(f"reports/heldout/{decision['finalist']}.parquet")
+    assert table["id"].tolist() == ["t0", "t1", "t2"]  # paired by id
+    assert {"on_style", "similarity", "content_similarity", "repetition_rate", "stopped"} <= set(table.columns)
+    record = json.loads(Path(f"reports/heldout/{decision['finalist']}.json").read_text())
+    assert record["numerics"]["torch_threads"] >= 1 and "cpu_avx512_bf16" in record["numerics"]
+    metrics = json.loads(Path("metrics/heldout.json").read_text())
+    assert metrics["n_test"] == 3 and all(isinstance(v, int | float) for v in metrics.values())
+
+    capsys.readouterr()
+    write_params({"promote": {"content_margin": 0.2}})  # looser, after looking: not committed
+    before = {path.name: path.stat().st_mtime_ns for path in Path("reports/heldout").iterdir()}
+    with pytest.raises(SystemExit) as exited:
+        heldout.main([])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.count("\n") == 1 and "is not the committed one" in err, err
+    assert {path.name: path.stat().st_mtime_ns for path in Path("reports/heldout").iterdir()} == before

@@ -101,7 +101,7 @@ COPIES = {
     "generate": {"fixtures/pairs.parquet": "data/generated/pairs.parquet",
                  "fixtures/manifest.json": "data/generated/manifest.json"},
     "validate": {"fixtures/data_quality.json": "metrics/data_quality.json"},
-    "split": {f"fixtures/{name}.parquet": f"data/splits/{name}.parquet" for name in ("val", "train_100", "train_150")},
+    "split": {f"fixtures/{name}.parquet": f"data/splits/{name}.parquet" for name in ("val", "train_100", "train_150", "test")},
 }
 for source, target in COPIES[sys.argv[1]].items():
     pathlib.Path(target).parent.mkdir(parents=True, exist_ok=True)
@@ -148,6 +148,7 @@ def build_data(generation_run_id: str) -> None:
     pairs.iloc[:2].to_parquet(fixtures / "val.parquet", index=False)
     pairs.iloc[2:6].to_parquet(fixtures / "train_100.parquet", index=False)
     pairs.iloc[2:9].to_parquet(fixtures / "train_150.parquet", index=False)
+    pairs.iloc[9:12].to_parquet(fixtures / "test.parquet", index=False)
     Path("stages.py").write_text(STAGES_SCRIPT)
     Path("dvc.yaml").write_text(yaml.safe_dump(DVC_YAML, sort_keys=False))
     Path("params.yaml").write_text(yaml.safe_dump(PARAMS_YAML, sort_keys=False))
@@ -278,37 +279,97 @@ def registry_name(request, write_params):
 
     slug = re.sub(r"[^A-Za-z0-9]+", "-", request.node.name.removeprefix("test_"))[:40].strip("-")
     name = f"tt-{slug}-{hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:6]}"
-    write_params({"promote": {"registered_model_name": name, "similarity_tolerance": 0.02}})
+    write_params({"promote": {"registered_model_name": name}})
     return name
 
 
 def write_eval(folder: Path, ws, **adapters: tuple) -> Path:
-    """metrics/eval as evaluate writes it: `base` + one record per adapter key A/B/C with
+    """metrics/eval as the score stage writes it: `base` + one record per adapter key A/B/C with
     (pct_conversational, similarity_mean[, repetition_rate, stopped_pct]), linked to the adapter's
-    training run. Degeneration defaults to a clean adapter (CLEAN)."""
+    training run (content similarity = similarity here). Degeneration defaults to a clean adapter
+    (CLEAN). Beside it, `<folder>-heldout`: the heldout stage's evidence for the finalist the rule
+    picks from these records, whose per-question test scores reproduce the same numbers."""
+    from pipeline.core.config import PromoteConfig
+    from pipeline.core.decision import Rule, choose_finalist
+
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "base.json").write_text(json.dumps({
-        "model": "base", "kind": "base", "family": "tiny-llama", "precision": "fp32", "n_train": 0, "n_eval": 2,
-        "pct_conversational": BASE["pct_conversational"], "similarity_mean": BASE["similarity_mean"],
-        "flesch_mean": 40.0, "answer_words_mean": 80.0, "repetition_rate": BASE["repetition_rate"],
-        "stopped_pct": BASE["stopped_pct"], "mlflow_run_id": None}))
+    base = {"model": "base", "kind": "base", "family": "tiny-llama", "precision": "fp32", "n_train": 0, "n_eval": 2,
+            "pct_conversational": BASE["pct_conversational"], "similarity_mean": BASE["similarity_mean"],
+            "content_similarity_mean": BASE["similarity_mean"], "flesch_mean": 40.0, "answer_words_mean": 80.0,
+            "repetition_rate": BASE["repetition_rate"], "stopped_pct": BASE["stopped_pct"], "mlflow_run_id": None}
+    (folder / "base.json").write_text(json.dumps(base))
+    records = []
     for key, values in adapters.items():
         pct, similarity, repetition, stopped = (*values, *CLEAN)[:4]
         run = ws["runs"][key]
-        (folder / f"{run['name']}.json").write_text(json.dumps({
+        record = {
             "model": run["name"], "kind": "lora", "family": "tiny-llama", "precision": "fp32", "lora_r": run["lora_r"],
             "learning_rate": run["learning_rate"], "n_train": run["n_train"], "n_eval": 2,
             "pct_conversational": pct, "pct_conversational_ci_low": max(pct - 10, 0), "pct_conversational_ci_high": min(pct + 10, 100),
-            "flesch_mean": 70.0, "flesch_median": 71.0, "similarity_mean": similarity, "answer_words_mean": 20.0,
-            "repetition_rate": repetition, "stopped_pct": stopped, "mlflow_run_id": run["run_id"]}))
+            "flesch_mean": 70.0, "flesch_median": 71.0, "similarity_mean": similarity, "content_similarity_mean": similarity,
+            "answer_words_mean": 20.0, "repetition_rate": repetition, "stopped_pct": stopped, "mlflow_run_id": run["run_id"]}
+        (folder / f"{run['name']}.json").write_text(json.dumps(record))
+        records.append(record)
+    finalist = choose_finalist(base, records, Rule.from_config(PromoteConfig()))
+    chosen = next(r for r in records if r["model"] == finalist.model)
+    heldout = heldout_of(folder)
+    heldout.mkdir(parents=True, exist_ok=True)
+    write_scores(heldout / "base.parquet", BASE["pct_conversational"], BASE["similarity_mean"], BASE["repetition_rate"],
+                 BASE["stopped_pct"])
+    write_scores(heldout / f"{chosen['model']}.parquet", chosen["pct_conversational"], chosen["similarity_mean"],
+                 chosen["repetition_rate"], chosen["stopped_pct"])
+    (heldout / "decision.json").write_text(json.dumps({
+        "finalist": chosen["model"], "finalist_reason": finalist.reason, "n_test": N_TEST,
+        "test_md5": md5(Path("data/splits/test.parquet")),
+        "rule_text": Rule.from_config(PromoteConfig()).describe(), "declared_in": ws["commit"],
+        "declared_at": "2026-12-05T00:00:00+00:00", "seed": 0, "bootstrap_samples": 9999,
+        "power": {"content_power": 0.8}}))
     return folder
+
+
+N_TEST = 40
+TEST_QUESTIONS = [f"{QUESTION} Asked for the {position}th time, in another way." for position in range(N_TEST)]
+
+
+def heldout_of(eval_dir: Path) -> Path:
+    return eval_dir.parent / f"{eval_dir.name}-heldout"
+
+
+def write_scores(path: Path, pct: float, content: float, repetition: float, stopped_pct: float) -> None:
+    """A scored test table of N_TEST questions whose means are these numbers."""
+    import pandas as pd
+
+    on = round(N_TEST * pct / 100)
+    ended = round(N_TEST * stopped_pct / 100)
+    pd.DataFrame({
+        "id": [f"t{position:03d}" for position in range(N_TEST)], "question": TEST_QUESTIONS,
+        "reference": ["Because air scatters blue light."] * N_TEST, "factual": ["Rayleigh scattering."] * N_TEST,
+        "answer": ["It is blue."] * N_TEST, "n_tokens": [4] * N_TEST, "stopped": [i < ended for i in range(N_TEST)],
+        "on_style": [i < on for i in range(N_TEST)], "similarity": [content] * N_TEST,
+        "content_similarity": [content] * N_TEST, "repetition_rate": [repetition] * N_TEST,
+    }).to_parquet(path)
+
+
+def cache_incumbent(eval_dir: Path, name: str, version: str, pct: float) -> None:
+    """Put the Production version's scored test answers where promotion caches them (no decoding)."""
+    from pipeline.core.machine import numerics_facts
+    from registry.evidence import incumbent_cache_path, read_heldout
+
+    path = incumbent_cache_path(name, version, read_heldout(heldout_of(eval_dir)), numerics_facts())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_scores(path, pct, 0.70, 0.01, 95.0)
+
+
+def dirs(eval_dir: Path) -> list[str]:
+    """The CLI flags that point `promote` at a test's metrics/eval and heldout folders."""
+    return ["--metrics-dir", str(eval_dir), "--heldout-dir", str(heldout_of(eval_dir))]
 
 
 def promote(eval_dir: Path, summary: Path = Path("metrics/data_quality.json"), **kwargs):
     from pipeline.core.config import load_config
     from registry.promote import promote_best
 
-    return promote_best(load_config(), eval_dir, summary, **kwargs)
+    return promote_best(load_config(), eval_dir, summary, heldout_dir=heldout_of(eval_dir), **kwargs)
 
 
 def client():
@@ -337,84 +398,7 @@ def cli(capsys, *argv: str) -> tuple[int, str, str]:
     return exited.value.code, out, err
 
 
-# --------------------------------------------------------------------------- the policy (no server)
-
-
-def candidate(model: str, pct: float, similarity: float = 0.7, n_train: int = 100, lora_r: int = 32,
-              repetition: float = 0.01, stopped: float = 95.0):
-    from registry.policy import Candidate
-
-    return Candidate(model, "run", pct, similarity, n_train, lora_r, repetition, stopped)
-
-
-def limits(floor: float = 0.68):
-    from registry.policy import Limits
-
-    return Limits(floor, max_repetition_rate=0.10, min_stopped_pct=50.0)
-
-
-def test_policy_ranks_by_conversational_then_fewer_samples_then_smaller_r():
-    from registry.policy import Limits, is_better, is_eligible, rank, similarity_floor
-
-    ranked = rank([
-        candidate("c-n1000", 80, n_train=1000), candidate("c-r64", 80, n_train=100, lora_r=64),
-        candidate("c-best", 80, n_train=100, lora_r=32), candidate("c-low", 60, n_train=25, lora_r=8),
-    ])
-    assert [c.model for c in ranked] == ["c-best", "c-r64", "c-n1000", "c-low"]
-    floor = Limits(similarity_floor(0.70, 0.02), 0.10, 50.0)
-    assert is_eligible(candidate("ok", 80, similarity=0.681), floor)
-    assert not is_eligible(candidate("lossy", 99, similarity=0.679), floor)
-    assert not is_eligible(candidate("no-metrics", float("nan")), floor)
-    assert is_better(candidate("x", 81), candidate("y", 80))
-    assert is_better(candidate("x", 80, n_train=50), candidate("y", 80, n_train=100))
-    assert not is_better(candidate("same", 80), candidate("same-again", 80))  # equal: keep the incumbent
-
-
-def looping_candidate():
-    """An adapter whose answers loop, scored the way evaluate scores it (evalmetrics), as promote
-    reads it back from metrics/eval: very conversational (short sentences), similarity fine."""
-    from pipeline.core.evalmetrics import metrics_record, summarize
-    from registry.policy import Candidate
-
-    loop = "He was also a teacher of the school of Sharia, which is the Islamic law. " * 6
-    answers = [loop, loop, "The sky is blue because air scatters blue light the most.", loop]
-    summary = summarize(answers, [80.0] * 4, [0.7] * 4, 60, 100, 0, stopped=[False, False, True, False])
-    record = metrics_record("lora-looping", "lora", summary, lora_r=8, n_train=100, mlflow_run_id="run")
-    return Candidate.from_record(record)
-
-
-def test_degeneration_guard_refuses_a_looping_adapter_with_one_line_naming_it():
-    from registry.policy import check_guards, gate, guard_report
-
-    looping = looping_candidate()
-    assert looping.repetition_rate > 0.5 and looping.stopped_pct == 25.0 and looping.pct_conversational == 100.0
-    refusals = gate(looping, True, "metrics/data_quality.json", None, limits())
-    assert len(refusals) == 1 and "\n" not in refusals[0], refusals
-    assert refusals[0].startswith("degeneration_guard: repetition rate 0.")
-    assert "above promote.max_repetition_rate 0.10 (it loops)" in refusals[0]
-    assert "25.0% of answers ended their turn, below promote.min_stopped_pct 50%" in refusals[0]
-    # a clean adapter passes both guards; every guard is reported for every candidate
-    clean = candidate("lora-clean", 70)
-    assert [r.passed for r in check_guards(clean, limits())] == [True, True]
-    report = guard_report([clean, looping], limits())
-    assert report[0] == "guards (similarity >= 0.680; repetition rate <= 0.10; ended their turn >= 50%):"
-    assert report[1].startswith("  lora-looping: 100.0% conversational -> NOT eligible (similarity_guard ok")
-    assert "degeneration_guard FAIL" in report[1]
-    assert report[2].startswith("  lora-clean: 70.0% conversational -> eligible (similarity_guard ok")
-    # a metric that was not measured fails the guard rather than passing silently
-    unmeasured = candidate("lora-old", 70, repetition=float("nan"))
-    assert gate(unmeasured, True, "-", None, limits()) == ["degeneration_guard: repetition_rate not measured"]
-
-
-def test_tag_keys_are_built_and_parsed_by_one_contract():
-    from pipeline.core.contracts import Tags
-
-    key = Tags.dataset("train_150", "dvc_md5")
-    assert key == "dataset.train_150.dvc_md5" and Tags.parse_dataset(key) == ("train_150", "dvc_md5")
-    assert Tags.parse_dataset("dataset.my.split.v2.path") == ("my.split.v2", "path")  # names may hold dots
-    assert Tags.parse_dataset("dataset.orphan") is None and Tags.parse_dataset("metric.x") is None
-    assert Tags.metric("stopped_pct") == "metric.stopped_pct" and Tags.base("repetition_rate") == "base.repetition_rate"
-    assert Tags.stage_of({"tonetune.stage": "train"}) == "train" == Tags.stage_of({"stage": "train"})
+# --------------------------------------------------------------------------- no server (the rule: tests/test_decision.py)
 
 
 def test_force_needs_a_reason_and_secrets_are_redacted(monkeypatch):
@@ -456,13 +440,14 @@ def test_lock_lives_next_to_a_sqlite_store_and_a_missing_store_is_not_created(tm
     assert not database.exists()
 
 
-def test_dvc_stage_promote_runs_after_report_and_is_always_changed():
+def test_dvc_stage_promote_runs_after_heldout_and_report_and_is_always_changed():
     from tests.conftest import REPO_ROOT
 
     stage = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]["promote"]
     assert stage["cmd"] == "python -m registry.promote" and stage["always_changed"] is True
-    assert {"metrics/eval", "metrics/data_quality.json", "reports/results.md"} <= set(stage["deps"])
-    assert stage["params"] == ["promote"] and "outs" not in stage
+    assert {"metrics/eval", "reports/heldout", "metrics/data_quality.json", "reports/results.md"} <= set(stage["deps"])
+    assert stage["params"][0] == "promote" and "outs" not in stage
+    assert [next(iter(m)) for m in stage["metrics"]] == ["metrics/promotion.json"]
 
 
 # --------------------------------------------------------------------------- against the server
@@ -498,13 +483,22 @@ def test_promote_registers_the_best_adapter_with_lineage_tags_card_aliases_and_i
         "data_quality.success": "true", "data_quality.pairs_md5": md5(Path("data/generated/pairs.parquet")),
         "data_quality.source": "metrics/data_quality.json", "generation_run_id": ws["generation_run"],
         "git_commit": ws["commit"], "dvc_lock_md5": lock_digest(), "promote.mode": "policy", "promote.forced": "false",
+        "decision.outcome": "promote", "decision.finalist": run["name"], "decision.n_test": str(N_TEST),
+        "decision.declared_in": ws["commit"], "decision.style_gain.estimate": "50.0", "decision.style_gain.passed": "true",
+        "decision.content_non_inferiority.estimate": "-0.01", "decision.content_non_inferiority.bound": "-0.01",
+        "dataset.test.dvc_md5": md5(Path("data/splits/test.parquet")), "dataset.test.path": "data/splits/test.parquet",
     }
     assert {key: tags.get(key) for key in expected} == expected
     card = version.description
     for text in (f"# {registry_name} v1", "150 LLM-simulated question/answer pairs", "| % conversational | 60.0 | 10.0 |",
                  f'mlflow.pyfunc.load_model("models:/{registry_name}@production")', "data-quality gate: passed",
-                 f"python -m registry lineage models:/{registry_name}/1", md5(Path("data/splits/train_150.parquet"))):
+                 f"python -m registry lineage models:/{registry_name}/1", md5(Path("data/splits/train_150.parquet")),
+                 "**Decision on the held-out test set**", "- decision      promote by the rule declared in",
+                 "- style gain    50.0 points, one-sided bound", f"- test set      n = {N_TEST}"):
         assert text in card, (text, card)
+    # the decision is on the training run too (also when nothing is promoted)
+    assert client().get_run(run["run_id"]).data.tags["decision.outcome"] == "promote"
+    assert json.loads(Path("metrics/promotion.json").read_text())["decision"] == 1
 
     answers = mlflow.pyfunc.load_model(f"models:/{registry_name}@production").predict([QUESTION])
     model, tokenizer = load_adapter_model(ws["base_reference"]["path"], run["adapter"], "fp32")
@@ -517,7 +511,7 @@ def test_promote_registers_the_best_adapter_with_lineage_tags_card_aliases_and_i
 def test_rerun_is_a_noop_and_cli_list_and_summary_show_production(ws, registry_name, tmp_path, capsys):
     eval_dir = write_eval(tmp_path / "eval", ws, A=(55.0, 0.70), C=(50.0, 0.70))
     assert promote(eval_dir).action == "promoted"
-    code, out, err = cli(capsys, "promote", "--metrics-dir", str(eval_dir))
+    code, out, err = cli(capsys, "promote", *dirs(eval_dir))
     assert code == 0 and "already production: nothing to do" in out, (out, err)
     assert [int(v.version) for v in versions_of(registry_name)] == [1]
 
@@ -528,9 +522,11 @@ def test_rerun_is_a_noop_and_cli_list_and_summary_show_production(ws, registry_n
     code, out, _ = cli(capsys, "summary")
     assert code == 0
     assert f"Production model: {registry_name} v1" in out
-    assert "conversational 55.0% vs base 10.0% (+45.0 points)" in out
-    assert "similarity    0.700 vs base 0.700 (+0.000) (the guard allows -0.02)" in out
+    assert "validation    conversational 55.0% vs base 10.0% (+45.0 points); similarity 0.700 vs base 0.700 (+0.000)" in out
     assert "degeneration  ended their turn 95.0% vs base 60.0% (+35.0 points); repeated 4-grams 0.010 vs base 0.050 (-0.040)" in out
+    assert f"decision      promote by the rule declared in {ws['commit'][:12]}" in out
+    assert "style gain    45.0 points, one-sided bound" in out and "(limit 10.0): pass" in out
+    assert "content       0.000, one-sided bound 0.000 (limit -0.050): pass" in out
     assert f"python -m registry lineage models:/{registry_name}@production" in out
 
 
@@ -538,6 +534,7 @@ def test_better_candidate_replaces_production_rollback_and_explicit_restore(ws, 
     first = write_eval(tmp_path / "first", ws, A=(50.0, 0.70))
     better = write_eval(tmp_path / "better", ws, A=(50.0, 0.70), C=(70.0, 0.70))
     assert promote(first).version == "1"
+    cache_incumbent(better, registry_name, "1", 50.0)  # v1's test answers: 20 of 40 on-style, C: 28
     outcome = promote(better)
     assert outcome.action == "promoted" and outcome.version == "2" and "v1 is now previous" in outcome.message
     c = client()
@@ -553,10 +550,12 @@ def test_better_candidate_replaces_production_rollback_and_explicit_restore(ws, 
     code, _, err = cli(capsys, "rollback")
     assert code == 2 and "nothing to roll back to" in err
 
-    # the stage does not undo a rollback: C's version is skipped, A is production already
+    assert "beats_production PASS" in outcome.message and "8 won / 0 lost" in outcome.message
+    # the stage does not undo a rollback: C's version is skipped, A stays production
     outcome = promote(better)
-    assert outcome.action == "noop" and production_of(registry_name) == "1", outcome.message
-    # restoring it explicitly goes through the gate (v2 is better than v1) and records history
+    assert outcome.action == "not-promoted" and "rolled back" in outcome.message, outcome.message
+    assert production_of(registry_name) == "1"
+    # restoring it explicitly checks its recorded decision (promote) and data quality, and records history
     code, out, _ = cli(capsys, "promote", "2")
     assert code == 0 and "promoted" in out
     assert c.get_registered_model(registry_name).aliases == {"production": "2", "previous": "1"}
@@ -565,24 +564,32 @@ def test_better_candidate_replaces_production_rollback_and_explicit_restore(ws, 
     assert [int(v.version) for v in versions_of(registry_name)] == [1, 2]
 
 
-def test_gate_refuses_a_worse_candidate_and_a_lossy_one(ws, registry_name, tmp_path, capsys):
+def test_a_challenger_within_noise_keeps_production_and_a_lossy_finalist_is_refused(ws, registry_name, tmp_path, capsys):
     assert promote(write_eval(tmp_path / "a", ws, A=(50.0, 0.70))).version == "1"
-    assert promote(write_eval(tmp_path / "c", ws, C=(70.0, 0.70))).version == "2"
-    # the stage keeps a better production version (exit 0, nothing registered)
-    outcome = promote(write_eval(tmp_path / "worse", ws, B=(60.0, 0.70)))
-    assert outcome.action == "kept" and outcome.exit_code == 0 and "not better than Production" in outcome.message
+    c_eval = write_eval(tmp_path / "c", ws, C=(70.0, 0.70))
+    cache_incumbent(c_eval, registry_name, "1", 50.0)
+    assert promote(c_eval).version == "2"
+    # B beats the base, but not v2 (60% vs its 70% on the same test questions): kept, exit 0
+    worse = write_eval(tmp_path / "worse", ws, B=(60.0, 0.70))
+    cache_incumbent(worse, registry_name, "2", 70.0)
+    outcome = promote(worse)
+    assert outcome.action == "kept" and outcome.exit_code == 0, outcome.message
+    assert "does not beat it significantly" in outcome.message and "beats_production not shown" in outcome.message
     assert production_of(registry_name) == "2" and len(versions_of(registry_name)) == 2
-    # explicitly asking for the worse version is refused (exit 1)
-    code, _, err = cli(capsys, "promote", "1")
-    assert code == 1 and "refused" in err and "better_than_production" in err
-    assert production_of(registry_name) == "2"
-    # the similarity guard: B is the most conversational but loses too much similarity
+    # a gain within noise keeps the incumbent too: 72% vs 70% is one question out of 40
+    close = write_eval(tmp_path / "close", ws, B=(72.5, 0.70))
+    cache_incumbent(close, registry_name, "2", 70.0)
+    assert promote(close).action == "kept" and production_of(registry_name) == "2"
+    # B is screened out on validation for its content; C is the finalist and already production
     lossy = promote(write_eval(tmp_path / "lossy", ws, B=(95.0, 0.60), C=(70.0, 0.70)))
     assert lossy.action == "noop" and f"v2 ({ws['runs']['C']['name']}) is already production" in lossy.message
-    # none eligible: a policy decision (exit 0, so `dvc repro` completes), production untouched
-    code, out, _ = cli(capsys, "promote", "--metrics-dir", str(write_eval(tmp_path / "only-lossy", ws, B=(95.0, 0.60))))
-    assert code == 0 and "NOT PROMOTED: no adapter is eligible" in out and "below the similarity floor 0.680" in out
+    # only the lossy one: it is the finalist, and the test set refuses it on content (exit 0, so
+    # `dvc repro` completes), production untouched
+    code, out, _ = cli(capsys, "promote", *dirs(write_eval(tmp_path / "only-lossy", ws, B=(95.0, 0.60))))
+    assert code == 0 and out.startswith("promote: NOT PROMOTED (refuse)"), out
+    assert "content_non_inferiority FAIL: content_similarity 0.600 vs base 0.700; estimate -0.100" in out
     assert "--force --reason" in out and production_of(registry_name) == "2"
+    assert json.loads(Path("metrics/promotion.json").read_text())["decision"] == -1
 
 
 def test_a_looping_adapter_is_refused_and_forcing_it_puts_the_overridden_guard_in_the_model_card(
@@ -593,29 +600,30 @@ def test_a_looping_adapter_is_refused_and_forcing_it_puts_the_overridden_guard_i
     import registry.cli
 
     eval_dir = write_eval(tmp_path / "eval", ws, B=(95.0, 0.70, 0.45, 30.0))
-    code, out, err = cli(capsys, "promote", "--metrics-dir", str(eval_dir))
-    assert code == 0 and out.startswith("promote: NOT PROMOTED: no adapter is eligible"), (out, err)
-    guard_line = next(line for line in out.splitlines() if line.startswith(f"  {ws['runs']['B']['name']}:"))
-    assert "NOT eligible" in guard_line and "similarity_guard ok" in guard_line
-    assert "degeneration_guard FAIL: repetition rate 0.450 is above promote.max_repetition_rate 0.10 (it loops); " \
-           "30.0% of answers ended their turn, below promote.min_stopped_pct 50%" in guard_line
+    code, out, err = cli(capsys, "promote", *dirs(eval_dir))
+    assert code == 0 and out.startswith("promote: NOT PROMOTED (refuse)"), (out, err)
+    assert "content_non_inferiority PASS" in out
+    assert "repetition FAIL: mean repeated-4-gram rate; estimate +0.450, bound +0.450 (needs <= +0.100" in out
+    assert "ended_turn FAIL: 12/40 ended their turn; estimate +30.000" in out
     assert versions_of(registry_name) == []
 
-    monkeypatch.setattr(registry.cli, "EVAL_DIR", eval_dir)
+    from registry.evidence import read_heldout
+
+    monkeypatch.setattr(registry.cli, "read_heldout", lambda: read_heldout(heldout_of(eval_dir)))
     code, out, _ = cli(capsys, "summary")
     assert code == 0 and out.startswith(f"No Production model: {registry_name} has no production version.")
-    assert "no version was ever registered" in out and "passes the guards (base similarity 0.700)" in out
-    assert "degeneration_guard FAIL" in out
+    assert "no version was ever registered" in out and f"finalist {ws['runs']['B']['name']} against the base" in out
+    assert "repetition FAIL" in out
 
     reason = "loops only on list questions; reviewed 20 answers by hand"
-    code, out, _ = cli(capsys, "promote", "--metrics-dir", str(eval_dir), "--force", "--reason", reason)
-    assert code == 0 and "FORCED" in out and "overrode degeneration_guard" in out, out
-    assert "skipped" not in out and "promoted by --force (overrode degeneration_guard)" in out
+    code, out, _ = cli(capsys, "promote", *dirs(eval_dir), "--force", "--reason", reason)
+    assert code == 0 and "FORCED" in out and "overrode repetition,ended_turn" in out, out
     version = client().get_model_version(registry_name, "1")
-    assert version.tags["promote.gates_overridden"] == "degeneration_guard"
+    assert version.tags["promote.gates_overridden"] == "repetition,ended_turn"
+    assert version.tags["decision.outcome"] == "refuse"
     card = version.description
-    for text in ("**FORCED promotion**", "overridden: degeneration_guard.",
-                 "- degeneration_guard: repetition rate 0.450 is above promote.max_repetition_rate 0.10",
+    for text in ("**FORCED promotion**", "overridden: repetition,ended_turn.",
+                 "- repetition FAIL: mean repeated-4-gram rate; estimate +0.450",
                  f"Reason given: {reason}", "| repeated 4-gram rate | 0.450 | 0.050 |",
                  "| % answers that ended their turn | 30.0 | 60.0 |"):
         assert text in card, (text, card)
@@ -627,14 +635,14 @@ def test_failed_data_quality_refuses_unless_forced_with_a_reason(ws, registry_na
     failed = tmp_path / "data_quality.json"
     failed.write_text(json.dumps({"success": False, "pairs_md5": md5(Path("data/generated/pairs.parquet"))}))
     eval_dir = write_eval(tmp_path / "eval", ws, A=(60.0, 0.70))
-    code, _, err = cli(capsys, "promote", "--metrics-dir", str(eval_dir), "--data-quality", str(failed))
+    code, _, err = cli(capsys, "promote", *dirs(eval_dir), "--data-quality", str(failed))
     assert code == 1 and "data-quality gate FAILED" in err, err
     assert versions_of(registry_name) == []
-    code, _, err = cli(capsys, "promote", "--metrics-dir", str(eval_dir), "--data-quality", str(failed), "--force")
+    code, _, err = cli(capsys, "promote", *dirs(eval_dir), "--data-quality", str(failed), "--force")
     assert code == 2 and "--force needs --reason" in err
 
     reason = "checks failed on 2 rows reviewed by hand: false positives"
-    code, out, _ = cli(capsys, "promote", "--metrics-dir", str(eval_dir), "--data-quality", str(failed), "--force", "--reason", reason)
+    code, out, _ = cli(capsys, "promote", *dirs(eval_dir), "--data-quality", str(failed), "--force", "--reason", reason)
     assert code == 0 and "FORCED" in out
     tags = client().get_model_version(registry_name, "1").tags
     assert tags["promote.forced"] == "true" and tags["promote.force_reason"] == reason
@@ -676,7 +684,7 @@ def test_two_promotions_racing_from_two_processes_end_consistent(ws, registry_na
     eval_dir = write_eval(tmp_path / "eval", ws, A=(50.0, 0.70), C=(65.0, 0.70))
     env = {**os.environ, "TONETUNE_PROMOTE_LOCK": lock}
     processes = [
-        subprocess.Popen([sys.executable, "-m", "registry.promote", "--metrics-dir", str(eval_dir)],
+        subprocess.Popen([sys.executable, "-m", "registry.promote", *dirs(eval_dir)],
                          cwd=ws["root"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for _ in range(2)
     ]
@@ -714,7 +722,8 @@ def test_lineage_of_a_model_uri_audits_every_dataset_against_dvc_lock(ws, regist
     report = json.loads(out)
     assert code == 0 and report["status"] == "MATCH" and report["base_model"]["status"] == "MATCH"
     assert [(d["name"], d["trained_md5"], d["status"]) for d in report["datasets"]] == [
-        ("train_150", train_md5, "MATCH"), ("val", md5(Path("data/splits/val.parquet")), "MATCH")]
+        ("train_150", train_md5, "MATCH"), ("val", md5(Path("data/splits/val.parquet")), "MATCH"),
+        ("test", md5(Path("data/splits/test.parquet")), "MATCH")]  # the test set the decision read
 
     split_file = Path("data/splits/train_150.parquet")
     original = split_file.read_bytes()
