@@ -166,11 +166,12 @@ def test_the_answers_are_real_question_dependent_text(models):
 def test_int8_layers_see_outliers_that_differ_between_questions(models):
     """The 8-bit layers do meet LLM.int8() outliers here, in columns that differ per question:
     without per-sequence computation they would mix the questions of a batch."""
+    import bitsandbytes as bnb
     import torch
 
     model, tokenizer = models["lora-int8"]
     seen: list[frozenset[int]] = []
-    layer = next(m for m in model.modules() if type(m).__name__ == "Linear8bitLt")
+    layer = next(m for m in model.modules() if isinstance(m, bnb.nn.Linear8bitLt))
 
     def record(_module, inputs, _output):
         (x,) = inputs
@@ -207,3 +208,23 @@ def test_sampling_seeds_per_question_and_policy(models):
 ])
 def test_bucket_slabs_group_by_padded_length_longest_first(lengths, rows, bucket, expected):
     assert modeling.bucket_slabs(lengths, rows, bucket) == expected
+
+
+@pytest.mark.parametrize("n_tokens", [1, 8])
+def test_int8_sequences_apart_is_bitwise_each_sequence_alone(models, n_tokens):
+    """The fast per-sequence LLM.int8() equals bitsandbytes' own forward on each sequence alone,
+    bit for bit, for a decoding step (1 token) and a prompt (8 tokens), while the plain forward
+    on the whole batch does not."""
+    import bitsandbytes as bnb
+    import torch
+
+    model, _ = models["lora-int8"]
+    layer = next(m for m in model.modules() if isinstance(m, bnb.nn.Linear8bitLt))
+    torch.manual_seed(3)
+    x = (torch.randn(4, n_tokens, layer.in_features) * 3).to(torch.bfloat16)
+    x[1, 0, 5] = 40.0  # an outlier column only the second sequence has
+    alone = torch.cat([layer(x[row : row + 1]) for row in range(x.shape[0])])  # 1 sequence: bnb's forward
+    fast = layer(x)
+    assert torch.equal(fast, alone)
+    bnb_forward = layer.forward.__defaults__[1]  # the layer's own forward, kept by int8_per_sequence
+    assert not torch.equal(bnb_forward(x), alone)  # across the batch, the outlier columns mix

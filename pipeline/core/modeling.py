@@ -215,22 +215,68 @@ def load_tokenizer(folder: str | Path):
     return tokenizer
 
 
+def int8_sequences_apart(module, x, forward):
+    """What `module` (a bitsandbytes Linear8bitLt in eval mode) returns for each sequence of `x`
+    (sequences, tokens, features) sent alone, computed for all sequences at once.
+
+    LLM.int8() as bitsandbytes 0.50 computes it (MatMul8bitLt.forward and the default CPU ops),
+    step by step, with the outlier columns taken per sequence instead of over the whole input:
+    fp16 copy; elements >= threshold zeroed; per-token absmax and int8 rounding; the sequence's
+    outlier columns zeroed (bitsandbytes skips that for a single token, where they are zero
+    already); one int8 matmul + dequantisation (+ bias) for all tokens; then per sequence the
+    outlier columns in 16 bit (`addmm`, the same call and shapes as bitsandbytes alone). Every
+    step but the last is element- or token-wise, and the int8 matmul accumulates exactly in
+    int32 (torch._int_mm; bitsandbytes' fp32 fallback is exact below 2**24), so the result is
+    bitwise what the sequence alone gets (tests/test_invariance.py checks it against `forward`
+    per sequence). Anything else (threshold 0, weights not quantised, 2-D input) goes to
+    `forward`, one sequence at a time.
+    """
+    import torch
+
+    state = module.state
+    if module.weight.CB is not None:
+        module.init_8bit_state()
+    if state.threshold <= 0.0 or state.CB is None or state.SCB is None or state.has_fp16_weights:
+        return torch.cat([forward(x[row : row + 1]) for row in range(x.shape[0])])
+    bias = module.bias
+    if bias is not None and bias.dtype != x.dtype:
+        bias.data = bias.data.to(x.dtype)
+    n_seq, n_tok, n_in = x.shape
+    A = x.reshape(-1, n_in)
+    A16 = A.to(torch.float16)
+    outliers = A16.abs() >= state.threshold
+    A16 = A16.masked_fill(outliers, 0)
+    row_stats = torch.max(A16.abs(), dim=1).values.float()
+    CA = torch.round(A16 * (127.0 / row_stats.unsqueeze(-1))).to(torch.int8)
+    columns = outliers.view(n_seq, n_tok, n_in).any(dim=1)  # (sequences, features)
+    if n_tok > 1:
+        CA = CA.view(n_seq, n_tok, n_in).masked_fill(columns[:, None, :], 0).view(-1, n_in)
+    output = torch.ops.bitsandbytes.int8_scaled_mm.default(CA, state.CB, row_stats, state.SCB, bias=bias,
+                                                           dtype=A.dtype)
+    for seq in torch.nonzero(columns.any(dim=1)).flatten().tolist():
+        cols = torch.nonzero(columns[seq]).flatten()
+        rows = slice(seq * n_tok, (seq + 1) * n_tok)
+        subA = A[rows][:, cols].contiguous()
+        subB = torch.ops.bitsandbytes.int8_vectorwise_dequant.default(state.CB[:, cols].contiguous(), state.SCB)
+        output[rows] = output[rows].contiguous().addmm(subA, subB.to(A.dtype).t())
+    return output.reshape(n_seq, n_tok, -1)
+
+
 def int8_per_sequence(model) -> int:
     """Make every bitsandbytes 8-bit linear layer of `model` compute each sequence on its own.
 
     LLM.int8() (bitsandbytes 0.50, CPU) picks its outlier columns over all rows of the input
     (every token of every sequence, padding included) and computes those columns in 16 bit, the
     rest in int8: one sequence's answer would depend on the others in the batch. In eval mode a
-    3-D input (sequences, tokens, features) is split into single sequences, each sent through
-    the layer's own forward, and the outputs are concatenated: each sequence gets exactly what
-    bitsandbytes computes for it alone (same threshold, same kernels; nothing else changes).
-    Training mode is untouched. Returns the number of layers wrapped (0 without bitsandbytes).
+    3-D input (sequences, tokens, features) gets, for each sequence, exactly what bitsandbytes
+    computes for that sequence alone (`int8_sequences_apart`: same threshold, same kernels;
+    int8 numerics do not change). Training mode is untouched. Returns the number of layers
+    wrapped (0 without bitsandbytes).
     """
     try:
         import bitsandbytes as bnb
     except Exception:  # no int8 without it; nothing to wrap
         return 0
-    import torch
 
     wrapped = 0
     for module in model.modules():
@@ -240,7 +286,7 @@ def int8_per_sequence(model) -> int:
             def per_sequence(x, _module=module, _forward=whole_batch):
                 if _module.training or x.dim() != 3 or x.shape[0] == 1:
                     return _forward(x)
-                return torch.cat([_forward(x[row : row + 1]) for row in range(x.shape[0])])
+                return int8_sequences_apart(_module, x, _forward)
 
             module.forward = per_sequence
             module._tonetune_per_sequence = True
