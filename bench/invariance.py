@@ -22,6 +22,7 @@ then wraps the same loaded model. Results are recorded in BENCHMARKS.md ("## inv
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import json
 import os
@@ -204,7 +205,8 @@ def main(argv=None) -> None:
               f"alone latency ratio {after['alone_latency_s'] / before['alone_latency_s']:.2f}x; "
               f"{same_text}/{len(questions)} answers equal across the two paths", flush=True)
         results["precisions"][precision] = {"baseline": before, "invariant": after, "same_text": same_text}
-        del model
+        del model, old, new  # the closures hold the model too: free it before the next precision
+        gc.collect()
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
