@@ -11,7 +11,7 @@ sent alone (median of --alone), peak RSS of the phase (VmHWM, reset before each 
 invariance counts: answers equal to the all-at-once answers when each of the first --alone
 questions comes alone, and when all come shuffled.
 
-    .venv/bin/python bench/invariance.py                            # 100 questions: ~1 h on 2 cores
+    .venv/bin/python bench/invariance.py                            # 100 questions: ~40 min on 2 cores (estimate)
     .venv/bin/python bench/invariance.py --questions 32 --alone 3 --precisions fp32,bf16,int8
 
 The baseline is 87b465a's pipeline/core/modeling.py, loaded from git into a temp file. Its int8
