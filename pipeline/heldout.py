@@ -99,7 +99,8 @@ def decode(specs: list[ModelSpec], config: Config, questions: list[str]) -> dict
             with switcher.activate(spec.name, spec.adapter_dir) as active:
                 results[spec.name] = answer_questions(active, tokenizer, questions, spec.system_prompt, policy,
                                                       config.evaluate.batch_size, stop_ids,
-                                                      progress=f"heldout {spec.name}")
+                                                      progress=f"heldout {spec.name}",
+                                                      bucket_tokens=config.evaluate.bucket_tokens)
             print(f"heldout: {spec.name} ({precision}) answered {len(questions)} test questions in "
                   f"{results[spec.name].seconds:.0f} s", flush=True)
     return results

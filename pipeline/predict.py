@@ -13,10 +13,13 @@ Models (paper section 2.4, appendix A.5):
 
 The base is loaded once per precision group and adapters are switched on it
 (pipeline.core.modeling.AdapterSwitcher). Every model decodes under the one policy
-(`evaluate.decoding` + `evaluate.max_new_tokens`), in batches of `evaluate.batch_size` built by
-pipeline.core.modeling.generate_answers, the same call the registered model's `predict` makes:
-given the same questions it returns these answers string for string. An adapter whose training
-recorded another serving policy is refused (re-run train: the logged model carries the policy).
+(`evaluate.decoding` + `evaluate.max_new_tokens`) and the one decoding shape (`evaluate.batch_size`
+rows per forward, prompts padded to a multiple of `evaluate.bucket_tokens`) through
+pipeline.core.modeling.generate_answers, the call the registered model's `predict` makes. That
+path is batch-invariant: each answer depends only on the model, the question and the policy (on
+this machine, kernel path and thread count), so the registered model gives a question the
+evaluated answer whether it comes alone or with any other questions. An adapter whose training
+recorded another serving policy or shape is refused (re-run train: the logged model carries them).
 
 Decoding ablation (`evaluate.ablation_limit` > 0 and a policy other than plain greedy): every model
 also answers the first N questions under plain greedy decoding, to
@@ -24,7 +27,8 @@ reports/predictions/ablation/<model>.parquet; the score stage puts both side by 
 
 Writes, per model: reports/predictions/<model>.parquet (id, question, reference, answer, n_tokens,
 stopped) and reports/predictions/<model>.json (who answered how: kind, precision, prompt, decoding
-policy, batch size, timing, grid point, training run id). No scoring and no MLflow here: the
+policy and shape, timing, grid point, training run id, and `numerics`: the machine facts that
+change the numbers, pipeline.core.machine.numerics_facts). No scoring and no MLflow here: the
 score stage reads these files, so changing a scoring param re-runs only scoring.
 """
 
@@ -47,7 +51,9 @@ from pipeline.core.adapterinfo import (
 from pipeline.core.config import ADAPTERS_DIR, BASE_MODEL_DIR, VAL_SPLIT_PATH, Config, load_config
 from pipeline.core.contracts import grid_adapter_names
 from pipeline.core.errors import TonetuneError, exit_on_user_error
+from pipeline.core.machine import numerics_facts
 from pipeline.core.modeling import (
+    DEFAULT_BUCKET_TOKENS,
     AdapterSwitcher,
     DecodingPolicy,
     answer_questions,
@@ -77,7 +83,7 @@ def model_specs(adapters: Sequence[Path], only: set[str] | None, base_precision:
     return specs
 
 
-def check_serving_policy(spec: ModelSpec, policy: DecodingPolicy, batch_size: int) -> None:
+def check_serving_policy(spec: ModelSpec, policy: DecodingPolicy, batch_size: int, bucket_tokens: int) -> None:
     """Refuse an adapter whose logged model would answer differently from this evaluation."""
     recorded = spec.record.get("decoding")
     if recorded is not None and DecodingPolicy.from_dict(recorded) != policy:
@@ -89,6 +95,12 @@ def check_serving_policy(spec: ModelSpec, policy: DecodingPolicy, batch_size: in
         raise TonetuneError(
             f"{spec.adapter_dir}: its registered model answers in batches of {spec.record['batch_size']}, but "
             f"evaluate.batch_size is {batch_size}; re-run `dvc repro train` so serving and evaluation agree"
+        )
+    if spec.record.get("bucket_tokens", DEFAULT_BUCKET_TOKENS) != bucket_tokens and "batch_size" in spec.record:
+        raise TonetuneError(
+            f"{spec.adapter_dir}: its registered model pads prompts to multiples of "
+            f"{spec.record.get('bucket_tokens', DEFAULT_BUCKET_TOKENS)} tokens, but evaluate.bucket_tokens is "
+            f"{bucket_tokens}; re-run `dvc repro train` so serving and evaluation agree"
         )
 
 
@@ -126,7 +138,8 @@ def predictions_frame(validation: pd.DataFrame, result: GenerationResult) -> pd.
 
 
 def prediction_record(spec: ModelSpec, family: str, policy: DecodingPolicy, batch_size: int,
-                      result: GenerationResult, started: float, ablation: dict[str, Any] | None) -> dict[str, Any]:
+                      result: GenerationResult, started: float, ablation: dict[str, Any] | None,
+                      bucket_tokens: int = DEFAULT_BUCKET_TOKENS) -> dict[str, Any]:
     """reports/predictions/<model>.json: everything the score stage and MLflow need to know."""
     record: dict[str, Any] = {
         "model": spec.name,
@@ -136,11 +149,13 @@ def prediction_record(spec: ModelSpec, family: str, policy: DecodingPolicy, batc
         "system_prompt": spec.system_prompt_name,
         "decoding": policy.to_dict(),
         "batch_size": batch_size,
+        "bucket_tokens": bucket_tokens,
         "n_questions": len(result.answers),
         "seconds": round(result.seconds, 3),
         "tokens_per_s": round(result.tokens_per_second, 3),
         "started_at_ms": int(started * 1000),
         "ended_at_ms": int(time.time() * 1000),
+        "numerics": numerics_facts(),
     }
     if spec.adapter_dir is not None:
         record["adapter_dir"] = spec.adapter_dir.as_posix()
@@ -175,17 +190,19 @@ def run_group(precision: str, specs: Sequence[ModelSpec], config: Config, valida
         started = time.time()
         with switcher.activate(spec.name, spec.adapter_dir) as active:
             result = answer_questions(active, tokenizer, questions, spec.system_prompt, policy, settings.batch_size,
-                                      stop_ids, progress=f"predict {spec.name}")
+                                      stop_ids, progress=f"predict {spec.name}", bucket_tokens=settings.bucket_tokens)
             ablation = None
             if n_ablation:
                 greedy_result = answer_questions(active, tokenizer, questions[:n_ablation], spec.system_prompt, greedy,
-                                                 settings.batch_size, stop_ids, progress=f"ablation {spec.name}")
+                                                 settings.batch_size, stop_ids, progress=f"ablation {spec.name}",
+                                                 bucket_tokens=settings.bucket_tokens)
                 write_table(predictions_frame(validation.head(n_ablation), greedy_result),
                             folder / ABLATION_DIRNAME / f"{spec.name}.parquet")
                 ablation = {"decoding": greedy.to_dict(), "n_questions": n_ablation,
                             "seconds": round(greedy_result.seconds, 3)}
         write_table(predictions_frame(validation, result), folder / f"{spec.name}.parquet")
-        record = prediction_record(spec, family, policy, settings.batch_size, result, started, ablation)
+        record = prediction_record(spec, family, policy, settings.batch_size, result, started, ablation,
+                                   settings.bucket_tokens)
         (folder / f"{spec.name}.json").write_text(json.dumps(record, indent=2) + "\n")
         print(describe(spec, result), flush=True)
     del switcher, model
@@ -223,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     specs = model_specs(adapters, only, config.evaluate.base_precision)
     for spec in specs:
         if spec.adapter_dir is not None:
-            check_serving_policy(spec, policy, config.evaluate.batch_size)
+            check_serving_policy(spec, policy, config.evaluate.batch_size, config.evaluate.bucket_tokens)
     family = model_family(BASE_MODEL_DIR)
     if only is None:
         clear_outputs()

@@ -157,12 +157,15 @@ def evaluation_tags(prediction: dict[str, Any], config: Config, n_eval: int) -> 
         "eval.decoding": policy.describe(),
         "eval.decoding_json": json.dumps(policy.to_dict(), sort_keys=True),
         "eval.batch_size": str(prediction.get("batch_size")),
+        "eval.bucket_tokens": str(prediction.get("bucket_tokens")),
         "eval.max_new_tokens": str(policy.max_new_tokens),
         "eval.conversational_threshold": str(config.evaluate.conversational_threshold),
         "eval.embeddings_model": config.embeddings.model,
         "eval.n_eval": str(n_eval),
         **{f"eval.{key}": value for key, value in code_version_tags().items() if not key.startswith("mlflow.")},
     }
+    if prediction.get("numerics"):
+        tags["eval.numerics"] = json.dumps(prediction["numerics"], sort_keys=True)
     if "ablation" in prediction:
         tags["eval.ablation"] = f"plain greedy on the first {prediction['ablation']['n_questions']} questions"
     return tags

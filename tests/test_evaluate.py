@@ -96,13 +96,6 @@ def save_random_adapter(tiny_llama_dir, folder: Path, seed: int, r: int = 4, bia
 # --------------------------------------------------------------------------- pure helpers
 
 
-def test_length_sorted_batches_cover_every_index_once_longest_first():
-    lengths = [5, 9, 1, 9, 3, 7, 2]
-    batches = modeling.length_sorted_batches(lengths, 3)
-    assert batches == [[1, 3, 5], [0, 4, 6], [2]]
-    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
-
-
 @pytest.mark.parametrize(
     ("tokens", "expected"),
     [([5, 6, 2, 7, 8], ([5, 6], True)), ([5, 6, 7], ([5, 6, 7], False)), ([2], ([], True)), ([5, 0, 2], ([5], True))],
@@ -169,10 +162,11 @@ def test_batched_greedy_answers_equal_one_at_a_time(chatty_llama_dir, tokenizer)
     model = load_tiny(chatty_llama_dir)
     prompts = modeling.build_prompts(tokenizer, SYSTEM_PROMPT, QUESTIONS)
     stop_ids = modeling.end_of_turn_ids(tokenizer, model.generation_config)
-    batched = modeling.generate_answers(model, tokenizer, prompts, stop_ids, DecodingPolicy.greedy(12), batch_size=3)
-    single = modeling.generate_answers(model, tokenizer, prompts, stop_ids, DecodingPolicy.greedy(12), batch_size=1)
-    assert batched.answers == single.answers
-    assert batched.n_tokens == single.n_tokens
+    batched = modeling.generate_answers(model, tokenizer, prompts, stop_ids, DecodingPolicy.greedy(12), rows=3)
+    single = [modeling.generate_answers(model, tokenizer, [prompt], stop_ids, DecodingPolicy.greedy(12), rows=3)
+              for prompt in prompts]
+    assert batched.answers == [result.answers[0] for result in single]
+    assert batched.n_tokens == [result.n_tokens[0] for result in single]
     assert all(batched.answers) and len(set(batched.answers)) > 1  # real, question-dependent text
     assert all(answer == answer.strip() for answer in batched.answers)
 
@@ -208,11 +202,11 @@ def test_adapters_switch_on_one_base_and_match_a_fresh_load(chatty_llama_dir, bi
     base = load_tiny(tiny_llama_dir)
     stop_ids = modeling.end_of_turn_ids(tokenizer, base.generation_config)
 
-    def answers(model, batch_size=4):
-        return modeling.generate_answers(model, tokenizer, prompts, stop_ids, DecodingPolicy.greedy(10), batch_size).answers
+    def answers(model, rows=4):
+        return modeling.generate_answers(model, tokenizer, prompts, stop_ids, DecodingPolicy.greedy(10), rows).answers
 
     def fresh(adapter):
-        return answers(PeftModel.from_pretrained(load_tiny(tiny_llama_dir), str(adapter)).eval(), batch_size=1)
+        return answers(PeftModel.from_pretrained(load_tiny(tiny_llama_dir), str(adapter)).eval())
 
     base_answers = answers(base)
     switcher = modeling.AdapterSwitcher(base, "fp32")
@@ -222,7 +216,7 @@ def test_adapters_switch_on_one_base_and_match_a_fresh_load(chatty_llama_dir, bi
         with switcher.activate(*specs[key]) as model:
             seen.setdefault(key, []).append(answers(model))
     assert seen["a"][0] != base_answers and seen["b"][0] != seen["a"][0]
-    assert seen["a"][0] == fresh(adapter_a)  # batched on the shared base == one at a time, fresh load
+    assert seen["a"][0] == fresh(adapter_a)  # on the shared base == a fresh load
     assert seen["b"][0] == fresh(adapter_b)
     assert seen["base"][0] == base_answers  # the bare base again, biases included
     assert seen["a"][1] == seen["a"][0] and seen["b"][1] == seen["b"][0]  # reloading after a switch is exact
@@ -268,7 +262,7 @@ def test_generation_stops_at_the_end_of_the_assistant_turn(tokenizer):
     model = bigram_model(tokenizer, last_tokens.pop(), [*words, im_end, leak, leak, leak])
 
     stop_ids = modeling.end_of_turn_ids(tokenizer, model.generation_config)
-    result = modeling.generate_answers(model, tokenizer, prompts, stop_ids, DecodingPolicy.greedy(20), batch_size=2)
+    result = modeling.generate_answers(model, tokenizer, prompts, stop_ids, DecodingPolicy.greedy(20), rows=2)
     assert result.answers == ["Hello world!", "Hello world!"]
     assert result.n_tokens == [3, 3] and result.stopped == [True, True]
 
@@ -445,18 +439,18 @@ def test_decoding_policy_is_validated_at_stage_start_in_one_line(stage_dir, writ
     assert not Path("reports/predictions").exists()  # refused before any work
 
 
-def test_sampling_is_reproducible_per_batch_and_differs_from_greedy(chatty_llama_dir, tokenizer):
+def test_sampling_is_reproducible_and_differs_from_greedy(chatty_llama_dir, tokenizer):
     model = load_tiny(chatty_llama_dir)
     prompts = modeling.build_prompts(tokenizer, SYSTEM_PROMPT, QUESTIONS)
     stop_ids = modeling.end_of_turn_ids(tokenizer, model.generation_config)
     policy = DecodingPolicy(strategy="sample", temperature=1.5, seed=3, no_repeat_ngram_size=0, max_new_tokens=12)
-    first = modeling.generate_answers(model, tokenizer, prompts, stop_ids, policy, batch_size=2).answers
+    first = modeling.generate_answers(model, tokenizer, prompts, stop_ids, policy, rows=2).answers
     import torch
 
     torch.manual_seed(12345)  # whatever ran before does not matter
-    again = modeling.generate_answers(model, tokenizer, prompts, stop_ids, policy, batch_size=2).answers
+    again = modeling.generate_answers(model, tokenizer, prompts, stop_ids, policy, rows=2).answers
     other_seed = modeling.generate_answers(model, tokenizer, prompts, stop_ids,
-                                           DecodingPolicy(**{**policy.to_dict(), "seed": 4}), batch_size=2).answers
+                                           DecodingPolicy(**{**policy.to_dict(), "seed": 4}), rows=2).answers
     greedy = modeling.generate_answers(model, tokenizer, prompts, stop_ids, DecodingPolicy.greedy(12), 2).answers
     assert first == again
     assert first != other_seed and first != greedy
@@ -465,7 +459,8 @@ def test_sampling_is_reproducible_per_batch_and_differs_from_greedy(chatty_llama
 @pytest.mark.parametrize(("precision", "strategy"), [("bf16", "greedy"), ("bf16", "sample"), ("int8", "greedy")])
 def test_registered_model_answers_exactly_as_the_predict_stage(stage_dir, mlflow_uri, write_params, precision, strategy):
     """The pyfunc logged for an adapter (as the train stage logs it) answers the validation
-    questions string for string as the predict stage did: same precision, policy and batches."""
+    questions string for string as the predict stage did (same precision, policy and decoding
+    shape), for the whole list, each question alone, and shuffled."""
     import mlflow
     import pandas as pd
 
@@ -486,16 +481,23 @@ def test_registered_model_answers_exactly_as_the_predict_stage(stage_dir, mlflow
     adapter = Path("models/adapters") / name
     with mlflow.start_run(run_name=name):
         info = log_adapter_model(adapter, modeling.base_model_reference("models/base"), precision, policy,
-                                 config.evaluate.batch_size)
+                                 config.evaluate.batch_size, bucket_tokens=config.evaluate.bucket_tokens)
     predict.main(["--models", name])
     expected = pd.read_parquet(f"reports/predictions/{name}.parquet")["answer"].tolist()
     loaded = mlflow.pyfunc.load_model(info.model_uri)
     served = loaded.predict(QUESTIONS)
     assert served == expected
+    assert [loaded.predict([question])[0] for question in QUESTIONS] == expected  # alone
+    order = [3, 0, 4, 2, 1]
+    assert loaded.predict([QUESTIONS[i] for i in order]) == [expected[i] for i in order]  # shuffled
+    assert loaded.model_config["bucket_tokens"] == config.evaluate.bucket_tokens
     assert loaded.model_config["precision"] == precision  # served in the precision it was evaluated in
     assert mlflow.get_run(info.run_id).data.tags["serve_precision"] == precision
     recorded = json.loads(Path(f"reports/predictions/{name}.json").read_text())
     assert recorded["precision"] == precision and recorded["decoding"] == loaded.model_config["decoding"]
+    assert recorded["bucket_tokens"] == config.evaluate.bucket_tokens
+    assert {"torch", "transformers", "bitsandbytes", "torch_threads", "cpu_avx512_bf16", "cpu_amx_bf16",
+            "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY"} <= set(recorded["numerics"])
     assert len(set(expected)) > 1 and all(expected)
     assert info.signature.inputs.to_dict() == [{"type": "string", "required": True}]
 

@@ -307,7 +307,11 @@ class EvaluateConfig(Section):
 
     conversational_threshold: FleschScore = 60.0
     max_new_tokens: PositiveInt = 128
+    # The decoding shape (pipeline.core.modeling): every forward runs exactly batch_size rows,
+    # prompts left-padded to a multiple of bucket_tokens. Part of every answer's numerics, so the
+    # registered model records both.
     batch_size: PositiveInt = 16
+    bucket_tokens: PositiveInt = 32
     bootstrap_samples: PositiveInt = 1000
     limit: PositiveInt | None = None
     seed: int = 0

@@ -13,8 +13,8 @@ import platform
 from importlib import metadata
 from typing import Any
 
-CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_vnni")
-ISA_ENV = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+ISA_ENV = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def _version(package: str) -> str | None:
@@ -50,6 +50,7 @@ def numerics_facts() -> dict[str, Any]:
         "peft": _version("peft"),
         "bitsandbytes": _version("bitsandbytes"),
         "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         **cpu_facts(),
         **{name: os.environ.get(name, "") for name in ISA_ENV},

@@ -15,10 +15,25 @@ adapter answers in serving exactly as it answered when it was evaluated.
   adapter the same way (no PEFT autocast, then `cast_adapter_weights`), so they compute the same.
 - Stop ids: derived from the chat template (`end_of_turn_ids`), not only the eos token.
 - Decoding: `DecodingPolicy` (params `evaluate.decoding` + `evaluate.max_new_tokens`), the same for
-  every model. `generate_answers` batches prompts by token length (longest first), pads on the
-  left, restores the input order, and under sampling seeds each batch from the policy seed and
-  the batch's token ids, so the same questions with the same batch size give the same text in
-  any process (greedy or sampled).
+  every model, and the decoding shape (`evaluate.batch_size` rows, `evaluate.bucket_tokens`).
+- The decoding contract (`generate_answers`): an answer is a function of (model, question,
+  policy, shape) on a given machine, kernel path and thread count. It is byte-identical whether
+  the question comes alone, in any batch, at any position, next to any other questions:
+  - fixed shapes: a prompt is left-padded to its bucket (its token count rounded up to a
+    multiple of `bucket_tokens`), prompts are grouped by bucket, and every forward runs exactly
+    `rows` rows (filler rows copy a real prompt; their content changes nothing). Kernels then
+    see the same shapes whatever the neighbours, and every op used is row-wise. A slab stops
+    when all its real rows have stopped (or at max_new_tokens); a row's tokens do not depend on
+    when the slab stops. Both dims must be fixed: the same prompt length with 1 row instead of 8
+    gave other bf16 answers.
+  - sampling draws per question: each row has its own generator seeded from the policy seed and
+    the question's prompt token ids (`question_seed`); the global torch seed plays no part.
+  - int8: bitsandbytes' LLM.int8() picks outlier columns across all rows it is given, so each
+    8-bit layer computes one sequence at a time (`int8_per_sequence`); numerics (threshold 6.0
+    etc.) are bitsandbytes' own for a single sequence.
+  Not invariant across machines, kernel paths (ONEDNN_MAX_CPU_ISA, ATEN_CPU_CAPABILITY), thread
+  counts or library versions: `pipeline.core.machine.numerics_facts()` records those with every prediction file and
+  benchmark.
 
 Not here: scoring (pipeline.core.predictions / evalmetrics), MLflow logging (pipeline.core.servable).
 """
@@ -49,6 +64,10 @@ if TYPE_CHECKING:
 PRECISIONS = ("bf16", "fp32", "int8")
 BASE_MODEL_DIR_ENV = "TONETUNE_BASE_MODEL_DIR"
 MARKER_ANSWER = "tonetune-end-of-turn-probe"
+# The decoding shape (params evaluate.batch_size, evaluate.bucket_tokens); these defaults are
+# also what a registered model that predates them decodes with.
+DEFAULT_ROWS = 16
+DEFAULT_BUCKET_TOKENS = 32
 
 
 # --------------------------------------------------------------------------- precision and device
@@ -110,6 +129,8 @@ def quiet_int8_cast_warning() -> None:
         logger.addFilter(_not_the_int8_cast_warning)
 
 
+
+
 def load_base_model(base_dir: str | Path, precision: str, int8_threshold: float = 6.0,
                     attn_implementation: str | None = None):
     """The base model in `precision`: bf16, fp32, or bitsandbytes 8-bit with lm_head kept in bf16.
@@ -147,10 +168,92 @@ def load_tokenizer(folder: str | Path):
     return tokenizer
 
 
+def int8_sequences_apart(module, x, forward):
+    """What `module` (a bitsandbytes Linear8bitLt in eval mode) returns for each sequence of `x`
+    (sequences, tokens, features) sent alone, computed for all sequences at once.
+
+    LLM.int8() as bitsandbytes 0.50 computes it (MatMul8bitLt.forward and the default CPU ops),
+    step by step, with the outlier columns taken per sequence instead of over the whole input:
+    fp16 copy; elements >= threshold zeroed; per-token absmax and int8 rounding; the sequence's
+    outlier columns zeroed (bitsandbytes skips that for a single token, where they are zero
+    already); one int8 matmul + dequantisation (+ bias) for all tokens; then per sequence the
+    outlier columns in 16 bit (`addmm`, the same call and shapes as bitsandbytes alone). Every
+    step but the last is element- or token-wise, and the int8 matmul accumulates exactly in
+    int32 (torch._int_mm; bitsandbytes' fp32 fallback is exact below 2**24), so the result is
+    bitwise what the sequence alone gets (tests/test_invariance.py checks it against `forward`
+    per sequence). Anything else (threshold 0, weights not quantised, 2-D input) goes to
+    `forward`, one sequence at a time.
+    """
+    import torch
+
+    state = module.state
+    if module.weight.CB is not None:
+        module.init_8bit_state()
+    if state.threshold <= 0.0 or state.CB is None or state.SCB is None or state.has_fp16_weights:
+        return torch.cat([forward(x[row : row + 1]) for row in range(x.shape[0])])
+    bias = module.bias
+    if bias is not None and bias.dtype != x.dtype:
+        bias.data = bias.data.to(x.dtype)
+    n_seq, n_tok, n_in = x.shape
+    A = x.reshape(-1, n_in)
+    A16 = A.to(torch.float16)
+    outliers = A16.abs() >= state.threshold
+    A16 = A16.masked_fill(outliers, 0)
+    row_stats = torch.max(A16.abs(), dim=1).values.float()
+    CA = torch.round(A16 * (127.0 / row_stats.unsqueeze(-1))).to(torch.int8)
+    columns = outliers.view(n_seq, n_tok, n_in).any(dim=1)  # (sequences, features)
+    if n_tok > 1:
+        CA = CA.view(n_seq, n_tok, n_in).masked_fill(columns[:, None, :], 0).view(-1, n_in)
+    output = torch.ops.bitsandbytes.int8_scaled_mm.default(CA, state.CB, row_stats, state.SCB, bias=bias,
+                                                           dtype=A.dtype)
+    for seq in torch.nonzero(columns.any(dim=1)).flatten().tolist():
+        cols = torch.nonzero(columns[seq]).flatten()
+        rows = slice(seq * n_tok, (seq + 1) * n_tok)
+        subA = A[rows][:, cols].contiguous()
+        subB = torch.ops.bitsandbytes.int8_vectorwise_dequant.default(state.CB[:, cols].contiguous(), state.SCB)
+        output[rows] = output[rows].contiguous().addmm(subA, subB.to(A.dtype).t())
+    return output.reshape(n_seq, n_tok, -1)
+
+
+def int8_per_sequence(model) -> int:
+    """Make every bitsandbytes 8-bit linear layer of `model` compute each sequence on its own.
+
+    LLM.int8() (bitsandbytes 0.50, CPU) picks its outlier columns over all rows of the input
+    (every token of every sequence, padding included) and computes those columns in 16 bit, the
+    rest in int8: one sequence's answer would depend on the others in the batch. In eval mode a
+    3-D input (sequences, tokens, features) gets, for each sequence, exactly what bitsandbytes
+    computes for that sequence alone (`int8_sequences_apart`: same threshold, same kernels;
+    int8 numerics do not change). Training mode is untouched. Returns the number of layers
+    wrapped (0 without bitsandbytes).
+    """
+    try:
+        import bitsandbytes as bnb
+    except Exception:  # no int8 without it; nothing to wrap
+        return 0
+
+    wrapped = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear8bitLt) and not getattr(module, "_tonetune_per_sequence", False):
+            whole_batch = module.forward
+
+            def per_sequence(x, _module=module, _forward=whole_batch):
+                if _module.training or x.dim() != 3 or x.shape[0] == 1:
+                    return _forward(x)
+                return int8_sequences_apart(_module, x, _forward)
+
+            module.forward = per_sequence
+            module._tonetune_per_sequence = True
+            wrapped += 1
+    return wrapped
+
+
 def load_for_inference(base_dir: str | Path, precision: str, int8_threshold: float = 6.0, device: str = "auto"):
-    """(model, tokenizer) of the base in `precision`, on `device`, in eval mode."""
+    """(model, tokenizer) of the base in `precision`, on `device`, in eval mode; an 8-bit base
+    computes each sequence on its own (`int8_per_sequence`), so answers are batch-invariant."""
     model = load_base_model(base_dir, precision, int8_threshold)
     model.requires_grad_(False)
+    if precision == "int8":
+        int8_per_sequence(model)
     if precision != "int8":  # a quantised model is placed by its device_map
         model = model.to(resolve_device(device))
     return model.eval(), load_tokenizer(base_dir)
@@ -286,14 +389,26 @@ def build_prompts(tokenizer, system_prompt: str, questions: Sequence[str]) -> li
     ]
 
 
-def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length, longest first.
+def bucket_length(n_tokens: int, bucket_tokens: int) -> int:
+    """The padded prompt length: `n_tokens` rounded up to a multiple of `bucket_tokens`."""
+    return -(-n_tokens // bucket_tokens) * bucket_tokens
 
-    Similar lengths waste little compute on left padding; longest first makes the memory peak
-    happen in the first batch, so an out-of-memory batch size fails at once, not at the end.
+
+def bucket_slabs(lengths: Sequence[int], rows: int, bucket_tokens: int) -> list[tuple[int, list[int]]]:
+    """(bucket length, up to `rows` prompt indices) per slab: prompts grouped by bucket, longest
+    bucket first (the memory peak comes first), input order within a bucket.
+
+    Which prompts share a slab does not change any answer (see the module docstring); the order
+    only decides how much work is wasted on filler rows and on rows that stopped early.
     """
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    buckets: dict[int, list[int]] = {}
+    for index, length in enumerate(lengths):
+        buckets.setdefault(bucket_length(length, bucket_tokens), []).append(index)
+    return [
+        (length, members[start : start + rows])
+        for length, members in sorted(buckets.items(), reverse=True)
+        for start in range(0, len(members), rows)
+    ]
 
 
 def cut_at_stop(token_ids: Sequence[int], stop_ids: Sequence[int]) -> tuple[list[int], bool]:
@@ -384,14 +499,64 @@ class DecodingPolicy:
         )
 
 
-def batch_seed(seed: int, token_ids: Sequence[Sequence[int]]) -> int:
-    """The sampling seed of one batch: the policy seed and the batch's prompts, hashed. The same
-    questions in the same batch get the same draws whatever ran before (another model, another
-    process), which is what lets serving reproduce the evaluation's sampled answers."""
-    digest = hashlib.sha256(str(seed).encode())
-    for ids in token_ids:
-        digest.update(b"|" + ",".join(map(str, ids)).encode())
-    return int.from_bytes(digest.digest()[:4], "big")
+def question_seed(seed: int, token_ids: Sequence[int]) -> int:
+    """The sampling seed of one question: the policy seed and the question's own prompt token ids,
+    hashed. Its draws depend on nothing else: not on neighbours, position, batch or process."""
+    digest = hashlib.sha256(f"{seed}|".encode() + ",".join(map(str, token_ids)).encode())
+    return int.from_bytes(digest.digest()[:8], "big") & ((1 << 63) - 1)
+
+
+def _per_row_sampler(policy: DecodingPolicy, row_seeds: Sequence[int]):
+    """A LogitsProcessor that samples each row on its own and forces that token.
+
+    Scores (after the penalties `generate` applies itself: repetition, no-repeat n-grams) are
+    divided by the temperature; the candidates are the top_k highest (all when 0), sorted; top_p
+    keeps the shortest prefix whose probability reaches top_p (at least one token); then each
+    row draws once from its own `torch.Generator` (seeded by `question_seed`, one per row for the
+    whole answer). The row's scores become 0 at the drawn token and -inf elsewhere, so
+    `generate` runs greedily over them. Every step works row by row on the slab's fixed
+    (rows, vocab) shape; sorting only top_k candidates keeps it cheap.
+    """
+    import torch
+    from transformers import LogitsProcessor
+
+    generators = [torch.Generator().manual_seed(seed) for seed in row_seeds]
+
+    class PerRowSampler(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            scores = scores.float() / policy.temperature
+            if policy.top_k:
+                values, candidates = scores.topk(min(policy.top_k, scores.shape[-1]), dim=-1)
+            else:
+                values, candidates = scores.sort(dim=-1, descending=True)
+            if policy.top_p < 1.0:
+                probs = torch.softmax(values, dim=-1)
+                before = probs.cumsum(dim=-1) - probs  # probability of the better candidates
+                values = values.masked_fill(before >= policy.top_p, float("-inf"))
+            probs = torch.softmax(values, dim=-1).cpu()
+            candidates = candidates.cpu()
+            forced = torch.full_like(scores, float("-inf"))
+            for row, generator in enumerate(generators):
+                pick = torch.multinomial(probs[row], 1, generator=generator).item()
+                forced[row, candidates[row, pick].item()] = 0.0
+            return forced
+
+    return PerRowSampler()
+
+
+def _real_rows_only(n_real: int, n_rows: int):
+    """A StoppingCriteria that marks filler rows done from the first step, so a slab stops when
+    all its real rows have stopped (or at max_new_tokens)."""
+    import torch
+    from transformers import StoppingCriteria
+
+    filler = torch.tensor([row >= n_real for row in range(n_rows)])
+
+    class RealRowsOnly(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return filler.to(input_ids.device)
+
+    return RealRowsOnly()
 
 
 def generate_answers(
@@ -400,18 +565,25 @@ def generate_answers(
     prompts: Sequence[str],
     stop_ids: Sequence[int],
     policy: DecodingPolicy,
-    batch_size: int,
+    rows: int,
     progress: str | None = None,
+    bucket_tokens: int = DEFAULT_BUCKET_TOKENS,
 ) -> GenerationResult:
-    """Answers to chat-formatted `prompts` under `policy`, batched by length, in input order.
+    """Answers to chat-formatted `prompts` under `policy`, in input order, batch-invariant.
 
-    Answers are cut at the first stop id and decoded without special tokens. `progress`: a tqdm
-    bar with this label (on stderr), counting questions.
+    Every forward has exactly `rows` rows of one bucket length (filler rows where fewer
+    prompts), so each answer depends only on its own prompt (module docstring). Answers are cut
+    at the first stop id and decoded without special tokens. `progress`: a tqdm bar with this
+    label (on stderr), counting questions.
     """
     import torch
+    from transformers import LogitsProcessorList, StoppingCriteriaList
 
+    if rows < 1 or bucket_tokens < 1:
+        raise TonetuneError(f"decoding shape: rows ({rows}) and bucket_tokens ({bucket_tokens}) must be >= 1")
     encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     generation_config = policy.generation_config(tokenizer, stop_ids)
+    pad_id = generation_config.pad_token_id
     answers: list[str] = [""] * len(prompts)
     n_tokens = [0] * len(prompts)
     stopped = [False] * len(prompts)
@@ -423,22 +595,29 @@ def generate_answers(
         bar = tqdm(total=len(prompts), desc=progress, unit="q", leave=False, dynamic_ncols=True)
     started = time.perf_counter()
     try:
-        for batch in length_sorted_batches([len(ids) for ids in encoded], batch_size):
-            batch_ids = [encoded[i] for i in batch]
-            inputs = tokenizer.pad({"input_ids": batch_ids}, padding=True, padding_side="left", return_tensors="pt")
-            inputs = {name: tensor.to(device) for name, tensor in inputs.items()}
+        for length, slab in bucket_slabs([len(ids) for ids in encoded], rows, bucket_tokens):
+            # filler rows repeat the slab's first prompt: any content would do, a real prompt
+            # keeps their numbers ordinary
+            slab_ids = [encoded[i] for i in slab] + [encoded[slab[0]]] * (rows - len(slab))
+            input_ids = torch.tensor([[pad_id] * (length - len(ids)) + list(ids) for ids in slab_ids])
+            attention_mask = torch.tensor([[0] * (length - len(ids)) + [1] * len(ids) for ids in slab_ids])
+            processors = LogitsProcessorList()
             if policy.strategy == "sample":
-                torch.manual_seed(batch_seed(policy.seed, batch_ids))
+                processors.append(_per_row_sampler(policy, [question_seed(policy.seed, ids) for ids in slab_ids]))
             with torch.inference_mode():
-                output = model.generate(**inputs, generation_config=generation_config)
-            new_tokens = output[:, inputs["input_ids"].shape[1] :].tolist()
-            for index, tokens in zip(batch, new_tokens, strict=True):
+                output = model.generate(
+                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                    generation_config=generation_config, logits_processor=processors,
+                    stopping_criteria=StoppingCriteriaList([_real_rows_only(len(slab), rows)]),
+                )
+            new_tokens = output[: len(slab), length:].tolist()
+            for index, tokens in zip(slab, new_tokens, strict=True):
                 kept, ended = cut_at_stop(tokens, stop_ids)
                 answers[index] = tokenizer.decode(kept, skip_special_tokens=True).strip()
                 n_tokens[index] = len(kept)
                 stopped[index] = ended
             if bar is not None:
-                bar.update(len(batch))
+                bar.update(len(slab))
     finally:
         if bar is not None:
             bar.close()
@@ -446,8 +625,8 @@ def generate_answers(
 
 
 def answer_questions(model, tokenizer, questions: Sequence[str], system_prompt: str, policy: DecodingPolicy,
-                     batch_size: int, stop_ids: Sequence[int] | None = None,
-                     progress: str | None = None) -> GenerationResult:
+                     rows: int, stop_ids: Sequence[int] | None = None, progress: str | None = None,
+                     bucket_tokens: int = DEFAULT_BUCKET_TOKENS) -> GenerationResult:
     """Questions -> chat prompts -> `generate_answers` (the predict stage and the pyfunc both call this)."""
     if stop_ids is None:
         stop_ids = end_of_turn_ids(tokenizer, getattr(model, "generation_config", None))
@@ -455,7 +634,7 @@ def answer_questions(model, tokenizer, questions: Sequence[str], system_prompt: 
     model.eval()
     try:
         return generate_answers(model, tokenizer, build_prompts(tokenizer, system_prompt, questions), stop_ids,
-                                policy, batch_size, progress)
+                                policy, rows, progress, bucket_tokens)
     finally:
         if was_training:
             model.train()

@@ -7,15 +7,19 @@ Why not `mlflow.transformers`: with a PeftModel over a LOCAL base it reloads wro
   the tokenizer with its chat template) and `base_model` (a small JSON reference: absolute path
   and SHA-256 of the base weights, see pipeline.core.modeling.base_model_reference);
 - model_config (MODEL_CONFIG_KEYS): `precision` (the base is loaded in the adapter's training
-  precision, the precision it was evaluated in), `int8_threshold` (int8 only), `batch_size` and
-  `max_new_tokens`, `decoding` (the evaluation's decoding policy, a dict of
-  pipeline.core.modeling.DecodingPolicy fields), `system_prompt_text` (the prompt it was
-  trained with; not `system_prompt`, which the training run already holds as the short param
-  "concise", and MLflow copies model_config into the run's params);
+  precision, the precision it was evaluated in), `int8_threshold` (int8 only), the decoding
+  shape `batch_size` (rows per forward) and `bucket_tokens` (a version logged before it existed
+  decodes with pipeline.core.modeling.DEFAULT_BUCKET_TOKENS), `max_new_tokens`, `decoding` (the
+  evaluation's decoding policy, a dict of pipeline.core.modeling.DecodingPolicy fields),
+  `system_prompt_text` (the prompt it was trained with; not `system_prompt`, which the training
+  run already holds as the short param "concise", and MLflow copies model_config into the
+  run's params);
 - `predict(questions)` answers through pipeline.core.modeling.answer_questions, the code the
-  predict stage evaluated it with: same precision, stop ids, decoding policy, batch size and
-  length-sorted batches, so the same list of questions gets the evaluation's answers string
-  for string, greedy or sampled.
+  predict stage evaluated it with: same precision, stop ids, decoding policy and shape. That
+  path is batch-invariant, so every evaluated question gets its evaluated answer byte for byte,
+  alone or in any request, greedy or sampled (same machine, kernel path and threads). A
+  `batch_size` request param (older signatures list it) is ignored: the shape is part of the
+  model's numerics, not a speed knob.
 
 The model is logged from code (pipeline/core/servable_model.py, no pickling) with type hints on
 `predict` (list[str] -> list[str]) and an input example, so MLflow infers and checks the signature.
@@ -37,6 +41,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.modeling import (
+    DEFAULT_BUCKET_TOKENS,
+    DEFAULT_ROWS,
     DecodingPolicy,
     answer_questions,
     end_of_turn_ids,
@@ -49,12 +55,15 @@ BASE_REFERENCE_FILE = "base_model.json"
 ADAPTER_ARTIFACT = "adapter"
 BASE_ARTIFACT = "base_model"
 MODEL_CODE_PATH = Path(__file__).with_name("servable_model.py")
-MODEL_CONFIG_KEYS = ("precision", "int8_threshold", "batch_size", "max_new_tokens", "decoding", "system_prompt_text")
+MODEL_CONFIG_KEYS = ("precision", "int8_threshold", "batch_size", "bucket_tokens", "max_new_tokens", "decoding",
+                     "system_prompt_text")
+logger = logging.getLogger(__name__)
 INPUT_EXAMPLE = ["What is a prime number?"]
 
 
 def model_config(precision: str, policy: DecodingPolicy, batch_size: int, int8_threshold: float,
-                 system_prompt: str = CONCISE_SYSTEM_PROMPT) -> dict[str, Any]:
+                 system_prompt: str = CONCISE_SYSTEM_PROMPT,
+                 bucket_tokens: int = DEFAULT_BUCKET_TOKENS) -> dict[str, Any]:
     """How the pyfunc loads and answers. MLflow also copies model_config into the active run's
     params and drops the whole batch if one key would change a param the train stage logged, so
     keys avoid those params: `int8_threshold` only for int8 (train logs None otherwise),
@@ -63,6 +72,7 @@ def model_config(precision: str, policy: DecodingPolicy, batch_size: int, int8_t
         "precision": precision,
         "max_new_tokens": int(policy.max_new_tokens),
         "batch_size": int(batch_size),
+        "bucket_tokens": int(bucket_tokens),
         "decoding": policy.to_dict(),
         "system_prompt_text": system_prompt,
     }
@@ -79,7 +89,8 @@ class AdapterServer:
         base_dir = resolve_base_model(reference)
         self.precision = str(config.get("precision", "fp32"))
         self.system_prompt = config.get("system_prompt_text") or CONCISE_SYSTEM_PROMPT
-        self.batch_size = int(config.get("batch_size", 16))
+        self.rows = int(config.get("batch_size", DEFAULT_ROWS))
+        self.bucket_tokens = int(config.get("bucket_tokens", DEFAULT_BUCKET_TOKENS))
         recorded = dict(config.get("decoding") or {"strategy": "greedy", "no_repeat_ngram_size": 0})
         recorded["max_new_tokens"] = int(config.get("max_new_tokens", recorded.get("max_new_tokens", 128)))
         self.policy = DecodingPolicy.from_dict(recorded)
@@ -89,14 +100,18 @@ class AdapterServer:
         self.stop_ids = end_of_turn_ids(self.tokenizer, self.model.generation_config)
 
     def answer(self, questions: list[str], params: dict[str, Any] | None = None) -> list[str]:
-        """One answer per question, in order; params may override max_new_tokens and batch_size."""
+        """One answer per question, in order, each independent of the others in the request;
+        params may override max_new_tokens. `batch_size` is ignored (with a warning when it
+        differs): rows per forward are part of the recorded decoding shape."""
         params = params or {}
         policy = self.policy
         if params.get("max_new_tokens"):
             policy = DecodingPolicy(**{**policy.to_dict(), "max_new_tokens": int(params["max_new_tokens"])})
-        batch_size = int(params.get("batch_size") or self.batch_size)
+        if params.get("batch_size") and int(params["batch_size"]) != self.rows:
+            logger.warning("ignoring params batch_size=%s: this model always decodes %d rows per forward, so an "
+                           "answer does not depend on the request", params["batch_size"], self.rows)
         return answer_questions(self.model, self.tokenizer, [str(q) for q in questions], self.system_prompt, policy,
-                                batch_size, self.stop_ids).answers
+                                self.rows, self.stop_ids, bucket_tokens=self.bucket_tokens).answers
 
 
 def pip_requirements() -> list[str]:
@@ -120,6 +135,7 @@ def log_adapter_model(
     batch_size: int,
     int8_threshold: float = 6.0,
     name: str = "adapter",
+    bucket_tokens: int = DEFAULT_BUCKET_TOKENS,
 ):
     """Log the adapter folder + base reference as a pyfunc model of the active run; ModelInfo.
 
@@ -130,7 +146,7 @@ def log_adapter_model(
     previous = os.environ.get(quiet)
     os.environ[quiet] = "false"
     try:
-        return _log(adapter_dir, base_reference, precision, policy, batch_size, int8_threshold, name)
+        return _log(adapter_dir, base_reference, precision, policy, batch_size, int8_threshold, name, bucket_tokens)
     finally:
         if previous is None:
             os.environ.pop(quiet, None)
@@ -138,7 +154,7 @@ def log_adapter_model(
             os.environ[quiet] = previous
 
 
-def _log(adapter_dir, base_reference, precision, policy, batch_size, int8_threshold, name):
+def _log(adapter_dir, base_reference, precision, policy, batch_size, int8_threshold, name, bucket_tokens):
     """log_adapter_model's work, with MLflow's download bars already off."""
     import mlflow
 
@@ -155,8 +171,9 @@ def _log(adapter_dir, base_reference, precision, policy, batch_size, int8_thresh
                 name=name,
                 python_model=str(MODEL_CODE_PATH),
                 artifacts={ADAPTER_ARTIFACT: str(adapter_dir), BASE_ARTIFACT: str(reference_file)},
-                model_config=model_config(precision, policy, batch_size, int8_threshold),
-                input_example=(INPUT_EXAMPLE, {"max_new_tokens": int(policy.max_new_tokens), "batch_size": int(batch_size)}),
+                model_config=model_config(precision, policy, batch_size, int8_threshold,
+                                          bucket_tokens=bucket_tokens),
+                input_example=(INPUT_EXAMPLE, {"max_new_tokens": int(policy.max_new_tokens)}),
                 pip_requirements=pip_requirements(),
             )
     finally:

@@ -23,8 +23,8 @@ class ConversationalAdapterModel(mlflow.pyfunc.PythonModel):
                                     context.artifacts[BASE_ARTIFACT])
 
     def predict(self, context, model_input: list[str], params: dict[str, Any] | None = None) -> list[str]:
-        """One answer per question, decoded exactly as the evaluation did (params may override
-        max_new_tokens and batch_size)."""
+        """One answer per question, decoded exactly as the evaluation did, whatever else is in
+        the request (params may override max_new_tokens; batch_size is ignored)."""
         return self.server.answer(model_input, params)
 
 

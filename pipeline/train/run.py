@@ -279,11 +279,12 @@ def publish_adapter(point: GridPoint, config: Config, prepared: PreparedRun, pat
         "serve_precision": point.precision,
         "decoding": policy.to_dict(),
         "batch_size": config.evaluate.batch_size,
+        "bucket_tokens": config.evaluate.bucket_tokens,
     }
     save_adapter(fitted.trainer.model, prepared.tokenizer, paths, metadata)
     return log_adapter_model(
         paths.adapter_dir, prepared.base_reference, point.precision, policy, config.evaluate.batch_size,
-        int8_threshold=config.train.int8_threshold,
+        int8_threshold=config.train.int8_threshold, bucket_tokens=config.evaluate.bucket_tokens,
     )
 
 
