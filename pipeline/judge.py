@@ -42,9 +42,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.core.config import METRICS_DIR, REPORTS_DIR, Config, JudgeConfig, load_config
+from pipeline.core.config import JUDGE_METRICS_DIR, REPORTS_DIR, Config, JudgeConfig, load_config
+from pipeline.core.contracts import Tags
 from pipeline.core.errors import TonetuneError, exit_on_user_error
-from pipeline.core.io import atomic_write_text, clear_model_outputs, write_metrics_summary
+from pipeline.core.io import clear_model_outputs, write_json, write_metrics_summary
 from pipeline.core.llmclient import (
     Budget,
     ChatClient,
@@ -61,7 +62,6 @@ from pipeline.core.tracking import code_version_tags, configure_mlflow, git_comm
 if TYPE_CHECKING:
     import pandas as pd
 
-JUDGE_METRICS_DIR = METRICS_DIR / "judge"
 JUDGE_REPORTS_DIR = REPORTS_DIR / "judge"
 STATUS_FILE = "status.json"
 # The paid replies, a DVC `persist` output. A folder holding the JSONL rather than the bare file:
@@ -458,7 +458,7 @@ def log_to_mlflow(config: Config, scored: dict[str, tuple[pd.DataFrame, dict]], 
 
     configure_mlflow(config.tracking)
     settings = config.judge
-    with mlflow.start_run(run_name="judge", tags={"tonetune.stage": "judge", **code_version_tags()}) as parent:
+    with mlflow.start_run(run_name="judge", tags={Tags.STAGE: "judge", **code_version_tags()}) as parent:
         mlflow.log_params({"judge_model": settings.model, "baseline": settings.baseline, "repeats": settings.repeats,
                            "temperature": settings.temperature, "pairwise_temperature": settings.pairwise_temperature,
                            "limit": settings.limit, "prompt_version": PROMPT_VERSION, "seed": settings.seed})
@@ -471,7 +471,7 @@ def log_to_mlflow(config: Config, scored: dict[str, tuple[pd.DataFrame, dict]], 
                 "expectations": [{"expected_response": r} for r in frame["reference"]],
             })
             with mlflow.start_run(run_name=f"judge-{name}", nested=True,
-                                  tags={"tonetune.stage": "judge", "model": name, "git_commit": git_commit() or ""}):
+                                  tags={Tags.STAGE: "judge", "model": name, Tags.GIT_COMMIT: git_commit() or ""}):
                 mlflow.genai.evaluate(data=data, scorers=scorers)
                 mlflow.log_metrics({f"judge_{key}": float(value) for key, value in record.items()
                                     if not (isinstance(value, float) and math.isnan(value))})
@@ -479,12 +479,6 @@ def log_to_mlflow(config: Config, scored: dict[str, tuple[pd.DataFrame, dict]], 
 
 
 # ----------------------------------------------------------------------------------- stage
-def write_json(path: Path, record: dict[str, Any]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    clean = {key: None if isinstance(value, float) and math.isnan(value) else value for key, value in record.items()}
-    return atomic_write_text(path, json.dumps(clean, indent=2) + "\n")
-
-
 def run_judge(config: Config, predictions_dir: Path = PREDICTIONS_DIR, metrics_dir: Path = JUDGE_METRICS_DIR,
               reports_dir: Path = JUDGE_REPORTS_DIR, cache_path: Path = CACHE_PATH, log_mlflow: bool = True) -> dict[str, Any]:
     """Judge every model; write metrics/judge/<model>.json, reports/judge/<model>.parquet, status."""
@@ -503,7 +497,7 @@ def run_judge(config: Config, predictions_dir: Path = PREDICTIONS_DIR, metrics_d
     clear_model_outputs(metrics_dir, reports_dir)
     for name, (frame, record) in scored.items():
         write_table(frame, reports_dir / f"{name}.parquet")
-        write_json(metrics_dir / f"{name}.json", record)
+        write_json(metrics_dir / f"{name}.json", record, nan_as_null=True)
     paid = budget.paid_usd if budget.priced else None
     stage = {
         "status": "judged", "judge_model": settings.model, "models": sorted(scored), "requests": n_requests,
@@ -514,7 +508,7 @@ def run_judge(config: Config, predictions_dir: Path = PREDICTIONS_DIR, metrics_d
     if log_mlflow:
         stage["mlflow_run_id"] = log_to_mlflow(config, scored, {m.name: m for m in models},
                                                {k: v for k, v in stage.items() if k not in ("models",)})
-    write_json(reports_dir / STATUS_FILE, stage)
+    write_json(reports_dir / STATUS_FILE, stage, nan_as_null=True)
     for name, (_, record) in scored.items():
         line = ", ".join(f"{metric} {record[f'{metric}_mean']:.2f} (+/- {record[f'{metric}_repeat_std']:.2f})"
                          for metric in METRICS)

@@ -23,15 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.config import METRICS_DIR, PAIRS_PATH, Config
+from pipeline.core.config import EVAL_METRICS_DIR, PAIRS_PATH, Config
 from pipeline.core.contracts import Tags
 from pipeline.core.dvcmeta import lock_digest, locked_md5, read_lock
 from pipeline.core.errors import TonetuneError
 from pipeline.core.tracking import git_commit, logged_datasets
 from registry.policy import POLICY_TEXT, Candidate
 
-EVAL_DIR = METRICS_DIR / "eval"
-DATA_QUALITY_PATH = METRICS_DIR / "data_quality.json"
+EVAL_DIR = EVAL_METRICS_DIR
 BASE_KIND, ADAPTER_KIND = "base", "lora"
 METRIC_KEYS = (
     "pct_conversational", "pct_conversational_ci_low", "pct_conversational_ci_high",

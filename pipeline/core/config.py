@@ -56,6 +56,14 @@ VAL_SPLIT_PATH = SPLITS_DIR / "val.parquet"
 ADAPTERS_DIR = Path("models/adapters")
 REPORTS_DIR = Path("reports")
 METRICS_DIR = Path("metrics")
+# Files stages hand each other (writer -> readers): declared here only, imported everywhere.
+DATA_QUALITY_PATH = METRICS_DIR / "data_quality.json"  # validate -> split, promote
+PREDICTIONS_DIR = REPORTS_DIR / "predictions"  # predict -> score, judge
+EVAL_METRICS_DIR = METRICS_DIR / "eval"  # score (one JSON per model) -> report, promote
+HEADLINE_METRICS_PATH = METRICS_DIR / "headline.json"  # score -> `dvc exp show` (listed first in dvc.yaml)
+OPENAI_METRICS_DIR = METRICS_DIR / "openai"  # openai_collect -> report
+JUDGE_METRICS_DIR = METRICS_DIR / "judge"  # judge -> report
+ALIGNMENT_METRICS_DIR = METRICS_DIR / "alignment"  # alignment -> report
 
 FleschScore = Annotated[float, Field(ge=0, le=121)]
 Cosine = Annotated[float, Field(ge=0, le=1)]

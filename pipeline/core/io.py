@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 
 def fsync_dir(directory: str | Path) -> None:
@@ -100,6 +101,25 @@ def durable_append_line(path: str | Path, line: str | bytes) -> None:
         os.fsync(handle.fileno())
     if created:
         fsync_dir(path.parent)
+
+
+def write_json(path: str | Path, record: dict[str, Any], nan_as_null: bool = False) -> Path:
+    """The one JSON writer of the stages: `record` indented, atomically and durably (a reader
+    such as `split` never sees half a file). Values JSON cannot hold (dates, paths) are written
+    as text; `nan_as_null` writes NaN floats as null (strict JSON), at any depth."""
+    import json
+    import math
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, float) and math.isnan(value):
+            return None
+        if isinstance(value, dict):
+            return {key: clean(item) for key, item in value.items()}
+        if isinstance(value, list | tuple):
+            return [clean(item) for item in value]
+        return value
+
+    return atomic_write_text(path, json.dumps(clean(record) if nan_as_null else record, indent=2, default=str) + "\n")
 
 
 def write_metrics_summary(metrics_dir: str | Path, enabled: bool) -> Path:

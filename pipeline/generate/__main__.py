@@ -37,6 +37,7 @@ from pipeline.core.config import (
     GenerateConfig,
     load_config,
 )
+from pipeline.core.contracts import Tags
 from pipeline.core.dvcmeta import file_md5
 from pipeline.core.errors import TonetuneError, exit_on_user_error
 from pipeline.core.llmclient import Backend, Budget, ChatClient, OpenAIBackend, RequestSettings, host_of
@@ -234,7 +235,7 @@ def write_outputs_and_log(config: Config, result: GenerationResult, args: argpar
     metrics = run_metrics(config.generate, result, budget)
     configure_mlflow(config.tracking)
     with mlflow.start_run(run_name=f"generate-{config.generate.backend}-{len(result.pairs)}") as run:
-        mlflow.set_tags({**code_version_tags(), "stage": "generate", "prompt_version": PROMPT_VERSION,
+        mlflow.set_tags({**code_version_tags(), Tags.STAGE: "generate", "prompt_version": PROMPT_VERSION,
                          "stop_reason": result.stop_reason})
         mlflow.log_params(run_params(config, result.sections_total))
         mlflow.log_metrics(metrics)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.core.config import Config
 from pipeline.core.contracts import openai_family
 from pipeline.core.evalmetrics import metrics_record, summarize_predictions
+from pipeline.core.io import write_json
 from pipeline.core.llmclient import (
     Budget,
     ChatClient,
@@ -40,7 +41,7 @@ from pipeline.core.textmetrics import load_embedder
 from pipeline.core.tracking import log_dataset_input
 from pipeline.openai.api import FineTuningAPI
 from pipeline.openai.ledger import JobLedger
-from pipeline.openai.spec import CACHE_PATH, CLIENT_SECTION, write_json
+from pipeline.openai.spec import CACHE_PATH, CLIENT_SECTION
 from pipeline.openai.tracking import first_or_rerun_keys, is_number
 
 if TYPE_CHECKING:

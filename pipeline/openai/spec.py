@@ -19,9 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.core.config import METRICS_DIR, REPORTS_DIR, OpenAIConfig
+from pipeline.core.config import OPENAI_METRICS_DIR, REPORTS_DIR, OpenAIConfig
 from pipeline.core.errors import TonetuneError
-from pipeline.core.io import atomic_write_text
 from pipeline.core.system_prompts import chat_messages
 from pipeline.core.tables import read_table
 
@@ -32,7 +31,7 @@ STATE_DIR = Path("data/openai")  # local state, not a DVC output: it is what pre
 LEDGER_PATH = STATE_DIR / "jobs.jsonl"
 CACHE_PATH = STATE_DIR / "responses.jsonl"
 RUNS_DIR = REPORTS_DIR / "openai"
-COLLECTED_DIR = METRICS_DIR / "openai"
+COLLECTED_DIR = OPENAI_METRICS_DIR
 MIN_EXAMPLES = 10  # the fine-tuning API refuses fewer
 IDENTITY_KEY = "tonetune_identity"
 TRAIN_FILE_PATTERN = re.compile(r"train_(\d+)\.parquet$")
@@ -124,11 +123,6 @@ def chat_problem(example: Any) -> str | None:
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def write_json(path: Path, record: dict[str, Any]) -> Path:
-    """A JSON record, written atomically and durably."""
-    return atomic_write_text(path, json.dumps(record, indent=2, default=str) + "\n")
 
 
 # --------------------------------------------------------------------------- job identity

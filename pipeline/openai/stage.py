@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.config import VAL_SPLIT_PATH, Config, load_config
+from pipeline.core.contracts import Tags
 from pipeline.core.errors import TonetuneError, exit_on_user_error
-from pipeline.core.io import atomic_write_bytes
+from pipeline.core.io import atomic_write_bytes, write_json
 from pipeline.core.predictions import read_validation
 from pipeline.core.system_prompts import CONCISE_SYSTEM_PROMPT
 from pipeline.core.tracking import log_dataset_input
@@ -45,7 +46,6 @@ from pipeline.openai.spec import (
     training_cost_usd,
     training_tokens,
     validate_chat_jsonl,
-    write_json,
 )
 from pipeline.openai.tracking import RunLog, start_run
 
@@ -92,7 +92,7 @@ def run_base(config: Config, target: Target, out_dir: Path, api: FineTuningAPI, 
     import mlflow
 
     validation = read_validation(target.val_path, config.evaluate.limit)
-    run = start_run(config, target.name, None, {"stage": "openai_finetune", "tonetune.stage": "openai_finetune",
+    run = start_run(config, target.name, None, {Tags.STAGE: "openai_finetune", Tags.STAGE_LEGACY: "openai_finetune",
                                                 "kind": "openai-base", "model": target.name})
     with run:
         mlflow.log_params({"base_model": target.base_model, "endpoint_host": api.host, "system_prompt": "verbose",
@@ -131,7 +131,7 @@ def run_finetune(config: Config, target: Target, out_dir: Path, api: FineTuningA
             return cancel_job(api, ledger, spec, out_dir, target)
         recorded_run = None if new_job else ledger.run_id(api.endpoint, identity)
         run = start_run(config, target.name, recorded_run, {
-            "stage": "openai_finetune", "tonetune.stage": "openai_finetune", "kind": "openai-finetuned",
+            Tags.STAGE: "openai_finetune", Tags.STAGE_LEGACY: "openai_finetune", "kind": "openai-finetuned",
             "model": target.name, "openai.identity": identity})
         if run.info.run_id != recorded_run:
             ledger.append({"kind": "run", "endpoint": api.endpoint, "identity": identity, "mlflow_run_id": run.info.run_id})
