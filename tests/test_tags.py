@@ -89,3 +89,24 @@ def test_no_module_spells_a_tags_key_as_a_literal():
         offenders += [f"{path.relative_to(REPO_ROOT)}:{line}: {what}"
                       for line, what in literal_tag_keys(path.read_text(), keys)]
     assert offenders == [], "use pipeline.core.contracts.Tags:\n" + "\n".join(offenders)
+
+
+def test_the_experiment_opens_in_the_classic_view_unless_the_user_chose_another(mlflow_uri, tmp_path, monkeypatch):
+    """The GenAI view's "Evaluation runs" page lists every run without a logged model (generate,
+    split, the grid parent...); the pipeline's experiment is tagged for the classic view."""
+    import mlflow
+
+    from pipeline.core.config import TrackingConfig
+    from pipeline.core.tracking import EXPERIMENT_KIND, configure_mlflow
+
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    tracking = TrackingConfig(experiment="kind-test", artifact_root=str(tmp_path / "artifacts"), system_metrics=False)
+    experiment_id = configure_mlflow(tracking)  # created with the tag
+    client = mlflow.MlflowClient()
+    assert client.get_experiment(experiment_id).tags[Tags.EXPERIMENT_KIND] == EXPERIMENT_KIND
+    other = client.create_experiment("made-elsewhere")  # an existing experiment gets it on first use
+    configure_mlflow(tracking.model_copy(update={"experiment": "made-elsewhere"}))
+    assert client.get_experiment(other).tags[Tags.EXPERIMENT_KIND] == EXPERIMENT_KIND
+    client.set_experiment_tag(other, Tags.EXPERIMENT_KIND, "genai_development")  # the user's choice stays
+    configure_mlflow(tracking.model_copy(update={"experiment": "made-elsewhere"}))
+    assert client.get_experiment(other).tags[Tags.EXPERIMENT_KIND] == "genai_development"

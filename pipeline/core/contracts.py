@@ -100,6 +100,7 @@ class Tags:
     DATA_QUALITY_SUCCESS = "data_quality_success"  # split: "true"/"false" -> promote
     GENERATION_RUN_ID = "generation_run_id"  # split -> promote, lineage
     GIT_COMMIT = "git_commit"  # tracking.code_version_tags -> promote, lineage
+    EXPERIMENT_KIND = "mlflow.experimentKind"  # experiment tag: which MLflow UI view opens it (tracking.py)
     MLFLOW_PARENT_RUN_ID = "mlflow.parentRunId"  # MLflow's nesting tag: grid repairs duplicate parents
     MLFLOW_GIT_COMMIT = "mlflow.source.git.commit"  # the same, under MLflow's own key (the UI shows it)
     DATASET_PREFIX = "dataset."  # tracking.log_dataset_input: dataset.<name>.{path,dvc_md5,dvc_stage,matches_dvc_lock}
