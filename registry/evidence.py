@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.config import EVAL_METRICS_DIR, PAIRS_PATH, Config
+from pipeline.core.config import DATA_QUALITY_PATH, EVAL_METRICS_DIR, PAIRS_PATH, Config  # noqa: F401 (promote reads DATA_QUALITY_PATH here)
 from pipeline.core.contracts import Tags
 from pipeline.core.dvcmeta import lock_digest, locked_md5, read_lock
 from pipeline.core.errors import TonetuneError
