@@ -114,19 +114,21 @@ def start_server(latency_ms: float) -> tuple[subprocess.Popen, str]:
 
 def child_run(base_url: str, concurrency: int, sections: int, target: int) -> dict:
     """One engine run in this process; returns its figures (called in a fresh child)."""
-    from pipeline.core.config import GenerateConfig
+    from pipeline.core.config import ClientConfig, GenerateConfig
     from pipeline.core.llmclient import OpenAIBackend
     from pipeline.core.responsecache import ResponseCache
     from pipeline.generate.__main__ import run_engine
 
-    config = GenerateConfig(backend="openai", model="bench-model", concurrency=concurrency, target_pairs=target,
-                            request_timeout_s=30, max_retries=2, backoff_base_s=0.05, backoff_max_s=0.5)
+    client = ClientConfig(base_url=base_url, api_key_env="BENCH_KEY", concurrency=concurrency, request_timeout_s=30,
+                          max_retries=2, backoff_base_s=0.05, backoff_max_s=0.5, prices={}, max_cost_usd=None,
+                          allow_unpriced=True)  # the loopback server bills nothing
+    config = GenerateConfig(backend="openai", model="bench-model", target_pairs=target, client=client)
     from pipeline.core.textmetrics import flesch_reading_ease
 
     flesch_reading_ease("Warm up textstat and its dictionary first.")  # ~3 s once per process
     with tempfile.TemporaryDirectory() as scratch:
         cache = ResponseCache(Path(scratch) / "responses.jsonl")
-        backend = OpenAIBackend(base_url, "bench-key", concurrency, config.request_timeout_s)
+        backend = OpenAIBackend(base_url, "bench-key", concurrency, client.request_timeout_s)
         started_cpu = time.process_time()
         result = asyncio.run(run_engine(config, backend, cache, HashEmbedder(), bench_sections(sections),
                                         show_progress=False))

@@ -30,23 +30,22 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.core.config import (
     ADAPTERS_DIR,
+    ALIGNMENT_METRICS_DIR,
     BASE_MODEL_DIR,
-    METRICS_DIR,
     REPORTS_DIR,
     AlignmentConfig,
     Config,
     load_config,
 )
-from pipeline.core.contracts import ADAPTER_METADATA_FILE, grid_adapter_names
+from pipeline.core.contracts import ADAPTER_METADATA_FILE, Tags, grid_adapter_names
 from pipeline.core.errors import TonetuneError, exit_on_user_error
-from pipeline.core.io import atomic_write_text, clear_model_outputs, write_metrics_summary
+from pipeline.core.io import clear_model_outputs, write_json, write_metrics_summary
 from pipeline.core.tables import write_table
 from pipeline.core.tracking import code_version_tags, configure_mlflow
 
 if TYPE_CHECKING:
     import pandas as pd
 
-ALIGNMENT_METRICS_DIR = METRICS_DIR / "alignment"
 ALIGNMENT_REPORTS_DIR = REPORTS_DIR / "alignment"
 STATUS_FILE = "status.json"
 BASE_NAME = "base"
@@ -195,11 +194,6 @@ def score_models(config: Config, items: list[Item], base_dir: Path, adapters: li
 
 
 # ----------------------------------------------------------------------------------- outputs
-def write_json(path: Path, record: dict[str, Any]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write_text(path, json.dumps(record, indent=2) + "\n")
-
-
 def log_to_mlflow(config: Config, results: dict[str, tuple[Any, dict]], adapters: list[Path]) -> str:
     """A run `alignment` (metrics `<model>.<key>`, per-question tables) + metrics on training runs."""
     import mlflow
@@ -207,7 +201,7 @@ def log_to_mlflow(config: Config, results: dict[str, tuple[Any, dict]], adapters
 
     configure_mlflow(config.tracking)
     settings = config.alignment
-    with mlflow.start_run(run_name="alignment", tags={"tonetune.stage": "alignment", **code_version_tags()}) as run:
+    with mlflow.start_run(run_name="alignment", tags={Tags.STAGE: "alignment", **code_version_tags()}) as run:
         mlflow.log_params({"dataset": settings.dataset, "dataset_config": settings.dataset_config,
                            "split": settings.split, "limit": settings.limit, "score": settings.score})
         for name, (frame, record) in results.items():

@@ -42,11 +42,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.core.config import load_config
+from pipeline.core.contracts import Tags
 from pipeline.core.errors import TonetuneError, exit_on_user_error
 from pipeline.core.tracking import configure_mlflow, disable_telemetry
 
 TRAIN_STAGE = "train"
-GRID_ROLE_TAG = "tonetune.role"  # the tag pipeline.train puts on its runs (train / train-grid)
+GRID_ROLE_TAG = Tags.ROLE  # the tag pipeline.train puts on its runs (train / train-grid)
 # What a task passes on to the stage process when set here (the shared server, the params file, ...)
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "TONETUNE_PARAMS", "TONETUNE_BASE_MODEL_DIR", "PYTHONPATH",
                  "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "MLFLOW_S3_ENDPOINT_URL")
@@ -181,9 +182,9 @@ def merge_duplicate_parents(experiment_id: str) -> int:
         keep, *extra = sorted(runs, key=lambda run: (run.info.start_time, run.info.run_id))
         for duplicate in extra:
             children = mlflow.search_runs(experiment_ids=[experiment_id], output_format="list",
-                                          filter_string=f"tags.`mlflow.parentRunId` = '{duplicate.info.run_id}'")
+                                          filter_string=f"tags.`{Tags.MLFLOW_PARENT_RUN_ID}` = '{duplicate.info.run_id}'")
             for child in children:
-                client.set_tag(child.info.run_id, "mlflow.parentRunId", keep.info.run_id)
+                client.set_tag(child.info.run_id, Tags.MLFLOW_PARENT_RUN_ID, keep.info.run_id)
             client.delete_run(duplicate.info.run_id)
             merged += 1
     return merged

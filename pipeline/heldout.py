@@ -193,11 +193,11 @@ def main(argv: list[str] | None = None) -> None:
         results = decode(specs, config, test["question"].astype(str).tolist())
         for spec in specs:
             frames[spec.name] = answers_frame(test, results[spec.name])
-            write_json({"model": spec.name, "kind": spec.kind, "precision": spec.precision,
+            write_json(HELDOUT_DIR / f"{spec.name}.json", {"model": spec.name, "kind": spec.kind, "precision": spec.precision,
                         "system_prompt": spec.system_prompt_name, "role": "base" if spec.name == BASE_NAME else "finalist",
                         "decoding": DecodingPolicy.for_evaluation(config.evaluate).to_dict(),
                         "seconds": round(results[spec.name].seconds, 3), "started_at_ms": int(started * 1000),
-                        "numerics": numerics_facts()}, HELDOUT_DIR / f"{spec.name}.json")
+                        "numerics": numerics_facts()})
     embedder = load_embedder(config.embeddings)
     scores = {}
     for name, frame in frames.items():
@@ -220,8 +220,8 @@ def main(argv: list[str] | None = None) -> None:
         "power_assumes": {"content_sd": content_sd, "style_sd": style_sd, "style_gain": style_gain_val,
                           "source": "validation (metrics/eval)"},
     }
-    write_json(decision, HELDOUT_DIR / DECISION_FILE)
-    write_json(heldout_metrics(decision), HELDOUT_METRICS_PATH)
+    write_json(HELDOUT_DIR / DECISION_FILE, decision)
+    write_json(HELDOUT_METRICS_PATH, heldout_metrics(decision))
     print(f"heldout: finalist {finalist.model} ({finalist.reason}); {scores[BASE_NAME].n} test questions; "
           f"vs base: {decision['verdict_vs_base']}", flush=True)
     for check in checks:

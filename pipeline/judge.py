@@ -42,10 +42,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.core.config import METRICS_DIR, REPORTS_DIR, Config, GenerateConfig, JudgeConfig, load_config
+from pipeline.core.config import JUDGE_METRICS_DIR, REPORTS_DIR, Config, JudgeConfig, load_config
+from pipeline.core.contracts import Tags
 from pipeline.core.errors import TonetuneError, exit_on_user_error
-from pipeline.core.io import atomic_write_text, clear_model_outputs, write_metrics_summary
+from pipeline.core.io import clear_model_outputs, write_json, write_metrics_summary
 from pipeline.core.llmclient import (
+    Budget,
     ChatClient,
     OpenAIBackend,
     RequestSettings,
@@ -60,7 +62,6 @@ from pipeline.core.tracking import code_version_tags, configure_mlflow, git_comm
 if TYPE_CHECKING:
     import pandas as pd
 
-JUDGE_METRICS_DIR = METRICS_DIR / "judge"
 JUDGE_REPORTS_DIR = REPORTS_DIR / "judge"
 STATUS_FILE = "status.json"
 # The paid replies, a DVC `persist` output. A folder holding the JSONL rather than the bare file:
@@ -263,10 +264,14 @@ class JudgeRun:
     tallies: dict[str, Tally] = field(default_factory=dict)
 
 
+CLIENT_SECTION = "judge.client"
+
+
 def api_key(settings: JudgeConfig) -> str:
-    key = os.environ.get(settings.api_key_env, "").strip()
+    key_env = settings.client.api_key_env
+    key = os.environ.get(key_env, "").strip()
     if not key:
-        raise TonetuneError(f"environment variable {settings.api_key_env} is not set (judge.api_key_env): "
+        raise TonetuneError(f"environment variable {key_env} is not set ({CLIENT_SECTION}.api_key_env): "
                             "export the judge endpoint's key; nothing was sent")
     return key
 
@@ -295,26 +300,24 @@ def plan_requests(models: list[ModelAnswers], baseline: ModelAnswers, settings: 
     return phases
 
 
-def ask(phases, settings: JudgeConfig, key: str, cache_path: Path = CACHE_PATH) -> JudgeRun:
+def ask(phases, settings: JudgeConfig, key: str, cache_path: Path = CACHE_PATH, budget: Budget | None = None) -> JudgeRun:
     """Send every request through ChatClient (one client per phase: its seed and temperature),
-    sharing one backend and one durable cache. A request that fails after its retries fails the
-    stage in one line; what was answered is cached, so a re-run pays only for the rest."""
+    sharing one backend, one durable cache and one budget (`judge.client.max_cost_usd` covers the
+    whole run). A request that fails after its retries, or that the cap refuses, fails the stage
+    in one line; what was answered is cached, so a re-run pays only for the rest."""
 
-    client_config = GenerateConfig(
-        backend="openai", base_url=settings.base_url, model=settings.model, max_tokens=settings.max_tokens,
-        request_timeout_s=settings.request_timeout_s, concurrency=settings.concurrency,
-        requests_per_minute=settings.requests_per_minute, tokens_per_minute=settings.tokens_per_minute,
-        max_retries=settings.max_retries, seed=settings.seed,
-    )
+    client_config = settings.client
+    budget = budget if budget is not None else Budget.for_model(client_config, settings.model, CLIENT_SECTION)
     result = JudgeRun()
 
     async def run() -> None:
-        backend = OpenAIBackend(settings.base_url, key, settings.concurrency, settings.request_timeout_s)
+        backend = OpenAIBackend(client_config.base_url, key, client_config.concurrency, client_config.request_timeout_s)
         try:
             for (kind, seed), requests in phases.items():
                 temperature = settings.temperature if kind == "geval" else settings.pairwise_temperature
-                request = RequestSettings(settings.model, temperature, settings.max_tokens, seed, settings.request_timeout_s)
-                client = ChatClient(backend, cache, request, client_config)
+                request = RequestSettings(settings.model, temperature, settings.max_tokens, seed,
+                                          client_config.request_timeout_s)
+                client = ChatClient(backend, cache, request, client_config, budget=budget)
                 replies = await asyncio.gather(*(
                     client.complete(messages, StepKey(key_[1], kind, 0)) for key_, messages in requests
                 ), return_exceptions=True)
@@ -338,13 +341,6 @@ def ask(phases, settings: JudgeConfig, key: str, cache_path: Path = CACHE_PATH) 
 
 
 # ----------------------------------------------------------------------------------- scoring
-def cost_usd(settings: JudgeConfig, input_tokens: int, output_tokens: int) -> float | None:
-    price = settings.prices.get(settings.model)
-    if price is None:
-        return None
-    return input_tokens / 1e6 * price.input_per_mtok + output_tokens / 1e6 * price.output_per_mtok
-
-
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
@@ -405,7 +401,7 @@ def score_model(model: ModelAnswers, baseline: ModelAnswers, run: JudgeRun,
     tally = run.tallies.get(model.name, Tally())
     record["judge_input_tokens"] = tally.input_tokens
     record["judge_output_tokens"] = tally.output_tokens
-    cost = cost_usd(settings, tally.input_tokens, tally.output_tokens)
+    cost = settings.client.cost_usd(settings.model, tally.input_tokens, tally.output_tokens)
     if cost is not None:
         record["judge_cost_usd"] = cost
     return pd.DataFrame(frame), record
@@ -462,7 +458,7 @@ def log_to_mlflow(config: Config, scored: dict[str, tuple[pd.DataFrame, dict]], 
 
     configure_mlflow(config.tracking)
     settings = config.judge
-    with mlflow.start_run(run_name="judge", tags={"tonetune.stage": "judge", **code_version_tags()}) as parent:
+    with mlflow.start_run(run_name="judge", tags={Tags.STAGE: "judge", **code_version_tags()}) as parent:
         mlflow.log_params({"judge_model": settings.model, "baseline": settings.baseline, "repeats": settings.repeats,
                            "temperature": settings.temperature, "pairwise_temperature": settings.pairwise_temperature,
                            "limit": settings.limit, "prompt_version": PROMPT_VERSION, "seed": settings.seed})
@@ -475,7 +471,7 @@ def log_to_mlflow(config: Config, scored: dict[str, tuple[pd.DataFrame, dict]], 
                 "expectations": [{"expected_response": r} for r in frame["reference"]],
             })
             with mlflow.start_run(run_name=f"judge-{name}", nested=True,
-                                  tags={"tonetune.stage": "judge", "model": name, "git_commit": git_commit() or ""}):
+                                  tags={Tags.STAGE: "judge", "model": name, Tags.GIT_COMMIT: git_commit() or ""}):
                 mlflow.genai.evaluate(data=data, scorers=scorers)
                 mlflow.log_metrics({f"judge_{key}": float(value) for key, value in record.items()
                                     if not (isinstance(value, float) and math.isnan(value))})
@@ -483,16 +479,11 @@ def log_to_mlflow(config: Config, scored: dict[str, tuple[pd.DataFrame, dict]], 
 
 
 # ----------------------------------------------------------------------------------- stage
-def write_json(path: Path, record: dict[str, Any]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    clean = {key: None if isinstance(value, float) and math.isnan(value) else value for key, value in record.items()}
-    return atomic_write_text(path, json.dumps(clean, indent=2) + "\n")
-
-
 def run_judge(config: Config, predictions_dir: Path = PREDICTIONS_DIR, metrics_dir: Path = JUDGE_METRICS_DIR,
               reports_dir: Path = JUDGE_REPORTS_DIR, cache_path: Path = CACHE_PATH, log_mlflow: bool = True) -> dict[str, Any]:
     """Judge every model; write metrics/judge/<model>.json, reports/judge/<model>.parquet, status."""
     settings = config.judge
+    budget = Budget.for_model(settings.client, settings.model, CLIENT_SECTION)  # unpriced: one line, nothing sent
     key = api_key(settings)  # before anything is read or sent
     models = read_models(predictions_dir, settings.limit)
     baseline = check_aligned(models, settings.baseline)
@@ -501,13 +492,13 @@ def run_judge(config: Config, predictions_dir: Path = PREDICTIONS_DIR, metrics_d
     print(f"judge: {len(models)} model(s) x {len(baseline.frame)} question(s): {n_requests} judgements "
           f"({settings.repeats} G-Eval repeats x 2 metrics, 2 pairwise orders) by {settings.model}", flush=True)
     started = time.perf_counter()
-    run = ask(phases, settings, key, cache_path)
+    run = ask(phases, settings, key, cache_path, budget)
     scored = {model.name: score_model(model, baseline, run, settings) for model in models}
     clear_model_outputs(metrics_dir, reports_dir)
     for name, (frame, record) in scored.items():
         write_table(frame, reports_dir / f"{name}.parquet")
-        write_json(metrics_dir / f"{name}.json", record)
-    paid = cost_usd(settings, run.stats.get("input_tokens", 0), run.stats.get("output_tokens", 0))
+        write_json(metrics_dir / f"{name}.json", record, nan_as_null=True)
+    paid = budget.paid_usd if budget.priced else None
     stage = {
         "status": "judged", "judge_model": settings.model, "models": sorted(scored), "requests": n_requests,
         **{key_: run.stats.get(key_, 0) for key_ in ("api_calls", "cache_hits", "retries", "requests_failed",
@@ -517,7 +508,7 @@ def run_judge(config: Config, predictions_dir: Path = PREDICTIONS_DIR, metrics_d
     if log_mlflow:
         stage["mlflow_run_id"] = log_to_mlflow(config, scored, {m.name: m for m in models},
                                                {k: v for k, v in stage.items() if k not in ("models",)})
-    write_json(reports_dir / STATUS_FILE, stage)
+    write_json(reports_dir / STATUS_FILE, stage, nan_as_null=True)
     for name, (_, record) in scored.items():
         line = ", ".join(f"{metric} {record[f'{metric}_mean']:.2f} (+/- {record[f'{metric}_repeat_std']:.2f})"
                          for metric in METRICS)
@@ -572,7 +563,7 @@ def main(argv: list[str] | None = None) -> None:
         write_not_run()
         write_metrics_summary(JUDGE_METRICS_DIR, enabled=False)
         print("judge: not run (judge.enabled is false; enable with `dvc exp run -S judge.enabled=true` and "
-              f"export {config.judge.api_key_env})")
+              f"export {config.judge.client.api_key_env})")
         return
     run_judge(config, predictions_dir=args.predictions)
     write_metrics_summary(JUDGE_METRICS_DIR, enabled=True)

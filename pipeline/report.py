@@ -31,8 +31,16 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.core.config import METRICS_DIR, REPORTS_DIR, OpenAIConfig, load_config
-from pipeline.core.contracts import openai_family
+from pipeline.core.config import (
+    ALIGNMENT_METRICS_DIR,
+    EVAL_METRICS_DIR,
+    JUDGE_METRICS_DIR,
+    OPENAI_METRICS_DIR,
+    REPORTS_DIR,
+    OpenAIConfig,
+    load_config,
+)
+from pipeline.core.contracts import Tags, openai_family
 from pipeline.core.errors import TonetuneError, exit_on_user_error
 from pipeline.core.modeling import DecodingPolicy
 from pipeline.core.tracking import code_version_tags, configure_mlflow
@@ -40,9 +48,7 @@ from pipeline.core.tracking import code_version_tags, configure_mlflow
 if TYPE_CHECKING:
     import pandas as pd
 
-METRICS_DIRS = (METRICS_DIR / "eval", METRICS_DIR / "openai")
-JUDGE_METRICS_DIR = METRICS_DIR / "judge"  # the optional judge stage: one JSON per judged model
-ALIGNMENT_METRICS_DIR = METRICS_DIR / "alignment"  # the optional alignment stage, likewise
+METRICS_DIRS = (EVAL_METRICS_DIR, OPENAI_METRICS_DIR)
 RESULTS_PATH = REPORTS_DIR / "results.md"
 FIGURES_DIR = REPORTS_DIR / "figures"
 PLOTS_DIR = REPORTS_DIR / "plots"
@@ -556,7 +562,7 @@ def log_report(paths: Sequence[Path], records: Sequence[dict[str, Any]], trackin
 
     configure_mlflow(tracking)
     with mlflow.start_run(run_name="report") as run:
-        mlflow.set_tags({"stage": "report", **code_version_tags()})
+        mlflow.set_tags({Tags.STAGE: "report", **code_version_tags()})
         for path in paths:
             mlflow.log_artifact(str(path), artifact_path="report" if path.suffix != ".png" else "report/figures")
         metrics = {}

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.core.adapterinfo import merge_metadata
 from pipeline.core.config import VAL_SPLIT_PATH, Config, load_config
+from pipeline.core.contracts import Tags
 from pipeline.core.dvcmeta import file_md5
 from pipeline.core.errors import TonetuneError, exit_on_user_error
 from pipeline.core.evalmetrics import metrics_record, summarize_predictions
@@ -183,7 +184,7 @@ def log_evaluation(client, experiment_id: str, run_id: str | None, record: dict[
     if run_id is None:
         run = client.create_run(
             experiment_id, start_time=prediction.get("started_at_ms"), run_name=f"{RUN_NAME_PREFIX}{record['model']}",
-            tags={"stage": "evaluate", "model": record["model"], "kind": record["kind"], **code_version_tags()},
+            tags={Tags.STAGE: "score", "model": record["model"], "kind": record["kind"], **code_version_tags()},
         )
         run_id, created = run.info.run_id, True
     else:

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.core.config import (
+    DATA_QUALITY_PATH,
     GENERATION_MANIFEST_PATH,
     METRICS_DIR,
     PAIRS_PATH,
@@ -46,13 +47,14 @@ from pipeline.core.config import (
     SplitConfig,
     load_config,
 )
+from pipeline.core.contracts import Tags
 from pipeline.core.errors import TonetuneError, exit_on_user_error
+from pipeline.core.io import write_json
 
 if TYPE_CHECKING:
     import numpy as np
     import pandas as pd
 
-DATA_QUALITY_PATH = METRICS_DIR / "data_quality.json"
 SPLITS_METRICS_PATH = METRICS_DIR / "splits.json"
 SPLITS_REPORT_PATH = REPORTS_DIR / "splits.json"
 DATA_QUALITY_REPORT_PATH = REPORTS_DIR / "data_quality" / "summary.json"
@@ -270,7 +272,7 @@ def log_split_run(config, frames: dict[str, pd.DataFrame], paths: dict[str, Path
     warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
     warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
     with mlflow.start_run(run_name="split") as run:
-        mlflow.set_tags({**code_version_tags(), "stage": "split", **tags})
+        mlflow.set_tags({**code_version_tags(), Tags.STAGE: "split", **tags})
         split: SplitConfig = config.split
         mlflow.log_params({"val_size": split.val_size, "train_sizes": ",".join(map(str, split.train_sizes)),
                            "test_size": split.test_size, "seed": split.seed})
@@ -279,14 +281,6 @@ def log_split_run(config, frames: dict[str, pd.DataFrame], paths: dict[str, Path
             log_dataset_input(frame, paths[name], context=context, name=name)
             mlflow.log_metrics({f"{name}.rows": stats[name]["rows"], f"{name}.flesch_mean": stats[name]["flesch_mean"]})
         return run.info.run_id
-
-
-def write_json(data: dict, path: Path) -> None:
-    """Write JSON atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(data, indent=2) + "\n")
-    temporary.replace(path)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -327,8 +321,8 @@ def main(argv: list[str] | None = None) -> None:
     stats = {name: split_stats(frame) for name, frame in frames.items()}
     paths = write_splits(frames, args.splits_dir)
     unused = int(len(pairs) - plan.val.size - plan.train[max(plan.train)].size - plan.test.size)
-    write_json({"pairs_rows": int(len(pairs)), "unused_rows": unused, **facts, "splits": stats}, args.report)
-    write_json(split_metrics(len(pairs), unused, stats, max(plan.train), facts), args.metrics)
+    write_json(args.report, {"pairs_rows": int(len(pairs)), "unused_rows": unused, **facts, "splits": stats})
+    write_json(args.metrics, split_metrics(len(pairs), unused, stats, max(plan.train), facts))
     tags = {
         "generation_run_id": str(manifest.get("mlflow_run_id") or "unknown"),
         "pairs_md5": verdict["pairs_md5"],

@@ -31,7 +31,6 @@ enough to its factual answer), or fix anything; regenerate instead.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shutil
 import sys
@@ -40,7 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.core.config import (
-    METRICS_DIR,
+    DATA_QUALITY_PATH,
     PAIRS_PATH,
     REPORTS_DIR,
     GenerateConfig,
@@ -48,6 +47,7 @@ from pipeline.core.config import (
     load_config,
 )
 from pipeline.core.errors import TonetuneError, exit_on_user_error
+from pipeline.core.io import write_json
 
 if TYPE_CHECKING:
     import numpy as np
@@ -56,7 +56,7 @@ if TYPE_CHECKING:
     from pipeline.core.textmetrics import Embedder
 
 DATA_DOCS_DIR = REPORTS_DIR / "data_quality"
-SUMMARY_PATH = METRICS_DIR / "data_quality.json"
+SUMMARY_PATH = DATA_QUALITY_PATH
 REPORT_NAME = "summary.json"  # the full summary, inside the Data Docs folder
 REQUIRED_COLUMNS = ("id", "question", "answer", "factual_answer")
 SUITE_NAME = "pairs_quality"
@@ -403,14 +403,6 @@ def failure_lines(outcomes: list[CheckOutcome], rows: int) -> list[str]:
     return lines
 
 
-def write_json(data: dict, path: Path) -> None:
-    """Write JSON atomically so `split` never reads half a verdict."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    temporary.replace(path)
-
-
 def replace_dir(new: Path, target: Path) -> None:
     """Swap a freshly built folder in place of the old one (old Data Docs pages never linger)."""
     if target.exists():
@@ -452,8 +444,8 @@ def main(argv: list[str] | None = None) -> None:
 
     scored, outcomes = run_gate(frame, config, load_embedder(config.embeddings), args.docs_dir)
     summary = build_summary(outcomes, scored, args.pairs, config)
-    write_json(summary, args.docs_dir / REPORT_NAME)
-    write_json(metrics_from(summary), args.summary)
+    write_json(args.docs_dir / REPORT_NAME, summary)
+    write_json(args.summary, metrics_from(summary))
     print(
         f"validate: {summary['rows']} rows, {summary['checks_evaluated'] - summary['checks_failed']}/"
         f"{summary['checks_evaluated']} checks passed -> {args.summary}, details {args.docs_dir / REPORT_NAME}, "

@@ -26,7 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.config import HELDOUT_DIR, METRICS_DIR, PAIRS_PATH, TEST_SPLIT_PATH, Config
+from pipeline.core.config import (  # noqa: F401 (promote reads DATA_QUALITY_PATH here)
+    DATA_QUALITY_PATH,
+    EVAL_METRICS_DIR,
+    HELDOUT_DIR,
+    PAIRS_PATH,
+    TEST_SPLIT_PATH,
+    Config,
+)
 from pipeline.core.contracts import Tags
 from pipeline.core.decision import Scores
 from pipeline.core.dvcmeta import lock_digest, locked_md5, read_lock
@@ -34,9 +41,8 @@ from pipeline.core.errors import TonetuneError
 from pipeline.core.tracking import git_commit, logged_datasets
 from registry.policy import Candidate
 
-EVAL_DIR = METRICS_DIR / "eval"
+EVAL_DIR = EVAL_METRICS_DIR
 INCUMBENTS_DIR = Path("reports/incumbents")  # the Production version's test answers, decoded once per version
-DATA_QUALITY_PATH = METRICS_DIR / "data_quality.json"
 BASE_KIND, ADAPTER_KIND = "base", "lora"
 METRIC_KEYS = (
     "pct_conversational", "pct_conversational_ci_low", "pct_conversational_ci_high",

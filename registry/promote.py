@@ -130,7 +130,7 @@ def write_promotion_metrics(decision: Decision, heldout: Heldout, path: Path = P
     for check in (*decision.checks, *([decision.challenge] if decision.challenge else [])):
         values[f"{check.name}_estimate"] = round(check.estimate, 4)
         values[f"{check.name}_bound"] = round(check.bound, 4)
-    write_json(values, path)
+    write_json(path, values)
 
 
 def decision_summary(decision: Decision, heldout: Heldout) -> list[str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline.core.config import GenerateConfig
+from pipeline.core.config import CLIENT_KEYS, ClientConfig, GenerateConfig
 from pipeline.generate.engine import Section
 
 API_KEY = "sk-" + "test-DO-NOT-LEAK-7f3a9c"  # a sentinel, split so secret scanners do not flag it
@@ -86,12 +86,25 @@ def write_recordings(directory: Path, records: list[dict], name: str = "part-1.j
 
 
 def generate_config(**overrides) -> GenerateConfig:
-    """Fast settings for tests: tiny backoffs and timeouts, small target."""
-    values = dict(backend="openai", api_key_env=KEY_ENV, model="fake-model", concurrency=4, max_retries=3,
-                  backoff_base_s=0.01, backoff_max_s=0.05, request_timeout_s=5.0, target_pairs=100,
-                  temperature=1.0, seed=7)
-    values.update(overrides)
-    return GenerateConfig(**values)
+    """Fast settings for tests: tiny backoffs and timeouts, small target. Client keys
+    (concurrency, max_retries, prices, ...) go to `client`, the rest to the section."""
+    values = dict(backend="openai", model="fake-model", target_pairs=100, temperature=1.0, seed=7)
+    client = dict(base_url=None, api_key_env=KEY_ENV, concurrency=4, max_retries=3, backoff_base_s=0.01,
+                  backoff_max_s=0.05, request_timeout_s=5.0, prices={}, max_cost_usd=None, allow_unpriced=True)
+    for key, value in overrides.items():
+        (client if key in CLIENT_KEYS else values)[key] = value
+    return GenerateConfig(**values, client=ClientConfig(**client))
+
+
+def client_params(section: str, **overrides) -> dict:
+    """The repo params.yaml's `<section>.client` mapping with `overrides` (for write_params, which
+    replaces a section's `client` mapping as a whole)."""
+    import yaml
+
+    from tests.conftest import REPO_ROOT
+
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    return {**params[section]["client"], **overrides}
 
 
 def run(config, backend, cache, embedder, sections):
@@ -104,7 +117,7 @@ def run(config, backend, cache, embedder, sections):
 def openai_backend(server, config: GenerateConfig):
     from pipeline.core.llmclient import OpenAIBackend
 
-    return OpenAIBackend(server.base_url, API_KEY, config.concurrency, config.request_timeout_s)
+    return OpenAIBackend(server.base_url, API_KEY, config.client.concurrency, config.client.request_timeout_s)
 
 
 @pytest.fixture(scope="session")

@@ -49,6 +49,13 @@ BAD_PARAMS = {
         ["train.grid.learning_rate.0 = -0.0001", "greater than 0"],
     ),
     "hub without id": ({"base_model": {"source": "hub"}}, ["base_model.hub_id", "must be set"]),
+    # issue 23: the client settings moved into one `client` section per stage
+    "client key at its old place": (
+        {"generate": {"concurrency": 8}}, ["generate.concurrency moved to generate.client.concurrency"]),
+    "renamed client key": (
+        {"openai": {"eval_concurrency": 8}}, ["openai.eval_concurrency moved to openai.client.concurrency"]),
+    "training cap renamed": ({"openai": {"max_cost_usd": 5}}, ["openai.max_cost_usd moved to openai.max_training_cost_usd"]),
+    "judge client url": ({"judge": {"client": {"base_url": "ftp://x"}}}, ["judge.client", "must start with http://"]),
 }
 
 

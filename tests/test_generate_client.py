@@ -13,8 +13,11 @@ import pytest
 from pipeline.core.llmclient import ChatClient, FatalAPIError, RequestFailed, StepKey
 from pipeline.core.responsecache import ResponseCache
 from pipeline.generate.__main__ import request_settings
+from tests import generate_support
 from tests.fakes.openai_server import FakeOpenAIServer, FakeReply, Script
 from tests.generate_support import API_KEY, generate_config, openai_backend
+
+embedder = generate_support.embedder  # the session-scoped real MiniLM fixture
 
 MESSAGES = [{"role": "user", "content": "Say hi."}]
 STEP = StepKey("s000", "qa", 0)
@@ -23,7 +26,7 @@ STEP = StepKey("s000", "qa", 0)
 def complete(server, tmp_path, config, messages_list=(MESSAGES,)):
     """Run client.complete for each message list concurrently; return (results, client)."""
     cache = ResponseCache(tmp_path / "cache.jsonl")
-    client = ChatClient(openai_backend(server, config), cache, request_settings(config), config, rng_seed=0)
+    client = ChatClient(openai_backend(server, config), cache, request_settings(config), config.client, rng_seed=0)
 
     async def go():
         try:
@@ -122,7 +125,7 @@ def test_other_client_errors_fail_only_that_request(tmp_path):
                               [MESSAGES, [{"role": "user", "content": "other"}]])
         assert isinstance(results[0], RequestFailed) and "context too long" in str(results[0])
         assert results[1].content == "fine" and server.chat_calls == 2
-    assert config.max_retries > 0  # a 400 was not retried although retries were allowed
+    assert config.client.max_retries > 0  # a 400 was not retried although retries were allowed
 
 
 def test_concurrency_is_bounded(tmp_path):
@@ -218,7 +221,7 @@ def test_a_request_in_flight_at_a_crash_is_counted_and_named_as_repaid(tmp_path)
             def cache_identity(self, step):
                 return "openai"
 
-        key = ChatClient(SameIdentity(), cache, request_settings(config), config).key(MESSAGES, STEP)
+        key = ChatClient(SameIdentity(), cache, request_settings(config), config.client).key(MESSAGES, STEP)
         asyncio.run(cache.mark_sent(key))  # sent, then the process died before the answer was cached
         cache.close()
         [reply], client = complete(server, tmp_path, config)
@@ -228,27 +231,143 @@ def test_a_request_in_flight_at_a_crash_is_counted_and_named_as_repaid(tmp_path)
         assert again.stats.repaid == 0 and again.stats.cache_hits == 1
 
 
-def test_the_budget_refuses_to_send_once_the_estimate_reaches_the_cap(tmp_path):
-    from pipeline.core.llmclient import Budget, BudgetExhausted
+def test_the_budget_reserves_each_attempts_worst_case_before_sending(tmp_path):
+    from pipeline.core.llmclient import Budget, BudgetExhausted, prompt_token_bound
 
-    config = generate_config(concurrency=1)
+    config = generate_config(concurrency=1, max_tokens=50)
+    other = [{"role": "user", "content": "Say bye."}]
+    worst = (prompt_token_bound(MESSAGES) + 50) / 1e6  # $1 per M tokens in and out
     with FakeOpenAIServer(chat=lambda request: "hello there") as server:
         cache = ResponseCache(tmp_path / "cache.jsonl")
-        budget = Budget(cap_usd=1e-9, input_per_mtok=1.0, output_per_mtok=1.0)
-        client = ChatClient(openai_backend(server, config), cache, request_settings(config), config, budget=budget)
-        other = [{"role": "user", "content": "Say bye."}]
+        # Room for the first worst case, not for a second one after the first reply's real cost
+        # (5 tokens): checked against the spend alone, as before, the second would have been sent.
+        budget = Budget(cap_usd=worst + 2 / 1e6, input_per_mtok=1.0, output_per_mtok=1.0)
+        client = ChatClient(openai_backend(server, config), cache, request_settings(config), config.client,
+                            budget=budget)
 
         async def go():
             try:
-                first = await client.complete(MESSAGES, STEP)  # $0 spent so far: sent
-                with pytest.raises(BudgetExhausted, match=r"cost cap \$1e-09 reached"):
+                first = await client.complete(MESSAGES, STEP)  # $0 spent: its worst case fits
+                with pytest.raises(BudgetExhausted, match=r"cost cap \$[0-9.e-]+ reached"):
                     await client.complete(other, STEP)
                 return first
             finally:
                 await client.aclose()
 
-        assert asyncio.run(go()).content == "hello there"
+        first = asyncio.run(go())
         cache.close()
+        assert first.content == "hello there"
         assert server.chat_calls == 1 and client.stats.refused_by_budget == 1
-        assert Budget(None, 1.0, 1.0).exhausted(client.stats) is False  # no cap
-        assert Budget(1.0).exhausted(client.stats) is False  # unpriced: nothing to compare
+    # Settled at the reply's reported usage, nothing left reserved.
+    assert budget.paid_usd == pytest.approx((first.input_tokens + first.output_tokens) / 1e6)
+    assert budget.reserved_usd == 0 and budget.spent <= budget.cap_usd
+    assert Budget(None, 1.0, 1.0).reserve(1e9) is True  # no cap
+    assert Budget(1.0).reserve(None) is True  # unpriced: nothing to compare
+
+
+def _no_usage(request):
+    """A 200 whose body has no `usage` (some gateways): the budget keeps the full reservation."""
+    from tests.fakes.openai_server import chat_completion_body
+
+    body = chat_completion_body(request, "no usage here")
+    del body["usage"]
+    return FakeReply(json_body=body)
+
+
+def test_a_reply_without_usage_keeps_its_full_reservation_even_from_the_cache(tmp_path):
+    from pipeline.core.llmclient import Budget, prompt_token_bound
+
+    config = generate_config(max_tokens=40)
+    worst = (prompt_token_bound(MESSAGES) + 40) / 1e6
+    with FakeOpenAIServer(chat=_no_usage) as server:
+        budget = Budget(cap_usd=10.0, input_per_mtok=1.0, output_per_mtok=1.0)
+        cache = ResponseCache(tmp_path / "cache.jsonl")
+        client = ChatClient(openai_backend(server, config), cache, request_settings(config), config.client,
+                            budget=budget)
+
+        async def go():
+            try:
+                return await client.complete(MESSAGES, STEP)
+            finally:
+                await client.aclose()
+
+        assert asyncio.run(go()).content == "no usage here"
+        cache.close()
+        assert budget.paid_usd == pytest.approx(worst) and budget.unreported_usage == 1
+        # A later run answered from the cache counts the same worst case towards its cap.
+        [_], again = complete(server, tmp_path, config)
+        assert server.chat_calls == 1 and again.budget.cached_usd == 0  # no budget given: unpriced
+    cache = ResponseCache(tmp_path / "cache.jsonl")
+    priced = Budget(cap_usd=10.0, input_per_mtok=1.0, output_per_mtok=1.0)
+    client = ChatClient(openai_backend(server, config), cache, request_settings(config), config.client, budget=priced)
+    asyncio.run(client.complete(MESSAGES, STEP))
+    cache.close()
+    assert priced.cached_usd == pytest.approx(worst)
+
+
+class FaultyTonetune:
+    """tonetune_behaviour with faults mixed in by arrival order: 500s, 429s, timeouts, dropped
+    connections and replies without usage, on fixed positions (so every run sees the same mix)."""
+
+    def __init__(self, latency_s: float):
+        import threading
+
+        self.latency_s = latency_s
+        self.count = 0
+        self.billed_usd = 0.0  # what the server would bill at $1000 per M tokens (usage it reported)
+        self.unbilled_replies = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, request):
+        from tests.fakes.openai_server import _usage, tonetune_behaviour
+
+        with self._lock:
+            self.count += 1
+            position = self.count
+        if position % 11 == 3:
+            return FakeReply.error(500, "upstream overloaded", delay_s=self.latency_s)
+        if position % 13 == 5:
+            return FakeReply.rate_limited("0.05")
+        if position % 17 == 7:
+            return FakeReply.slow(1.0)  # past the 0.5 s timeout below
+        if position % 19 == 2:
+            return FakeReply.disconnect()
+        if position % 7 == 4:
+            with self._lock:
+                self.unbilled_replies += 1
+            reply = _no_usage(request)
+            reply.delay_s = self.latency_s
+            return reply
+        content = tonetune_behaviour(request)
+        usage = _usage(request, content)
+        with self._lock:
+            self.billed_usd += (usage["prompt_tokens"] + usage["completion_tokens"]) / 1000
+        return FakeReply.chat(content, delay_s=self.latency_s)
+
+
+def test_with_8_in_flight_and_faults_the_spend_stops_at_or_below_the_cap(tmp_path, embedder):
+    """The issue's case: concurrency 8, faults on, high prices. Checked before each request, the
+    old cap let the requests in flight pass it ($1.81 for a $0.50 cap); reserved, it holds."""
+    from pipeline.core.llmclient import Budget
+    from pipeline.generate.__main__ import run_engine
+    from tests.generate_support import topic_sections
+
+    cap = 15.0  # 8 worst cases in flight (~$1 each: a ~900-byte prompt + 60 tokens at $1000/M) fit
+    config = generate_config(concurrency=8, max_tokens=60, request_timeout_s=0.5, max_retries=4,
+                             prices={"fake-model": {"input_per_mtok": 1000.0, "output_per_mtok": 1000.0}},
+                             max_cost_usd=cap, allow_unpriced=False)
+    behaviour = FaultyTonetune(latency_s=0.15)
+    with FakeOpenAIServer(chat=behaviour) as server:
+        budget = Budget.for_model(config.client, config.model, "generate.client")
+        cache = ResponseCache(tmp_path / "cache.jsonl")
+        result = asyncio.run(run_engine(config, openai_backend(server, config), cache, embedder, topic_sections(40),
+                                        show_progress=False, budget=budget))
+        cache.close()
+        # 8 in flight: the cap did not buy its safety by sending one at a time (a timed-out request
+        # still occupies the server after the client gave up on it, so the server may see one more).
+        assert server.max_concurrent >= 8
+    assert result.stop_reason == "budget_exhausted" and result.stats.refused_by_budget > 0
+    assert result.stats.errors > 0 and budget.unreported_usage > 0  # the faults happened
+    assert budget.spent <= cap and budget.reserved_usd == pytest.approx(0, abs=1e-9)
+    # The estimate covers what the server billed (reported usage), and the replies it did not report.
+    assert budget.spent >= behaviour.billed_usd

@@ -15,12 +15,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from pipeline.core.config import CLIENT_KEYS
 from tests import generate_support
 from tests.conftest import REPO_ROOT
 from tests.fakes.openai_server import FakeOpenAIServer, FakeReply, tonetune_behaviour, tonetune_step
 from tests.generate_support import (
     API_KEY,
     KEY_ENV,
+    client_params,
     topic_sections,
     write_recordings,
     write_sections,
@@ -36,10 +38,14 @@ def stage(tmp_path, monkeypatch, write_params, mlflow_uri):
     write_sections(tmp_path / "sections.parquet", topic_sections(12))
 
     def configure(**generate):
-        settings = {"concurrency": 4, "max_retries": 2, "backoff_base_s": 0.01, "backoff_max_s": 0.05,
-                    "request_timeout_s": 5, "target_pairs": 100, "api_key_env": KEY_ENV, "model": "fake-model",
-                    "prices": {"fake-model": {"input_per_mtok": 1.0, "output_per_mtok": 2.0}}}
-        settings.update(generate)
+        """generate.* keys; the client's (concurrency, prices, max_cost_usd, ...) go to generate.client."""
+        settings = {"target_pairs": 100, "model": "fake-model"}
+        client = {"concurrency": 4, "max_retries": 2, "backoff_base_s": 0.01, "backoff_max_s": 0.05,
+                  "request_timeout_s": 5, "api_key_env": KEY_ENV,
+                  "prices": {"fake-model": {"input_per_mtok": 1.0, "output_per_mtok": 2.0}}}
+        for key, value in generate.items():
+            (client if key in CLIENT_KEYS else settings)[key] = value
+        settings["client"] = client_params("generate", **client)
         write_params({"generate": settings, "tracking": {"artifact_root": str(tmp_path / "mlartifacts"),
                                                          "experiment": "generate-tests"}})
         return tmp_path
@@ -238,8 +244,9 @@ def test_kill_9_mid_run_then_resume_repays_only_in_flight_and_matches_an_uninter
 
 
 @pytest.mark.parametrize("settings, expected", [
-    ({}, "generate.model 'mystery-model' has no price in generate.prices"),
-    ({"max_cost_usd": 5, "allow_unpriced": True}, "generate.max_cost_usd is $5 but 'mystery-model' has no price"),
+    ({}, "'mystery-model' has no price in generate.client.prices"),
+    ({"max_cost_usd": 5, "allow_unpriced": True},
+     "generate.client.max_cost_usd is $5 but 'mystery-model' has no price"),
 ], ids=["unpriced", "cap-without-price"])
 def test_an_unpriced_model_is_refused_before_any_request(stage, monkeypatch, capsys, settings, expected):
     monkeypatch.setenv(KEY_ENV, API_KEY)
@@ -259,7 +266,7 @@ def test_allow_unpriced_spends_on_purpose_and_says_the_cost_is_unknown(stage, mo
         cli()
         assert server.chat_calls > 0
     err = capsys.readouterr().err
-    assert "generate: no price for 'mystery-model' in generate.prices (allow_unpriced): cost not estimated" in err
+    assert "generate: no price for 'mystery-model' in generate.client.prices (allow_unpriced): cost not estimated" in err
 
 
 def _answer_costs(cache_path: Path) -> list[float]:
@@ -275,8 +282,10 @@ def test_the_budget_stops_at_the_cap_keeps_everything_and_a_higher_cap_continues
     cap, concurrency = 2.0, 2
     prices = {"fake-model": {"input_per_mtok": 1000.0, "output_per_mtok": 1000.0}}
     with FakeOpenAIServer(chat=tonetune_behaviour) as server:
+        # max_tokens 100: a request's worst case (~$0.72: a ~620-byte prompt bound + 100 tokens)
+        # fits the cap twice, so both slots are used.
         root = stage(backend="openai", base_url=server.base_url, concurrency=concurrency, prices=prices,
-                     max_cost_usd=cap)
+                     max_cost_usd=cap, max_tokens=100)
         cli(output="capped")
         first_bodies = {request.raw_body for request in server.requests}
         first_calls = server.chat_calls
@@ -290,16 +299,17 @@ def test_the_budget_stops_at_the_cap_keeps_everything_and_a_higher_cap_continues
         assert all(entry["reason"] != "budget_exhausted" for entry in ledger[:-1])
         assert 0 < len(ledger) < 12 and list(capped["id"]) == [e["id"] for e in ledger if e["reason"] == "accepted"]
         [line] = [line for line in err.splitlines() if "cost cap" in line]
-        assert line.startswith("generate: stopped at the cost cap: $") and ">= generate.max_cost_usd $2;" in line
+        assert line.startswith("generate: stopped at the cost cap: $") and "generate.client.max_cost_usd $2;" in line
         run = MlflowClient().get_run(manifest["mlflow_run_id"])
         assert run.data.tags["stop_reason"] == "budget_exhausted" and run.data.metrics["stopped_by_budget"] == 1
         spent = run.data.metrics["dataset_cost_usd"]
-        # Checked before each request: at most the requests already in flight pass the cap.
-        assert cap <= spent <= cap + concurrency * max(_answer_costs(root / "cache.jsonl"))
+        # Reserved before each request: the requests in flight cannot take the estimate past the cap.
+        assert spent <= cap
         assert spent == pytest.approx(sum(_answer_costs(root / "cache.jsonl")))  # every paid answer was kept
 
         # A higher cap continues from the cache: nothing asked twice, the first run's pairs kept.
-        stage(backend="openai", base_url=server.base_url, concurrency=concurrency, prices=prices, max_cost_usd=100.0)
+        stage(backend="openai", base_url=server.base_url, concurrency=concurrency, prices=prices, max_cost_usd=100.0,
+              max_tokens=100)
         cli(output="continued")
         again = [r.raw_body for r in server.requests if r.path == "/v1/chat/completions"][first_calls:]
         assert again and not first_bodies & set(again)

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 from tests.fakes.openai_server import FakeOpenAIServer, FakeReply
+from tests.generate_support import client_params
 from tests.judge_fakes import FakeJudge
 
 KEY_ENV = "TONETUNE_TEST_JUDGE_KEY"
@@ -39,16 +40,34 @@ def workspace(tmp_path, monkeypatch, write_params, mlflow_uri):
             "answer": answers, "flesch": [70.0 + index] * 4, "similarity": [0.5 + index / 10] * 4,
         }).to_parquet(folder / f"{name}.parquet")
 
-    def params(server: FakeOpenAIServer | None, **judge):
+    def params(server: FakeOpenAIServer | None, client: dict | None = None, **judge):
         return write_params({
             "tracking": {"tracking_uri": mlflow_uri, "artifact_root": str(tmp_path / "mlartifacts")},
-            "judge": {"enabled": True, "base_url": server.base_url if server else "http://127.0.0.1:9/v1",
-                      "model": "fake-judge", "api_key_env": KEY_ENV, "repeats": REPEATS, "concurrency": 4,
-                      "max_retries": 3, "prices": {"fake-judge": {"input_per_mtok": PRICE_IN, "output_per_mtok": PRICE_OUT}},
-                      **judge},
+            "judge": {"enabled": True, "model": "fake-judge", "repeats": REPEATS, **judge,
+                      "client": client_params(
+                          "judge", base_url=server.base_url if server else "http://127.0.0.1:9/v1",
+                          api_key_env=KEY_ENV, concurrency=4, max_retries=3, backoff_base_s=0.01,
+                          backoff_max_s=0.05,
+                          prices={"fake-judge": {"input_per_mtok": PRICE_IN, "output_per_mtok": PRICE_OUT}},
+                          **(client or {}))},
         })
 
     return params
+
+
+def worst_case_usd() -> float:
+    """The largest worst case of one judge request here (longest prompt bound + max_tokens)."""
+    from pipeline.core.config import JudgeConfig
+    from pipeline.core.llmclient import prompt_token_bound
+    from pipeline.judge import METRICS, geval_messages, pairwise_messages
+
+    answers = [answer for model in ANSWERS.values() for answer in model]
+    prompts = [geval_messages(metric, question, f"Reference {i}.", answer) for metric in METRICS
+               for i, question in enumerate(QUESTIONS) for answer in answers]
+    prompts += [pairwise_messages(question, first, second) for question in QUESTIONS for first in answers
+                for second in answers]
+    longest = max(prompt_token_bound(messages) for messages in prompts)
+    return longest / 1e6 * PRICE_IN + JudgeConfig().max_tokens / 1e6 * PRICE_OUT
 
 
 def run_stage(capsys):
@@ -112,8 +131,10 @@ def test_judge_scores_repeats_orders_cache_and_cost(workspace, monkeypatch, caps
         assert status["status"] == "judged" and status["api_calls"] == n_geval + n_pairs + len(faults)
         assert status["retries"] == len(faults) and status["cache_hits"] == 0
         billed = judge.billed_input / 1e6 * PRICE_IN + judge.billed_output / 1e6 * PRICE_OUT
-        assert status["cost_usd"] == pytest.approx(billed, rel=1e-9) and billed > 0
-        assert sum(metrics(m)["judge_cost_usd"] for m in ANSWERS) == pytest.approx(billed, rel=1e-9)
+        assert sum(metrics(m)["judge_cost_usd"] for m in ANSWERS) == pytest.approx(billed, rel=1e-9) and billed > 0
+        # The stage's estimate also keeps the full reservation of the malformed 200 (a reply that
+        # reported no usage: it may have been billed): one worst case above what the fake billed.
+        assert billed < status["cost_usd"] <= billed + worst_case_usd()
         assert "lora-a: accuracy 4.50 (+/- 0.50)" in out and "2 wins, 1 ties, 0 losses, 1 position-inconsistent" in out
 
         # MLflow: one child run per model, evaluated by mlflow.genai.evaluate with our scorers
@@ -172,7 +193,7 @@ def test_missing_key_or_baseline_fails_before_any_call(workspace, monkeypatch, c
             main([])
         assert exit_info.value.code == 2
         assert capsys.readouterr().err.strip() == (
-            f"error: environment variable {KEY_ENV} is not set (judge.api_key_env): export the judge "
+            f"error: environment variable {KEY_ENV} is not set (judge.client.api_key_env): export the judge "
             "endpoint's key; nothing was sent")
 
         monkeypatch.setenv(KEY_ENV, "sk-judge-test")
@@ -182,6 +203,58 @@ def test_missing_key_or_baseline_fails_before_any_call(workspace, monkeypatch, c
         assert "judge.baseline = 'nobody': no reports/predictions/nobody.parquet" in capsys.readouterr().err
         assert server.chat_calls == 0
     assert not Path("metrics/judge").exists()
+
+
+def test_an_unpriced_judge_model_is_refused_before_any_request(workspace, monkeypatch, capsys):
+    """The issue's case: a judge model missing from the prices made 48 paid calls and printed
+    "cost n/a". Now: one line, nothing sent, unless allow_unpriced says so on purpose."""
+    from pipeline.judge import main
+
+    monkeypatch.setenv(KEY_ENV, "sk-judge-test")
+    judge = FakeJudge()
+    with FakeOpenAIServer(chat=judge) as server:
+        workspace(server, model="mystery-judge", client={"max_cost_usd": None})
+        with pytest.raises(SystemExit) as exit_info:
+            main([])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.count("\n") == 1
+        assert "'mystery-judge' has no price in judge.client.prices" in err
+        assert "judge.client.allow_unpriced: true" in err and "nothing was sent" in err
+        assert server.chat_calls == 0 and server.requests == []
+        # The default cap needs a price too: refused the same way, naming the cap.
+        workspace(server, model="mystery-judge", client={"allow_unpriced": True})
+        with pytest.raises(SystemExit):
+            main([])
+        assert "judge.client.max_cost_usd is $5 but 'mystery-judge' has no price" in capsys.readouterr().err
+        assert server.chat_calls == 0 and server.requests == []
+    assert not Path("metrics/judge").exists()
+
+
+def test_the_judge_stops_at_its_cap_in_one_line_and_a_higher_cap_continues(workspace, monkeypatch, capsys):
+    from pipeline.judge import main
+
+    monkeypatch.setenv(KEY_ENV, "sk-judge-test")
+    judge = FakeJudge()
+    cap = 8 * worst_case_usd()  # about half of the whole run (~$0.03), 4 worst cases in flight fit
+    with FakeOpenAIServer(chat=judge) as server:
+        workspace(server, client={"max_cost_usd": cap})
+        with pytest.raises(SystemExit) as exit_info:
+            main([])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.count("\n") == 1
+        assert "cost cap $" in err and "judge.client.max_cost_usd" in err
+        first_calls = server.chat_calls
+        assert 0 < first_calls < len(ANSWERS) * len(QUESTIONS) * 2 * REPEATS
+        billed = judge.billed_input / 1e6 * PRICE_IN + judge.billed_output / 1e6 * PRICE_OUT
+        assert billed <= cap  # what the fake billed stayed under the cap
+        assert not Path("reports/judge/status.json").exists()
+        # A higher cap goes on from the cache: nothing asked twice.
+        bodies = [request.raw_body for request in server.requests]
+        workspace(server, client={"max_cost_usd": 100.0})
+        run_stage(capsys)
+        assert not set(bodies) & {request.raw_body for request in server.requests[first_calls:]}
+    status = json.loads(Path("reports/judge/status.json").read_text())
+    assert status["cache_hits"] == first_calls
 
 
 def test_parsers_accept_the_form_and_reject_the_rest():

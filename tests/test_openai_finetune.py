@@ -29,6 +29,7 @@ from pipeline.openai import stage
 from pipeline.openai.ledger import JobLedger
 from tests.conftest import REPO_ROOT
 from tests.fakes.openai_server import FakeOpenAIServer, FakeReply, JobPlan, tone_behaviour
+from tests.generate_support import client_params
 
 API_KEY = "sk-" + "test-OPENAI-FT-DO-NOT-LEAK-91b2"  # a sentinel, split so secret scanners do not flag it
 BASE = "gpt-4o-mini-2024-07-18"
@@ -65,8 +66,8 @@ def project(tmp_path, monkeypatch, write_params, mlflow_uri, empty_store):
     pd.DataFrame(qa_rows(6, start=100)).to_parquet(VAL)
     write_params({
         "openai": {"enabled": True, "base_models": [BASE], "n_train": [N_TRAIN], "batch_size": 4,
-                   "poll_interval_s": 0.001, "poll_max_interval_s": 0.01, "max_retries": 2,
-                   "request_timeout_s": 10, "eval_concurrency": 4},
+                   "poll_interval_s": 0.001, "poll_max_interval_s": 0.01,
+                   "client": client_params("openai", max_retries=2, request_timeout_s=10, concurrency=4)},
         "evaluate": {"bootstrap_samples": 50},
     })
     monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
@@ -456,16 +457,18 @@ def test_killed_while_polling_resumes_the_same_job_and_can_cancel_it(server, cap
 
 @pytest.mark.parametrize("argv", [FINETUNE_ARGS, ["--base-model", BASE, "--val", str(VAL)]], ids=["finetune", "base"])
 def test_an_unpriced_base_model_is_refused_before_anything_is_sent(server, write_params, capsys, argv):
-    write_params({"openai": {"enabled": True, "base_models": [BASE], "n_train": [N_TRAIN], "prices": {}}})
+    write_params({"openai": {"enabled": True, "base_models": [BASE], "n_train": [N_TRAIN],
+                             "client": client_params("openai", prices={})}})
     code, _, err = run_main(argv, capsys)
     assert code == 2 and err.count("\n") == 1
-    assert f"'{BASE}' has no price in openai.prices" in err and "openai.allow_unpriced: true" in err
+    assert f"'{BASE}' has no price in openai.client.prices" in err and "openai.client.allow_unpriced: true" in err
     assert server.requests == [] and not ospec.LEDGER_PATH.exists()
 
 
 def test_allow_unpriced_runs_on_purpose(server, write_params, capsys):
-    write_params({"openai": {"enabled": True, "base_models": [BASE], "n_train": [N_TRAIN], "prices": {},
-                             "allow_unpriced": True, "batch_size": 4, "poll_interval_s": 0.001,
+    write_params({"openai": {"enabled": True, "base_models": [BASE], "n_train": [N_TRAIN],
+                             "client": client_params("openai", prices={}, allow_unpriced=True),
+                             "batch_size": 4, "poll_interval_s": 0.001,
                              "poll_max_interval_s": 0.01}})
     code, _, err = run_main([*FINETUNE_ARGS, "--no-eval"], capsys)
     assert code == 0, err
@@ -473,23 +476,60 @@ def test_allow_unpriced_runs_on_purpose(server, write_params, capsys):
 
 
 def test_a_job_above_the_cost_cap_is_refused_before_it_is_created(server, write_params, capsys):
-    write_params({"openai": {"enabled": True, "base_models": [BASE], "n_train": [N_TRAIN], "max_cost_usd": 0.0001}})
+    write_params({"openai": {"enabled": True, "base_models": [BASE], "n_train": [N_TRAIN],
+                             "max_training_cost_usd": 0.0001}})
     training = ospec.jsonl_bytes(ospec.chat_examples(pd.DataFrame(qa_rows(N_TRAIN)), CONCISE_SYSTEM_PROMPT))
     expected = ospec.training_tokens(training) * 5 * 3.0 / 1e6  # tokens x 5 epochs x $3/M (params' price)
     code, _, err = run_main(FINETUNE_ARGS, capsys)
     [line] = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 2 and f"estimated training cost ${expected:.4f}" in line
-    assert "above openai.max_cost_usd $0.0001: no job created" in line
+    assert "above openai.max_training_cost_usd $0.0001: no job created" in line
     assert server.fine_tuning.jobs_created == 0 and server.fine_tuning.uploads == 0
     [run] = runs_named(FT_NAME)
     assert run.data.params["estimated_training_cost_usd"] == str(expected)
-    assert "max_cost_usd" in run.data.tags["openai.error"]
+    assert "max_training_cost_usd" in run.data.tags["openai.error"]
     # Under the cap the same job goes ahead.
-    write_params({"openai": {"enabled": True, "base_models": [BASE], "n_train": [N_TRAIN], "max_cost_usd": 10.0,
+    write_params({"openai": {"enabled": True, "base_models": [BASE], "n_train": [N_TRAIN], "max_training_cost_usd": 10.0,
                              "batch_size": 4, "poll_interval_s": 0.001, "poll_max_interval_s": 0.01}})
     code, _, err = run_main([*FINETUNE_ARGS, "--no-eval"], capsys)
     assert code == 0, err
     assert server.fine_tuning.jobs_created == 1
+
+
+def test_the_evaluation_refuses_an_unpriced_model_before_any_chat_request(server, capsys):
+    """The model evaluated is priced by its own entry or, for ft:<base>:..., by its base's; a
+    model with neither is refused before its first chat request."""
+    code, _, err = run_main([*FINETUNE_ARGS, "--eval-model", "mystery-model"], capsys)
+    [line] = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and "'mystery-model' has no price in openai.client.prices" in line
+    assert server.fine_tuning.jobs_created == 1  # the (priced) training went ahead
+    assert requests_to(server, "POST", "/v1/chat/completions") == []
+
+
+def test_fine_tuned_names_are_priced_as_their_base_model():
+    client = OpenAIConfig().client
+    ft_name = f"ft:{BASE}:my-org::abc123"
+    assert client.price(ft_name) == client.prices[BASE]
+    assert client.cost_usd(ft_name, 1_000_000, 1_000_000) == pytest.approx(0.30 + 1.20)
+    assert client.price("ft:unknown-base:org::x") is None and client.price("mystery-model") is None
+    client.check_priced([ft_name], "openai.client")  # no error
+    with pytest.raises(TonetuneError, match="'ft:unknown-base:org::x' has no price in openai.client.prices"):
+        client.check_priced(["ft:unknown-base:org::x"], "openai.client")
+
+
+def test_the_evaluation_stops_at_its_own_cap(server, write_params, capsys):
+    from pipeline.core.llmclient import prompt_token_bound
+    from pipeline.core.system_prompts import chat_messages
+
+    questions = pd.read_parquet(VAL)["question"].tolist()
+    price = OpenAIConfig().client.prices[BASE]
+    worst = max(prompt_token_bound(chat_messages(q, VERBOSE_SYSTEM_PROMPT)) for q in questions) / 1e6 * \
+        price.input_per_mtok + load_config().evaluate.max_new_tokens / 1e6 * price.output_per_mtok
+    write_params({"openai": {"enabled": True, "base_models": [BASE], "n_train": [N_TRAIN],
+                             "client": client_params("openai", concurrency=4, max_cost_usd=2.5 * worst)}})
+    code, _, err = run_main(["--base-model", BASE, "--val", str(VAL)], capsys)
+    assert code == 2 and "cost cap $" in err and "openai.client.max_cost_usd" in err
+    assert 0 < len(requests_to(server, "POST", "/v1/chat/completions")) < len(questions)
 
 
 def test_a_rerun_keeps_the_first_runs_cost_and_call_metrics(server, capsys):

@@ -110,7 +110,7 @@ def write_gate(success: bool, md5: str | None = None, failed=()):
     """A metrics/data_quality.json like the validate stage writes."""
     summary = {"success": success, "failed_checks": ", ".join(failed), "rows": 12,
                "pairs_md5": md5 or file_md5("data/generated/pairs.parquet")}
-    split.write_json(summary, split.DATA_QUALITY_PATH)
+    split.write_json(split.DATA_QUALITY_PATH, summary)
 
 
 def test_stage_writes_nested_disjoint_files_stats_and_mlflow_run(stage_dir, capsys):

@@ -35,7 +35,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pipeline.core.errors import ConfigError, exit_on_user_error
+from pipeline.core.errors import ConfigError, TonetuneError, exit_on_user_error
 
 PARAMS_FILE_ENV = "TONETUNE_PARAMS"
 DEFAULT_PARAMS_FILE = "params.yaml"
@@ -58,6 +58,15 @@ HELDOUT_DIR = Path("reports/heldout")
 ADAPTERS_DIR = Path("models/adapters")
 REPORTS_DIR = Path("reports")
 METRICS_DIR = Path("metrics")
+# Files stages hand each other (writer -> readers): declared here only, imported everywhere.
+DATA_QUALITY_PATH = METRICS_DIR / "data_quality.json"  # validate -> split, promote
+PREDICTIONS_DIR = REPORTS_DIR / "predictions"  # predict -> score, judge
+SCORES_DIR = REPORTS_DIR / "scores"  # score -> heldout: per-question validation scores
+EVAL_METRICS_DIR = METRICS_DIR / "eval"  # score (one JSON per model) -> report, promote
+HEADLINE_METRICS_PATH = METRICS_DIR / "headline.json"  # score -> `dvc exp show` (listed first in dvc.yaml)
+OPENAI_METRICS_DIR = METRICS_DIR / "openai"  # openai_collect -> report
+JUDGE_METRICS_DIR = METRICS_DIR / "judge"  # judge -> report
+ALIGNMENT_METRICS_DIR = METRICS_DIR / "alignment"  # alignment -> report
 
 FleschScore = Annotated[float, Field(ge=0, le=121)]
 Cosine = Annotated[float, Field(ge=0, le=1)]
@@ -135,19 +144,110 @@ class BaseModelConfig(Section):
 
 
 class PriceConfig(Section):
-    """USD per million tokens, for the cost estimate logged with each generation run."""
+    """USD per million tokens of one model: prompt (input) and completion (output) tokens, and
+    training tokens for a model the OpenAI arm fine-tunes (null: not priced for training)."""
 
-    input_per_mtok: Annotated[float, Field(ge=0)]
-    output_per_mtok: Annotated[float, Field(ge=0)]
+    input_per_mtok: NonNegativeFloat
+    output_per_mtok: NonNegativeFloat
+    training_per_mtok: NonNegativeFloat | None = None
+
+    def cost_usd(self, input_tokens: int, output_tokens: int) -> float:
+        """USD of `input_tokens` prompt and `output_tokens` completion tokens at this price."""
+        return input_tokens / 1e6 * self.input_per_mtok + output_tokens / 1e6 * self.output_per_mtok
 
 
-class OpenAIPriceConfig(Section):
-    """USD per million tokens for one OpenAI base model: training, and the fine-tuned model's
-    input/output (the base model's own rates are lower, so the evaluation estimate is an upper bound)."""
+def base_model_of(model: str) -> str | None:
+    """The base model of an OpenAI fine-tuned model name (`ft:<base>:<org>:<suffix>:<id>`), or None."""
+    parts = model.split(":")
+    return parts[1] if len(parts) >= 2 and parts[0] == "ft" and parts[1] else None
 
-    training_per_mtok: Annotated[float, Field(ge=0)] = 0.0
-    input_per_mtok: Annotated[float, Field(ge=0)] = 0.0
-    output_per_mtok: Annotated[float, Field(ge=0)] = 0.0
+
+class ClientConfig(Section):
+    """How a stage talks to an OpenAI-compatible chat API, and what it may spend: one type for the
+    generator (`generate.client`), the judge (`judge.client`) and the OpenAI arm (`openai.client`).
+
+    The key is read from the environment variable `api_key_env` only. `prices` is USD per million
+    tokens per model; a fine-tuned `ft:<base>:...` model without its own entry is priced as its
+    base. `max_cost_usd` caps the stage's estimated spend: every attempt (retries included)
+    reserves its worst case before it is sent (pipeline.core.llmclient.Budget). A model without
+    a price is refused before the first request unless `allow_unpriced` (then no cap can apply)."""
+
+    base_url: str | None  # null: the openai package's default (honours OPENAI_BASE_URL)
+    api_key_env: str
+    request_timeout_s: PositiveFloat = 60.0
+    concurrency: PositiveInt
+    requests_per_minute: PositiveInt | None = None
+    tokens_per_minute: PositiveInt | None = None
+    max_retries: NonNegativeInt = 6
+    backoff_base_s: PositiveFloat = 1.0
+    backoff_max_s: PositiveFloat = 60.0
+    prices: dict[str, PriceConfig]
+    max_cost_usd: NonNegativeFloat | None
+    allow_unpriced: bool = False
+
+    @model_validator(mode="after")
+    def _url_is_http(self):
+        if self.base_url is not None and not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url = {self.base_url!r}: must start with http:// or https://")
+        return self
+
+    def price(self, model: str) -> PriceConfig | None:
+        """The price of `model`: its own entry, else its base model's for an `ft:` name, else None."""
+        if model in self.prices:
+            return self.prices[model]
+        base = base_model_of(model)
+        return self.prices.get(base) if base else None
+
+    def cost_usd(self, model: str, input_tokens: int, output_tokens: int) -> float | None:
+        """Estimated USD of that usage of `model`; None when the model has no price."""
+        price = self.price(model)
+        return None if price is None else price.cost_usd(input_tokens, output_tokens)
+
+    def check_priced(self, models: list[str] | tuple[str, ...], where: str) -> None:
+        """No unpriced spending: every model must have a price in `<where>.prices` unless
+        `allow_unpriced`, and a cap always needs one (it cannot be checked without). Raises a
+        one-line TonetuneError before anything is sent; `where` is the section, e.g. judge.client."""
+        for model in models:
+            if self.price(model) is not None:
+                continue
+            if self.max_cost_usd is not None:
+                raise TonetuneError(
+                    f"{where}.max_cost_usd is ${self.max_cost_usd:g} but {model!r} has no price in {where}.prices, "
+                    "so the cap cannot be checked: add its input_per_mtok/output_per_mtok; nothing was sent")
+            if not self.allow_unpriced:
+                raise TonetuneError(
+                    f"{model!r} has no price in {where}.prices: add its input_per_mtok/output_per_mtok, or set "
+                    f"{where}.allow_unpriced: true to spend without a cost estimate; nothing was sent")
+
+
+# The keys that moved into a stage's `client` section (issue 23): a params file that still has
+# one at the old place gets one line naming the new place.
+CLIENT_KEYS = frozenset(ClientConfig.model_fields)
+MOVED_KEYS = {
+    "openai": {"eval_concurrency": "concurrency", "eval_requests_per_minute": "requests_per_minute",
+               "eval_tokens_per_minute": "tokens_per_minute"},
+}
+
+
+def _client_section(section: str, raw: Any, default: ClientConfig) -> Any:
+    """Before a stage section validates: refuse a client key left at its pre-`client` place
+    (naming where it lives now), and fill the keys a partial `client` mapping leaves out from the
+    stage's own defaults (each stage has its endpoint, concurrency and prices), so that a
+    `client` mapping behaves like any other section: what is not given keeps its default."""
+    if not isinstance(raw, dict):
+        return raw
+    if section == "openai" and "max_cost_usd" in raw:
+        raise ValueError("openai.max_cost_usd moved to openai.max_training_cost_usd (the training job's cap); "
+                         "openai.client.max_cost_usd caps the evaluation calls")
+    renamed = MOVED_KEYS.get(section, {})
+    for key in raw:
+        if key in renamed or key in CLIENT_KEYS:
+            raise ValueError(f"{section}.{key} moved to {section}.client.{renamed.get(key, key)} (one client "
+                             "section per stage: endpoint, key, limits, retries, prices, cost cap)")
+    client = raw.get("client")
+    if isinstance(client, dict):
+        raw = {**raw, "client": {**default.model_dump(), **client}}
+    return raw
 
 
 class GenerateConfig(Section):
@@ -155,18 +255,9 @@ class GenerateConfig(Section):
 
     backend: Literal["replay", "openai"] = "replay"
     replay_dir: str = "recordings/demo"
-    base_url: str | None = "https://openrouter.ai/api/v1"
     model: str = "google/gemini-2.5-flash"
-    api_key_env: str = "OPENROUTER_API_KEY"
     temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
     max_tokens: PositiveInt = 1024
-    request_timeout_s: PositiveFloat = 60.0
-    concurrency: PositiveInt = 16
-    requests_per_minute: PositiveInt | None = None
-    tokens_per_minute: PositiveInt | None = None
-    max_retries: NonNegativeInt = 6
-    backoff_base_s: PositiveFloat = 1.0
-    backoff_max_s: PositiveFloat = 60.0
     max_json_attempts: PositiveInt = 3
     flesch_threshold: FleschScore = 75.0
     max_simplify_attempts: NonNegativeInt = 3
@@ -174,14 +265,18 @@ class GenerateConfig(Section):
     faithfulness_threshold: Cosine = 0.6
     target_pairs: PositiveInt = 400
     seed: int = 0
-    prices: dict[str, PriceConfig] = Field(
-        default_factory=lambda: {"google/gemini-2.5-flash": PriceConfig(input_per_mtok=0.30, output_per_mtok=2.50)}
-    )
-    # Stop before the estimated cost of the dataset (API-reported usage x prices, cached answers
-    # included) reaches this many USD; null: no cap. Needs the model in `prices`.
-    max_cost_usd: NonNegativeFloat | None = None
-    # With the live backend a model missing from `prices` is refused at start unless this is true.
-    allow_unpriced: bool = False
+    # The live backend's client; its cap is the estimated cost of the dataset (cached answers
+    # included). The replay backend pays nothing: no price needed, no cap applied.
+    client: ClientConfig = Field(default_factory=lambda: ClientConfig(
+        base_url="https://openrouter.ai/api/v1", api_key_env="OPENROUTER_API_KEY", concurrency=16,
+        prices={"google/gemini-2.5-flash": PriceConfig(input_per_mtok=0.30, output_per_mtok=2.50)},
+        max_cost_usd=None,
+    ))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _client_defaults(cls, raw: Any) -> Any:
+        return _client_section("generate", raw, cls.model_fields["client"].default_factory())
 
 
 class ValidateConfig(Section):
@@ -343,13 +438,13 @@ class PromoteConfig(Section):
 
 
 class OpenAIConfig(Section):
-    """The optional OpenAI fine-tuning arm (paper appendix A.4). `base_url: null` means the
-    client's default, which honours OPENAI_BASE_URL; the key comes from OPENAI_API_KEY only.
+    """The optional OpenAI fine-tuning arm (paper appendix A.4). `client` serves both the
+    fine-tuning API (endpoint, key, timeout, retries; `base_url: null` honours OPENAI_BASE_URL)
+    and the evaluation's chat calls (concurrency, rate limits, prices, the evaluation's cap).
     Evaluation of these models uses `evaluate.max_new_tokens` / `limit` / threshold / bootstrap,
     so they are scored under the same conditions as the LoRA adapters."""
 
     enabled: bool = False
-    base_url: str | None = None
     base_models: list[str] = Field(
         default_factory=lambda: ["gpt-4o-mini-2024-07-18", "gpt-4.1-mini-2025-04-14"]
     )
@@ -363,26 +458,26 @@ class OpenAIConfig(Section):
     validation_file: bool = False
     poll_interval_s: PositiveFloat = 10.0
     poll_max_interval_s: PositiveFloat = 120.0
-    request_timeout_s: PositiveFloat = 60.0
-    max_retries: NonNegativeInt = 6  # per API request (job creation: only after checking it does not exist)
-    eval_concurrency: PositiveInt = 8
     eval_temperature: Annotated[float, Field(ge=0, le=2)] = 0.0  # greedy, like the LoRA evaluation
-    eval_requests_per_minute: PositiveInt | None = None
-    eval_tokens_per_minute: PositiveInt | None = None
     # The API's limits, checked before anything is uploaded (Files API: 512 MB per file;
     # fine-tuning: 65,536 tokens per example for gpt-4o-mini / gpt-4.1-mini).
     max_file_mb: PositiveFloat = 512.0
     max_example_tokens: PositiveInt = 65_536
     # Refuse to create a job whose estimated training cost (training file tokens x epochs x
-    # training price) is above this many USD; null: no cap.
-    max_cost_usd: NonNegativeFloat | None = None
-    # Prices per base model; with the arm enabled a base model missing here is refused at start
-    # unless allow_unpriced is true.
-    prices: dict[str, OpenAIPriceConfig] = Field(default_factory=lambda: {
-        "gpt-4o-mini-2024-07-18": OpenAIPriceConfig(training_per_mtok=3.0, input_per_mtok=0.3, output_per_mtok=1.2),
-        "gpt-4.1-mini-2025-04-14": OpenAIPriceConfig(training_per_mtok=5.0, input_per_mtok=0.8, output_per_mtok=3.2),
-    })
-    allow_unpriced: bool = False
+    # client.prices[base].training_per_mtok) is above this many USD; null: no cap.
+    max_training_cost_usd: NonNegativeFloat | None = None
+    client: ClientConfig = Field(default_factory=lambda: ClientConfig(
+        base_url=None, api_key_env="OPENAI_API_KEY", concurrency=8, max_cost_usd=None,
+        prices={
+            "gpt-4o-mini-2024-07-18": PriceConfig(training_per_mtok=3.0, input_per_mtok=0.3, output_per_mtok=1.2),
+            "gpt-4.1-mini-2025-04-14": PriceConfig(training_per_mtok=5.0, input_per_mtok=0.8, output_per_mtok=3.2),
+        },
+    ))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _client_defaults(cls, raw: Any) -> Any:
+        return _client_section("openai", raw, cls.model_fields["client"].default_factory())
 
     @model_validator(mode="after")
     def _poll_bounds_ordered(self):
@@ -401,16 +496,15 @@ class OpenAIConfig(Section):
 class JudgeConfig(Section):
     """The optional LLM-judge stage (pipeline/judge.py), off by default like the OpenAI arm.
 
-    Any OpenAI-compatible endpoint; the key comes from the environment variable `api_key_env`
-    only. G-Eval accuracy and completeness (1-5) are asked `repeats` times per answer at
-    `temperature` (each repeat with its own seed, `seed + i`, so the cache keeps them apart) and
-    averaged; the pairwise preference (each fine-tuned model vs `baseline`, both orders) is asked
-    once per order at `pairwise_temperature`."""
+    Any OpenAI-compatible endpoint (`client`; the key comes from the environment variable
+    `client.api_key_env` only). G-Eval accuracy and completeness (1-5) are asked `repeats` times
+    per answer at `temperature` (each repeat with its own seed, `seed + i`, so the cache keeps
+    them apart) and averaged; the pairwise preference (each fine-tuned model vs `baseline`, both
+    orders) is asked once per order at `pairwise_temperature`. The most call-heavy stage, so it
+    has a cost cap by default (`client.max_cost_usd`)."""
 
     enabled: bool = False
-    base_url: str | None = "https://openrouter.ai/api/v1"
     model: str = "openai/gpt-4.1-mini"
-    api_key_env: str = "OPENROUTER_API_KEY"
     baseline: str = "base"  # the model every other one is compared with pairwise
     repeats: PositiveInt = 10
     temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
@@ -418,14 +512,16 @@ class JudgeConfig(Section):
     max_tokens: PositiveInt = 512
     limit: PositiveInt | None = None  # judge the first N validation questions only
     seed: int = 0
-    request_timeout_s: PositiveFloat = 60.0
-    concurrency: PositiveInt = 8
-    requests_per_minute: PositiveInt | None = None
-    tokens_per_minute: PositiveInt | None = None
-    max_retries: NonNegativeInt = 6
-    prices: dict[str, PriceConfig] = Field(
-        default_factory=lambda: {"openai/gpt-4.1-mini": PriceConfig(input_per_mtok=0.40, output_per_mtok=1.60)}
-    )
+    client: ClientConfig = Field(default_factory=lambda: ClientConfig(
+        base_url="https://openrouter.ai/api/v1", api_key_env="OPENROUTER_API_KEY", concurrency=8,
+        prices={"openai/gpt-4.1-mini": PriceConfig(input_per_mtok=0.40, output_per_mtok=1.60)},
+        max_cost_usd=5.0,
+    ))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _client_defaults(cls, raw: Any) -> Any:
+        return _client_section("judge", raw, cls.model_fields["client"].default_factory())
 
 
 class AlignmentConfig(Section):

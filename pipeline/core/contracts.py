@@ -91,7 +91,7 @@ class Tags:
     """MLflow tag keys the stages write and the registry reads: writer -> reader beside each.
     First the tags on tracking runs, then the ones promotion writes on model versions."""
 
-    STAGE = "stage"  # every stage's run (generate, split, evaluate, report, train, openai_finetune) -> promote
+    STAGE = "stage"  # every stage's run (generate, split, score, report, train, judge, ...) -> promote
     STAGE_LEGACY = "tonetune.stage"  # train, openai_finetune (older key, written beside STAGE) -> readers accept both
     GRID = "grid"  # train: the grid id on the parent and its children
     ROLE = "tonetune.role"  # train: "train-grid" (parent run) / "train" (one grid point)
@@ -100,6 +100,8 @@ class Tags:
     DATA_QUALITY_SUCCESS = "data_quality_success"  # split: "true"/"false" -> promote
     GENERATION_RUN_ID = "generation_run_id"  # split -> promote, lineage
     GIT_COMMIT = "git_commit"  # tracking.code_version_tags -> promote, lineage
+    EXPERIMENT_KIND = "mlflow.experimentKind"  # experiment tag: which MLflow UI view opens it (tracking.py)
+    MLFLOW_PARENT_RUN_ID = "mlflow.parentRunId"  # MLflow's nesting tag: grid repairs duplicate parents
     MLFLOW_GIT_COMMIT = "mlflow.source.git.commit"  # the same, under MLflow's own key (the UI shows it)
     DATASET_PREFIX = "dataset."  # tracking.log_dataset_input: dataset.<name>.{path,dvc_md5,dvc_stage,matches_dvc_lock}
     DATASET_INPUT_PATH = "path"  # the same path/md5 as tags of the MLflow dataset input itself

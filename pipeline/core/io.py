@@ -104,12 +104,29 @@ def durable_append_line(path: str | Path, line: str | bytes) -> None:
         fsync_dir(path.parent)
 
 
+def write_json(path: str | Path, record: dict[str, Any], nan_as_null: bool = False) -> Path:
+    """The one JSON writer of the stages: `record` indented, atomically and durably (a reader
+    such as `split` never sees half a file). Values JSON cannot hold (dates, paths) are written
+    as text; `nan_as_null` writes NaN floats as null (strict JSON), at any depth."""
+    import math
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, float) and math.isnan(value):
+            return None
+        if isinstance(value, dict):
+            return {key: clean(item) for key, item in value.items()}
+        if isinstance(value, list | tuple):
+            return [clean(item) for item in value]
+        return value
+
+    return atomic_write_text(path, json.dumps(clean(record) if nan_as_null else record, indent=2, default=str) + "\n")
+
+
 def write_metrics_summary(metrics_dir: str | Path, enabled: bool) -> Path:
     """<metrics_dir>/summary.yaml for an optional stage: whether it ran and how many per-model
     records (`*.json`) it left. Written on every run, so the DVC metrics folder is never empty
     (an empty one makes DVC warn and reads as deleted in a fresh clone); `.yaml` (JSON is YAML)
     so loaders of the per-model `*.json` records skip it."""
-    import json
 
     metrics_dir = Path(metrics_dir)
     models = len(list(metrics_dir.glob("*.json"))) if metrics_dir.is_dir() else 0
@@ -125,7 +142,3 @@ def clear_model_outputs(metrics_dir: str | Path, reports_dir: str | Path) -> Non
         for stale in folder.glob(pattern):
             stale.unlink()
 
-
-def write_json(data: Any, path: str | Path) -> Path:
-    """`data` as indented JSON, written atomically (a reader never sees half a file)."""
-    return atomic_write_text(path, json.dumps(data, indent=2) + "\n")

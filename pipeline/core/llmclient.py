@@ -4,7 +4,7 @@
 
 1. the durable response cache (cache.py): a hit costs nothing and needs no network;
 2. identical requests already in flight are joined, not sent twice;
-3. a slot of the concurrency semaphore (`generate.concurrency` requests in flight), then the
+3. a slot of the concurrency semaphore (`client.concurrency` requests in flight), then the
    client-side rate limits (token buckets for requests/min and tokens/min);
 4. the backend sends the request: `OpenAIBackend` (any OpenAI-compatible chat API through the
    real `openai` package, whose own retries are switched off so ours are the only ones) or the
@@ -15,10 +15,13 @@
    the server's message (`FatalAPIError`); other 4xx fail only this request;
 6. a successful reply is fsynced to the cache before the slot is released and the reply used,
    so at most `concurrency` paid requests can be lost to a crash;
-7. budget: before each request is sent (retries included), the running cost estimate (the API's
-   reported usage, cached answers included, times the price) is compared with the cap; at or
-   over it the request is not sent (`BudgetExhausted`). Requests already in flight finish, so
-   the estimate can pass the cap by at most `concurrency` requests;
+7. budget (`Budget`, the stage's `client.max_cost_usd`): before every attempt, retries included,
+   the attempt's worst case (a bound on the prompt's tokens plus `max_tokens`, at the model's
+   price) is reserved; an attempt whose reservation would take spent + reserved past the cap is
+   not sent (`BudgetExhausted`). The reply settles the reservation at its reported usage; a
+   reply without usage, or an attempt that got no HTTP answer (timeout, dropped connection: the
+   provider may have billed it), keeps the full reservation; an HTTP error answer releases it.
+   So the estimate never passes the cap, whatever the concurrency;
 8. resume honesty: a durable "sent" line goes to the cache before the first attempt; a request
    whose "sent" line is on disk but whose answer is not was in flight when a run died, and is
    counted (`stats.repaid`) and named (`repaid_steps`) when it is sent again. `seed` is sent
@@ -44,7 +47,7 @@ from pipeline.core.errors import TonetuneError
 from pipeline.core.responsecache import ResponseCache, cache_key
 
 if TYPE_CHECKING:
-    from pipeline.core.config import GenerateConfig
+    from pipeline.core.config import ClientConfig
 
 Messages = list[dict[str, str]]
 RETRYABLE_STATUS = frozenset({408, 409, 429})
@@ -85,10 +88,14 @@ class RequestFailed(Exception):
 class RetryableError(Exception):
     """A transient failure of one attempt; `retry_after` is the server's hint in seconds."""
 
-    def __init__(self, message: str, retry_after: float | None = None, rate_limited: bool = False):
+    def __init__(self, message: str, retry_after: float | None = None, rate_limited: bool = False,
+                 maybe_billed: bool = False):
         super().__init__(message)
         self.retry_after = retry_after
         self.rate_limited = rate_limited
+        # No HTTP answer (timeout, dropped connection) or an unusable 200: the provider may have
+        # processed and billed the request, so its reservation is kept.
+        self.maybe_billed = maybe_billed
 
 
 class Backend(Protocol):
@@ -142,28 +149,98 @@ class CallStats:
         return asdict(self)
 
 
-@dataclass(frozen=True)
+# Chat formatting tokens per message (role, separators) and for priming the reply: OpenAI's
+# documented overhead is 3 + 3; 8 + 8 leaves room for other chat templates.
+MESSAGE_OVERHEAD_TOKENS = 8
+REPLY_OVERHEAD_TOKENS = 8
+
+
+def prompt_token_bound(messages: Messages) -> int:
+    """An upper bound on a request's prompt tokens without a tokenizer: its UTF-8 bytes plus the
+    chat formatting. Every token of a byte-level BPE (GPT-4o's o200k, Llama 3, Qwen) or of a
+    SentencePiece with byte fallback (Gemini, Llama 2, Mistral) covers at least one byte, so a
+    text never has more tokens than bytes (English runs ~4 bytes a token: the bound is loose, but
+    it is only held while the request is in flight)."""
+    text_bytes = sum(len((message.get("content") or "").encode("utf-8")) for message in messages)
+    return text_bytes + MESSAGE_OVERHEAD_TOKENS * len(messages) + REPLY_OVERHEAD_TOKENS
+
+
+@dataclass
 class Budget:
-    """A cost cap (None: no cap) and the model's price in USD per million tokens (None: unpriced)."""
+    """The money side of a client: a cap (None: no cap), the model's price in USD per million
+    tokens (None: unpriced), and what is spent and reserved against the cap.
+
+    `paid_usd` is what this run's replies cost; `cached_usd` what the answers taken from the
+    cache cost (paid by an earlier run; they count towards the cap, which is about the whole
+    output, e.g. the dataset); `reserved_usd` is the worst case of the attempts in flight. One
+    Budget may be shared by several clients (the judge's phases) so that one cap covers them all.
+    """
 
     cap_usd: float | None = None
     input_per_mtok: float | None = None
     output_per_mtok: float | None = None
+    where: str = "max_cost_usd"  # the params key of the cap, for messages
+    paid_usd: float = 0.0
+    cached_usd: float = 0.0
+    reserved_usd: float = 0.0
+    unreported_usage: int = 0  # replies that reported no usage: charged their full reservation
+
+    @classmethod
+    def for_model(cls, client: ClientConfig, model: str, where: str) -> Budget:
+        """The budget of a stage's calls to `model`: refuses an unpriced model (one line, before
+        anything is sent) unless `<where>.allow_unpriced`; `where` is the client's section."""
+        client.check_priced([model], where)
+        price = client.price(model)
+        return cls(client.max_cost_usd, price and price.input_per_mtok, price and price.output_per_mtok,
+                   where=f"{where}.max_cost_usd")
+
+    @property
+    def priced(self) -> bool:
+        return self.input_per_mtok is not None and self.output_per_mtok is not None
 
     def cost(self, input_tokens: int, output_tokens: int) -> float | None:
-        if self.input_per_mtok is None or self.output_per_mtok is None:
+        """The one cost function: USD of that usage at this price (None when unpriced)."""
+        if not self.priced:
             return None
         return input_tokens / 1e6 * self.input_per_mtok + output_tokens / 1e6 * self.output_per_mtok
 
-    def spent(self, stats: CallStats) -> float | None:
-        """What the answers used so far cost (paid now or by an earlier run, from the cache)."""
-        return self.cost(stats.input_tokens + stats.cached_input_tokens, stats.output_tokens + stats.cached_output_tokens)
+    def worst_case(self, messages: Messages, max_tokens: int) -> float | None:
+        """The most one attempt of `messages` can cost: the prompt bound plus `max_tokens` out."""
+        return self.cost(prompt_token_bound(messages), max_tokens)
 
-    def exhausted(self, stats: CallStats) -> bool:
-        if self.cap_usd is None:
+    def charge(self, reply: Reply, messages: Messages, max_tokens: int) -> float | None:
+        """What a reply costs: its reported usage, or the worst case when it reported none."""
+        if reply.input_tokens or reply.output_tokens:
+            return self.cost(reply.input_tokens, reply.output_tokens)
+        return self.worst_case(messages, max_tokens)
+
+    @property
+    def spent(self) -> float:
+        return self.paid_usd + self.cached_usd
+
+    def reserve(self, amount: float | None) -> bool:
+        """Hold `amount` for an attempt about to be sent; False (nothing held) when it would take
+        spent + reserved past the cap."""
+        amount = amount or 0.0
+        if self.cap_usd is not None and self.priced and self.spent + self.reserved_usd + amount > self.cap_usd:
             return False
-        spent = self.spent(stats)
-        return spent is not None and spent >= self.cap_usd
+        self.reserved_usd += amount
+        return True
+
+    def settle(self, reserved: float | None, charged: float | None) -> None:
+        """Release an attempt's reservation and book what it cost (0 for an unbilled failure)."""
+        self.reserved_usd = max(0.0, self.reserved_usd - (reserved or 0.0))
+        self.paid_usd += charged or 0.0
+
+    def exhausted(self, max_tokens: int = 0) -> bool:
+        """No attempt can fit any more: even an empty prompt's worst case would pass the cap."""
+        if self.cap_usd is None or not self.priced:
+            return False
+        return self.spent + self.reserved_usd + (self.cost(REPLY_OVERHEAD_TOKENS, max_tokens) or 0.0) > self.cap_usd
+
+    def refusal(self) -> str:
+        return (f"cost cap ${self.cap_usd:g} reached ({self.where}): ${self.spent:.4f} spent and "
+                f"${self.reserved_usd:.4f} reserved by the requests in flight")
 
 
 # --------------------------------------------------------------------------- rate limits
@@ -282,23 +359,27 @@ def estimate_tokens(messages: Messages) -> int:
 class ChatClient:
     """Cached, concurrency-bounded, rate-limited, retrying chat completions over a backend."""
 
-    def __init__(self, backend: Backend, cache: ResponseCache, settings: RequestSettings, config: GenerateConfig,
+    def __init__(self, backend: Backend, cache: ResponseCache, settings: RequestSettings, client: ClientConfig,
                  rng_seed: int | None = None, budget: Budget | None = None):
         self.backend = backend
         self.budget = budget or Budget()
         self.repaid_steps: list[StepKey] = []
         self.cache = cache
         self.settings = settings
-        self.max_retries = config.max_retries
-        self.backoff_base_s = config.backoff_base_s
-        self.backoff_max_s = config.backoff_max_s
+        self.max_retries = client.max_retries
+        self.backoff_base_s = client.backoff_base_s
+        self.backoff_max_s = client.backoff_max_s
         self.stats = CallStats()
         self.fatal: FatalAPIError | None = None
-        self._slots = asyncio.Semaphore(config.concurrency)
-        self._limits = RateLimiter(config.requests_per_minute, config.tokens_per_minute)
+        self._slots = asyncio.Semaphore(client.concurrency)
+        self._limits = RateLimiter(client.requests_per_minute, client.tokens_per_minute)
         self._in_flight: dict[str, asyncio.Future] = {}
         self._rng = random.Random(rng_seed)  # jitter only: timing, never content
-        self._expected_output = max(16, config.max_tokens // 4)
+        self._expected_output = max(16, settings.max_tokens // 4)
+
+    def budget_exhausted(self) -> bool:
+        """Whether no request of this client can fit under the cost cap any more."""
+        return self.budget.exhausted(self.settings.max_tokens)
 
     def key(self, messages: Messages, step: StepKey) -> str:
         """The cache key: backend identity, model, messages and sampling parameters (seed too)."""
@@ -321,7 +402,9 @@ class ChatClient:
             self.stats.cache_hits += 1
             self.stats.cached_input_tokens += cached.get("input_tokens", 0)
             self.stats.cached_output_tokens += cached.get("output_tokens", 0)
-            return Reply(**{name: cached[name] for name in Reply.__dataclass_fields__ if name in cached})
+            reply = Reply(**{name: cached[name] for name in Reply.__dataclass_fields__ if name in cached})
+            self.budget.cached_usd += self.budget.charge(reply, messages, self.settings.max_tokens) or 0.0
+            return reply
         if key in self._in_flight:
             self.stats.joined_in_flight += 1
             return await asyncio.shield(self._in_flight[key])
@@ -354,9 +437,12 @@ class ChatClient:
                 self._raise_if_fatal()
                 await self._limits.wait(estimated)
                 self._raise_if_fatal()
-                if self.budget.exhausted(self.stats):
+                worst = self.budget.worst_case(messages, self.settings.max_tokens)
+                if not self.budget.reserve(worst):
                     self.stats.refused_by_budget += 1
-                    raise BudgetExhausted(f"cost cap ${self.budget.cap_usd:g} reached")
+                    if attempt > 0:  # a retry refused: the request ends here, it was not lost in flight
+                        await self.cache.mark_settled(key)
+                    raise BudgetExhausted(self.budget.refusal())
                 if attempt == 0:
                     if self.cache.was_in_flight(key):
                         self.stats.repaid += 1
@@ -366,6 +452,7 @@ class ChatClient:
                 try:
                     reply = await self.backend.send(messages, step, self.settings)
                 except RetryableError as error:
+                    self.budget.settle(worst, worst if error.maybe_billed else 0.0)
                     self.stats.errors += 1
                     if error.rate_limited:
                         self.stats.rate_limited += 1
@@ -379,14 +466,23 @@ class ChatClient:
                     delay = backoff_delay(attempt, self.backoff_base_s, self.backoff_max_s, error.retry_after, self._rng)
                     continue
                 except RequestFailed:
+                    self.budget.settle(worst, 0.0)
                     self.stats.errors += 1
                     self.stats.requests_failed += 1
                     await self.cache.mark_settled(key)
                     raise
                 except FatalAPIError as error:
+                    self.budget.settle(worst, 0.0)
                     self.stats.errors += 1
                     self.fatal = self.fatal or error
                     raise self.fatal from None
+                except BaseException:  # cancelled mid-request: it may have been billed
+                    self.budget.settle(worst, worst)
+                    raise
+                charged = self.budget.charge(reply, messages, self.settings.max_tokens)
+                self.budget.settle(worst, charged)
+                if not (reply.input_tokens or reply.output_tokens):
+                    self.budget.unreported_usage += 1
                 self._limits.settle(estimated, reply.input_tokens + reply.output_tokens)
                 self.stats.input_tokens += reply.input_tokens
                 self.stats.output_tokens += reply.output_tokens
@@ -410,6 +506,10 @@ def raise_on_failed_replies(replies: Sequence[Any], what: str, model: str) -> No
     fatal = next((error for error in errors if isinstance(error, TonetuneError)), None)
     if fatal is not None:
         raise fatal
+    refused = [error for error in errors if isinstance(error, BudgetExhausted)]
+    if refused:
+        raise TonetuneError(f"{len(refused)} of {len(replies)} {what} requests to {model} not sent: {refused[0]}; "
+                            "the answers received are cached: raise the cap and re-run to continue")
     if errors:
         first = errors[0] if isinstance(errors[0], RequestFailed) else repr(errors[0])
         raise TonetuneError(f"{len(errors)} of {len(replies)} {what} requests to {model} failed (first: {first}); "
@@ -480,9 +580,9 @@ class OpenAIBackend:
             )
             payload = response.json()
         except openai.APITimeoutError:
-            raise RetryableError(f"timed out after {settings.timeout_s:g} s") from None
+            raise RetryableError(f"timed out after {settings.timeout_s:g} s", maybe_billed=True) from None
         except openai.APIConnectionError as error:
-            raise RetryableError(f"connection error: {error}") from None
+            raise RetryableError(f"connection error: {error}", maybe_billed=True) from None
         except openai.APIStatusError as error:
             status = error.status_code
             # Some servers echo the key back ("Incorrect API key provided: sk-..."): never repeat it.
@@ -494,7 +594,7 @@ class OpenAIBackend:
                 raise RetryableError(message, retry_after, rate_limited=status == 429) from None
             raise RequestFailed(message) from None
         except ValueError as error:  # a 200 whose body is not JSON
-            raise RetryableError(f"unreadable response from {self.host}: {error}") from None
+            raise RetryableError(f"unreadable response from {self.host}: {error}", maybe_billed=True) from None
         return _reply_from_body(payload, self.host)
 
     async def aclose(self) -> None:
@@ -525,7 +625,8 @@ def _reply_from_body(payload: Any, host: str) -> Reply:
     choices = payload.get("choices") if isinstance(payload, dict) else None
     if not choices or not isinstance(choices[0], dict):
         problem = payload.get("error") if isinstance(payload, dict) else None
-        raise RetryableError(f"response from {host} has no choices" + (f": {problem}" if problem else ""))
+        raise RetryableError(f"response from {host} has no choices" + (f": {problem}" if problem else ""),
+                             maybe_billed=problem is None)
     message = choices[0].get("message") or {}
     usage = payload.get("usage") or {}
     return Reply(

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.core.config import METRICS_DIR, REPORTS_DIR
+from pipeline.core.config import EVAL_METRICS_DIR, PREDICTIONS_DIR, SCORES_DIR
 from pipeline.core.errors import TonetuneError
 from pipeline.core.tables import read_table, write_table
 
@@ -23,9 +23,7 @@ if TYPE_CHECKING:
     import numpy as np
     import pandas as pd
 
-PREDICTIONS_DIR = REPORTS_DIR / "predictions"
-SCORES_DIR = REPORTS_DIR / "scores"  # the score stage's per-question tables (validation)
-EVAL_METRICS_DIR = METRICS_DIR / "eval"
+__all__ = ["EVAL_METRICS_DIR", "PREDICTIONS_DIR", "SCORES_DIR"]  # hand-off paths (declared in pipeline.core.config), re-exported
 MLFLOW_METRIC_PREFIX = "eval_"
 
 

@@ -122,8 +122,17 @@ def logged_datasets(run) -> list[LoggedDataset]:
     return sorted(found.values(), key=lambda item: (not item.training, item.name))
 
 
+# The MLflow UI (3.x) opens an experiment tagged genai_development, or one holding traces (the
+# judge's evaluations make them), in its GenAI view, whose "Evaluation runs" page lists every
+# run that logged no model: generate, split, the grid parent, score, report... The pipeline's
+# experiment is a model-development one: tagged so, the UI opens the classic view (Runs: every
+# stage's run, `tags.stage` tells which; Models: the adapters; Traces: the judge's assessments).
+EXPERIMENT_KIND = "custom_model_development"
+
+
 def configure_mlflow(tracking: TrackingConfig) -> str:
-    """Point MLflow at the project's store and return the experiment id (created if missing).
+    """Point MLflow at the project's store and return the experiment id (created if missing,
+    tagged as a model-development experiment for the UI; see EXPERIMENT_KIND).
 
     A new experiment stores artifacts under `tracking.artifact_root` (absolute file URI) so
     runs made by `dvc repro`, `mlflow run` and tests all land in one predictable place.
@@ -141,6 +150,8 @@ def configure_mlflow(tracking: TrackingConfig) -> str:
         return experiment_id
     experiment = mlflow.get_experiment_by_name(tracking.experiment)
     if experiment is not None:
+        if Tags.EXPERIMENT_KIND not in experiment.tags:  # a kind chosen in the UI is kept
+            mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, Tags.EXPERIMENT_KIND, EXPERIMENT_KIND)
         mlflow.set_experiment(experiment_id=experiment.experiment_id)
         return experiment.experiment_id
     artifact_location = None
@@ -151,7 +162,8 @@ def configure_mlflow(tracking: TrackingConfig) -> str:
     elif not uri.startswith(("http://", "https://", "databricks")):
         artifact_location = Path(tracking.artifact_root).resolve().as_uri()
     try:
-        experiment_id = mlflow.create_experiment(tracking.experiment, artifact_location=artifact_location)
+        experiment_id = mlflow.create_experiment(tracking.experiment, artifact_location=artifact_location,
+                                                 tags={Tags.EXPERIMENT_KIND: EXPERIMENT_KIND})
     except Exception:  # another process created it between our lookup and create
         experiment_id = mlflow.get_experiment_by_name(tracking.experiment).experiment_id
     mlflow.set_experiment(experiment_id=experiment_id)

@@ -6,13 +6,14 @@ Reads data/source/sections.parquet and writes data/generated/{pairs.parquet, led
 manifest.json}; every API response is kept in data/cache/responses.jsonl (never deleted), so
 re-running after a crash pays only for the requests that were in flight. With
 `generate.backend: openai` the API key is read from the environment variable that
-`generate.api_key_env` names; it is passed to the HTTP client and nowhere else (not logged,
+`generate.client.api_key_env` names; it is passed to the HTTP client and nowhere else (not logged,
 not in the manifest, not in MLflow).
 
-Money: with the live backend, `generate.model` must have a price in `generate.prices` (else one
-line at start, nothing sent) unless `generate.allow_unpriced: true`; `generate.max_cost_usd`
-caps the estimated cost of the dataset (answers from the cache included), checked before each
-request (see engine.py for where the run stops and how a re-run continues).
+Money: with the live backend, `generate.model` must have a price in `generate.client.prices`
+(else one line at start, nothing sent) unless `generate.client.allow_unpriced: true`;
+`generate.client.max_cost_usd` caps the estimated cost of the dataset (answers from the cache
+included): every attempt reserves its worst case first (pipeline.core.llmclient.Budget; see
+engine.py for where the run stops and how a re-run continues).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from pipeline.core.config import (
     GenerateConfig,
     load_config,
 )
+from pipeline.core.contracts import Tags
 from pipeline.core.dvcmeta import file_md5
 from pipeline.core.errors import TonetuneError, exit_on_user_error
 from pipeline.core.llmclient import Backend, Budget, ChatClient, OpenAIBackend, RequestSettings, host_of
@@ -64,57 +66,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def check_priced(config: GenerateConfig) -> None:
-    """No unpriced spending: a live backend needs the model in `generate.prices`, unless
-    `allow_unpriced` says so on purpose; a cost cap always needs a price (it cannot be checked
-    without one). One line, before anything is sent."""
-    if config.backend != "openai" or config.model in config.prices:
-        return
-    if config.max_cost_usd is not None:
-        raise TonetuneError(f"generate.max_cost_usd is ${config.max_cost_usd:g} but {config.model!r} has no price in "
-                            "generate.prices, so the cap cannot be checked: add its input_per_mtok/output_per_mtok")
-    if not config.allow_unpriced:
-        raise TonetuneError(f"generate.model {config.model!r} has no price in generate.prices: add its "
-                            "input_per_mtok/output_per_mtok, or set generate.allow_unpriced: true to spend "
-                            "without a cost estimate; nothing was sent")
+CLIENT_SECTION = "generate.client"
 
 
 def budget_of(config: GenerateConfig) -> Budget:
-    """The cap and the model's price (None when unpriced) for the client's running estimate."""
-    price = config.prices.get(config.model)
-    if price is None:
-        return Budget(config.max_cost_usd)
-    return Budget(config.max_cost_usd, price.input_per_mtok, price.output_per_mtok)
+    """The live backend's budget: refuses an unpriced model (one line, nothing sent) unless
+    allow_unpriced. Replay pays nothing: no price needed, no cap."""
+    if config.backend != "openai":
+        return Budget()
+    return Budget.for_model(config.client, config.model, CLIENT_SECTION)
 
 
 def make_backend(config: GenerateConfig, replay_dir: Path | None) -> Backend:
     """The backend params ask for. Checks the key / recordings before anything is sent."""
     if config.backend == "replay":
         return ReplayBackend(load_recordings(replay_dir or Path(config.replay_dir)))
-    if config.base_url is not None and not config.base_url.startswith(("http://", "https://")):
-        raise TonetuneError(f"generate.base_url = {config.base_url!r}: must start with http:// or https://")
-    api_key = os.environ.get(config.api_key_env, "").strip()
+    client = config.client
+    api_key = os.environ.get(client.api_key_env, "").strip()
     if not api_key:
         raise TonetuneError(
-            f"environment variable {config.api_key_env} is not set: export the API key for "
-            f"{host_of(config.base_url)} (generate.api_key_env names the variable)"
+            f"environment variable {client.api_key_env} is not set: export the API key for "
+            f"{host_of(client.base_url)} ({CLIENT_SECTION}.api_key_env names the variable)"
         )
 
-    return OpenAIBackend(config.base_url, api_key, config.concurrency, config.request_timeout_s)
+    return OpenAIBackend(client.base_url, api_key, client.concurrency, client.request_timeout_s)
 
 
 def request_settings(config: GenerateConfig) -> RequestSettings:
-    return RequestSettings(config.model, config.temperature, config.max_tokens, config.seed, config.request_timeout_s)
+    return RequestSettings(config.model, config.temperature, config.max_tokens, config.seed,
+                           config.client.request_timeout_s)
 
 
 async def run_engine(config: GenerateConfig, backend: Backend, cache, embedder, sections: list[Section],
-                     show_progress: bool = True) -> GenerationResult:
+                     show_progress: bool = True, budget: Budget | None = None) -> GenerationResult:
     """One generation run over `sections`; the backend is closed at the end, whatever happens."""
     from threadpoolctl import threadpool_limits
 
-    # Replay pays nothing: the cap is about money, so it applies to the live backend only.
-    budget = budget_of(config) if config.backend == "openai" else Budget()
-    client = ChatClient(backend, cache, request_settings(config), config, budget=budget)
+    budget = budget if budget is not None else budget_of(config)
+    client = ChatClient(backend, cache, request_settings(config), config.client, budget=budget)
     progress = ProgressBar(config.target_pairs, enabled=show_progress)
     ticker = asyncio.create_task(progress.tick(client.stats))
     try:
@@ -129,13 +118,12 @@ async def run_engine(config: GenerateConfig, backend: Backend, cache, embedder, 
         await client.aclose()
 
 
-def cost_usd(config: GenerateConfig, input_tokens: int, output_tokens: int) -> float | None:
-    """Estimated USD from `generate.prices[model]`; None when the model has no price."""
-    return budget_of(config).cost(input_tokens, output_tokens)
+def run_metrics(config: GenerateConfig, result: GenerationResult, budget: Budget | None = None) -> dict[str, float]:
+    """Counts, acceptance rate, calls, tokens, cost and speed of a run (MLflow metrics).
 
-
-def run_metrics(config: GenerateConfig, result: GenerationResult) -> dict[str, float]:
-    """Counts, acceptance rate, calls, tokens, cost and speed of a run (MLflow metrics)."""
+    With the live backend the cost is the budget's (reported usage, or the full reservation of a
+    reply without usage or an attempt that may have been billed); with replay it is what the
+    same replies would cost live at `client.prices` (`live_cost_estimate_usd`)."""
     counts = result.counts()
     stats = result.stats
     candidates = len(result.ledger) - sum(counts[reason] for reason in NOT_CANDIDATES)
@@ -148,15 +136,15 @@ def run_metrics(config: GenerateConfig, result: GenerationResult) -> dict[str, f
     metrics |= {key: value for key, value in stats.as_dict().items()}
     metrics["wall_time_s"] = result.wall_time_s
     metrics["calls_per_s"] = stats.api_calls / result.wall_time_s if result.wall_time_s > 0 else 0.0
-    paid = cost_usd(config, stats.input_tokens, stats.output_tokens)
-    whole = cost_usd(config, stats.input_tokens + stats.cached_input_tokens,
-                     stats.output_tokens + stats.cached_output_tokens)
-    if paid is not None:
-        # Replay pays nothing; what the same requests would cost live is still worth knowing.
-        metrics["estimated_cost_usd"] = paid if config.backend == "openai" else 0.0
-        metrics["dataset_cost_usd"] = whole if config.backend == "openai" else 0.0
-        if config.backend == "replay":
-            metrics["live_cost_estimate_usd"] = whole
+    if config.backend == "openai":
+        if budget is not None and budget.priced:
+            metrics["estimated_cost_usd"] = budget.paid_usd
+            metrics["dataset_cost_usd"] = budget.spent
+    else:
+        whole = config.client.cost_usd(config.model, stats.input_tokens + stats.cached_input_tokens,
+                                       stats.output_tokens + stats.cached_output_tokens)
+        if whole is not None:  # replay pays nothing; what the same requests would cost live is worth knowing
+            metrics |= {"estimated_cost_usd": 0.0, "dataset_cost_usd": 0.0, "live_cost_estimate_usd": whole}
     if result.pairs:
         metrics["mean_flesch"] = sum(p.flesch for p in result.pairs) / len(result.pairs)
         metrics["mean_faithfulness"] = sum(p.faithfulness for p in result.pairs) / len(result.pairs)
@@ -169,19 +157,19 @@ def run_params(config: Config, sections_total: int) -> dict[str, Any]:
     return {
         "backend": generate.backend,
         "model": generate.model,
-        "base_url_host": host_of(generate.base_url) if generate.backend == "openai" else "none (replay)",
+        "base_url_host": host_of(generate.client.base_url) if generate.backend == "openai" else "none (replay)",
         "replay_dir": generate.replay_dir if generate.backend == "replay" else "none",
         "prompt_version": PROMPT_VERSION,
         "temperature": generate.temperature,
         "max_tokens": generate.max_tokens,
         "seed": generate.seed,
         "target_pairs": generate.target_pairs,
-        "max_cost_usd": generate.max_cost_usd,
-        "allow_unpriced": generate.allow_unpriced,
-        "concurrency": generate.concurrency,
-        "requests_per_minute": generate.requests_per_minute,
-        "tokens_per_minute": generate.tokens_per_minute,
-        "max_retries": generate.max_retries,
+        "max_cost_usd": generate.client.max_cost_usd,
+        "allow_unpriced": generate.client.allow_unpriced,
+        "concurrency": generate.client.concurrency,
+        "requests_per_minute": generate.client.requests_per_minute,
+        "tokens_per_minute": generate.client.tokens_per_minute,
+        "max_retries": generate.client.max_retries,
         "max_json_attempts": generate.max_json_attempts,
         "flesch_threshold": generate.flesch_threshold,
         "max_simplify_attempts": generate.max_simplify_attempts,
@@ -207,7 +195,7 @@ def build_manifest(config: Config, result: GenerationResult, run_id: str, sectio
         "prompt_version": PROMPT_VERSION,
         "backend": generate.backend,
         "model": generate.model,
-        "base_url_host": host_of(generate.base_url) if generate.backend == "openai" else None,
+        "base_url_host": host_of(generate.client.base_url) if generate.backend == "openai" else None,
         "replay_dir": generate.replay_dir if generate.backend == "replay" else None,
         "seed": generate.seed,
         "temperature": generate.temperature,
@@ -223,7 +211,7 @@ def build_manifest(config: Config, result: GenerationResult, run_id: str, sectio
         "sections_path": sections_path.as_posix(),
         "sections_md5": file_md5(sections_path),
         "stop_reason": result.stop_reason,
-        "max_cost_usd": generate.max_cost_usd,
+        "max_cost_usd": generate.client.max_cost_usd,
         "counts": {key: int(value) for key, value in metrics.items()
                    if key in ("accepted", "candidates", "not_recorded") or key.startswith("rejected_")},
         "calls": result.stats.as_dict(),
@@ -232,7 +220,8 @@ def build_manifest(config: Config, result: GenerationResult, run_id: str, sectio
     }
 
 
-def write_outputs_and_log(config: Config, result: GenerationResult, args: argparse.Namespace) -> tuple[str, dict]:
+def write_outputs_and_log(config: Config, result: GenerationResult, args: argparse.Namespace,
+                          budget: Budget | None = None) -> tuple[str, dict]:
     """Write pairs, ledger and manifest, and record the run in MLflow (one run per generation).
 
     The run is opened only now, after generation: a crashed generation leaves no half-filled
@@ -243,10 +232,10 @@ def write_outputs_and_log(config: Config, result: GenerationResult, args: argpar
     pairs_path = args.output_dir / PAIRS_PATH.name
     ledger_path = args.output_dir / LEDGER_PATH.name
     manifest_path = args.output_dir / GENERATION_MANIFEST_PATH.name
-    metrics = run_metrics(config.generate, result)
+    metrics = run_metrics(config.generate, result, budget)
     configure_mlflow(config.tracking)
     with mlflow.start_run(run_name=f"generate-{config.generate.backend}-{len(result.pairs)}") as run:
-        mlflow.set_tags({**code_version_tags(), "stage": "generate", "prompt_version": PROMPT_VERSION,
+        mlflow.set_tags({**code_version_tags(), Tags.STAGE: "generate", "prompt_version": PROMPT_VERSION,
                          "stop_reason": result.stop_reason})
         mlflow.log_params(run_params(config, result.sections_total))
         mlflow.log_metrics(metrics)
@@ -265,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     config = load_config()
     generate = config.generate
-    check_priced(generate)  # unpriced model -> one line, nothing sent
+    budget = budget_of(generate)  # unpriced model -> one line, nothing sent
     backend = make_backend(generate, args.replay_dir)  # no key -> one line, nothing sent
 
     sections = read_sections(args.sections)
@@ -279,14 +268,14 @@ def main(argv: list[str] | None = None) -> None:
         print(f"generate: {damage}", file=sys.stderr)
     try:
         result = asyncio.run(run_engine(generate, backend, cache, embedder, sections,
-                                        show_progress=not args.no_progress))
+                                        show_progress=not args.no_progress, budget=budget))
     except KeyboardInterrupt:
         print(f"\ngenerate: interrupted; {len(cache)} responses are safe in {args.cache}, "
               "run the same command again to resume", file=sys.stderr)
         raise SystemExit(130) from None
     finally:
         cache.close()
-    run_id, metrics = write_outputs_and_log(config, result, args)
+    run_id, metrics = write_outputs_and_log(config, result, args, budget)
     cost = metrics.get("estimated_cost_usd")
     print(
         f"generate: {len(result.pairs)} pairs accepted of {int(metrics['candidates'])} candidates "
@@ -300,12 +289,12 @@ def main(argv: list[str] | None = None) -> None:
               f"again; the ledger names them (repaid_requests)", file=sys.stderr)
     if result.stop_reason == "budget_exhausted":
         spent = metrics.get("dataset_cost_usd")
-        print(f"generate: stopped at the cost cap: ${spent:.4f} estimated >= generate.max_cost_usd "
-              f"${generate.max_cost_usd:g}; {len(result.pairs)} pairs kept, the ledger ends at the first section "
+        print(f"generate: stopped at the cost cap: ${spent:.4f} estimated, the next requests' worst case would pass "
+              f"{CLIENT_SECTION}.max_cost_usd ${generate.client.max_cost_usd:g}; {len(result.pairs)} pairs kept, the ledger ends at the first section "
               "not generated (budget_exhausted); raise the cap and run again to continue from the cache",
               file=sys.stderr)
     if generate.backend == "openai" and cost is None:
-        print(f"generate: no price for {generate.model!r} in generate.prices (allow_unpriced): cost not estimated",
+        print(f"generate: no price for {generate.model!r} in {CLIENT_SECTION}.prices (allow_unpriced): cost not estimated",
               file=sys.stderr)
 
 

@@ -27,8 +27,8 @@ run, so even floating-point rounding cannot differ). Blocks are launched ahead, 
 the sections still in flight could reach `target_pairs`; the run then commits in order and
 stops exactly at the target or when the sources run out.
 
-Budget (`generate.max_cost_usd`): the client refuses to send once the running cost estimate
-reaches the cap (`BudgetExhausted`). The first section, in source order, that needed a refused
+Budget (`generate.client.max_cost_usd`): the client reserves each attempt's worst case before
+sending it and refuses one that would pass the cap (`BudgetExhausted`). The first section, in source order, that needed a refused
 request is recorded in the ledger as `budget_exhausted` and the run stops there
 (`stop_reason` "budget_exhausted"): everything before it is committed as usual; answers that
 arrived for later sections stay in the cache, so a re-run with a higher cap continues from
@@ -237,7 +237,7 @@ class Engine:
         self.ledger: list[Candidate] = []
         self._accepted_ids: list[str] = []
         # At least three blocks in flight, so the next block is busy while the head one commits.
-        self.window = max(3 * BLOCK_SIZE, WINDOW_PER_SLOT * config.concurrency)
+        self.window = max(3 * BLOCK_SIZE, WINDOW_PER_SLOT * config.client.concurrency)
 
     async def run(self, sections: Sequence[Section]) -> GenerationResult:
         """Generate until `target_pairs` are accepted or the sections run out."""
@@ -278,7 +278,7 @@ class Engine:
     def _may_launch(self, pending: deque[_Block]) -> bool:
         """Launch another block while the window has room and the target is not yet reachable."""
         in_flight = sum(block.launched for block in pending)
-        if self.client.budget.exhausted(self.client.stats):
+        if self.client.budget_exhausted():
             return False  # nothing more can be sent; what is launched still commits
         return in_flight < self.window and len(self.pairs) + in_flight < self.config.target_pairs
 

@@ -52,10 +52,12 @@ metrics.json) per model; `--collect` copies the metrics records of the current p
 `openai-<base model>-n<training rows>`. MLflow: one run per model under those names, beside the
 LoRA runs. The API key comes from OPENAI_API_KEY only; it goes to the HTTP client and nowhere else.
 
-Money. Every base model must have a price in `openai.prices` (training, input, output per
-million tokens) before anything is sent, unless `openai.allow_unpriced: true`; a job whose
-estimated training cost (training file tokens x epochs x training price) is above
-`openai.max_cost_usd` is refused before it is created. Provider tolerance: see api.py.
+Money. Every base model must have a price in `openai.client.prices` (input, output and training
+per million tokens) before anything is sent, unless `openai.client.allow_unpriced: true`; a
+fine-tuned `ft:<base>:...` model is priced as its base. A job whose estimated training cost
+(training file tokens x epochs x training price) is above `openai.max_training_cost_usd` is
+refused before it is created; the evaluation's chat calls reserve their worst case against
+`openai.client.max_cost_usd`. Provider tolerance: see api.py.
 
 Modules (each imports only pipeline.core and this package): spec.py (names, the chat JSONL and
 its checks, the job identity, prices and budget), api.py (the API calls, errors, optional

@@ -33,7 +33,6 @@ from pipeline.core.errors import TonetuneError
 from pipeline.core.llmclient import server_message
 from pipeline.openai.spec import IDENTITY_KEY, JobSpec
 
-KEY_ENV = "OPENAI_API_KEY"
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 
 # Optional route -> what the arm does without it (the second half of the one-line notice).
@@ -67,12 +66,14 @@ class RouteUnavailable(APIError):
         self.status = status
 
 
-def api_key_from_env() -> str:
-    """OPENAI_API_KEY, or one line saying so (before anything is uploaded)."""
-    key = os.environ.get(KEY_ENV, "").strip()
+def api_key_from_env(config: OpenAIConfig) -> str:
+    """The key from the variable `openai.client.api_key_env` names (OPENAI_API_KEY), or one line
+    saying so (before anything is uploaded)."""
+    key_env = config.client.api_key_env
+    key = os.environ.get(key_env, "").strip()
     if not key:
         raise TonetuneError(
-            f"environment variable {KEY_ENV} is not set: export the key of the OpenAI (or Azure OpenAI) "
+            f"environment variable {key_env} is not set: export the key of the OpenAI (or Azure OpenAI) "
             "account that should run the fine-tuning; nothing was uploaded"
         )
     return key
@@ -91,8 +92,8 @@ class FineTuningAPI:
         self._openai = openai
         self.api_key = api_key  # for the chat client of the evaluation; never logged
         self.config = config
-        self.client = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=config.max_retries,
-                                    timeout=config.request_timeout_s)
+        self.client = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=config.client.max_retries,
+                                    timeout=config.client.request_timeout_s)
         self.once = self.client.with_options(max_retries=0)
         # The resolved endpoint: params, else OPENAI_BASE_URL, else api.openai.com (never credentials).
         parts = urlsplit(str(self.client.base_url))
@@ -226,7 +227,7 @@ class FineTuningAPI:
 def retrying(what: str, attempt_once: Callable[[], Any], config: OpenAIConfig,
              check_first: Callable[[], Any] | None = None, wait_s: float | None = None,
              sleep: Callable[[float], None] = time.sleep):
-    """attempt_once(), tried again after a transient APIError, up to `config.max_retries` times.
+    """attempt_once(), tried again after a transient APIError, up to `config.client.max_retries` times.
 
     The one retry helper of this arm (tenacity). Waits are exponential with full jitter (at most
     60 s), or a fixed `wait_s` (polling keeps its pace). For a non-idempotent request,
@@ -240,7 +241,7 @@ def retrying(what: str, attempt_once: Callable[[], Any], config: OpenAIConfig,
         print(f"openai: {error}; {action}", flush=True)
 
     retry = Retrying(
-        stop=stop_after_attempt(config.max_retries + 1),
+        stop=stop_after_attempt(config.client.max_retries + 1),
         wait=wait_fixed(wait_s) if wait_s is not None else wait_random_exponential(multiplier=1, max=60),
         retry=retry_if_exception(lambda error: isinstance(error, APIError) and error.transient),
         sleep=sleep, reraise=True, before_sleep=before_sleep,

@@ -16,10 +16,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.core.config import Config, GenerateConfig
+from pipeline.core.config import Config
 from pipeline.core.contracts import openai_family
 from pipeline.core.evalmetrics import metrics_record, summarize_predictions
+from pipeline.core.io import write_json
 from pipeline.core.llmclient import (
+    Budget,
     ChatClient,
     OpenAIBackend,
     RequestSettings,
@@ -39,7 +41,7 @@ from pipeline.core.textmetrics import load_embedder
 from pipeline.core.tracking import log_dataset_input
 from pipeline.openai.api import FineTuningAPI
 from pipeline.openai.ledger import JobLedger
-from pipeline.openai.spec import CACHE_PATH, write_json
+from pipeline.openai.spec import CACHE_PATH, CLIENT_SECTION
 from pipeline.openai.tracking import first_or_rerun_keys, is_number
 
 if TYPE_CHECKING:
@@ -54,18 +56,16 @@ def ask_all(model: str, system_prompt: str, questions: list[str], config: Config
     for the rest. `stopped` is finish_reason == "stop" (not cut off at max_tokens)."""
 
     settings = config.openai
-    client_config = GenerateConfig(
-        backend="openai", base_url=endpoint, model=model, temperature=settings.eval_temperature,
-        max_tokens=config.evaluate.max_new_tokens, request_timeout_s=settings.request_timeout_s,
-        concurrency=settings.eval_concurrency, requests_per_minute=settings.eval_requests_per_minute,
-        tokens_per_minute=settings.eval_tokens_per_minute, max_retries=settings.max_retries, seed=settings.seed,
-    )
+    client_config = settings.client
+    # Unpriced (an ft: name is priced as its base) -> one line, nothing sent; the evaluation's
+    # own cap (openai.client.max_cost_usd) is reserved before every attempt.
+    budget = Budget.for_model(client_config, model, CLIENT_SECTION)
     request = RequestSettings(model, settings.eval_temperature, config.evaluate.max_new_tokens, settings.seed,
-                              settings.request_timeout_s)
+                              client_config.request_timeout_s)
 
     async def run() -> tuple[list, dict[str, int]]:
-        backend = OpenAIBackend(endpoint, api_key, settings.eval_concurrency, settings.request_timeout_s)
-        client = ChatClient(backend, cache, request, client_config)
+        backend = OpenAIBackend(endpoint, api_key, client_config.concurrency, client_config.request_timeout_s)
+        client = ChatClient(backend, cache, request, client_config, budget=budget)
         try:
             replies = await asyncio.gather(*(
                 client.complete(chat_messages(question, system_prompt), StepKey(f"val{index:06d}", "evaluate", 0))
@@ -75,6 +75,8 @@ def ask_all(model: str, system_prompt: str, questions: list[str], config: Config
             await client.aclose()
         stats = client.stats.as_dict()
         stats["repaid_keys"] = [f"{step.source_id}/{step.step}" for step in client.repaid_steps]
+        if budget.priced:
+            stats["cost_usd"] = budget.paid_usd
         return replies, stats
 
     cache = ResponseCache(cache_path)
@@ -137,10 +139,8 @@ def evaluate_model(name: str, kind: str, base_model: str, model_id: str, prompt_
     calls = {f"{MLFLOW_METRIC_PREFIX}{key}": float(value) for key, value in stats.items()
              if key in ("api_calls", "cache_hits", "retries", "input_tokens", "output_tokens", "repaid")}
     calls[f"{MLFLOW_METRIC_PREFIX}seconds"] = answers.seconds
-    price = config.openai.prices.get(base_model)
-    if price is not None:
-        calls[f"{MLFLOW_METRIC_PREFIX}cost_usd"] = (stats["input_tokens"] * price.input_per_mtok
-                                                    + stats["output_tokens"] * price.output_per_mtok) / 1e6
+    if "cost_usd" in stats:  # this run's paid replies at the model's price (ft: priced as its base)
+        calls[f"{MLFLOW_METRIC_PREFIX}cost_usd"] = stats["cost_usd"]
     run_id = mlflow.active_run().info.run_id
     calls, step = first_or_rerun_keys(run_id, calls)
     mlflow.log_metrics(calls, step=step)

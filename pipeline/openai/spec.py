@@ -4,7 +4,8 @@ against the API's limits, the job identity, and what it will cost.
 Owns: model names (`openai-<base>`, `openai-<base>-n<N>`), the paths of the arm's local state
 and outputs, the training file's exact bytes and its validation (one line per problem, nothing
 uploaded), `JobSpec` (whose digest is the job's identity), the price check (no unpriced
-spending) and the training cost estimate against `openai.max_cost_usd`.
+spending, through the one check in core/config.py) and the training cost estimate against
+`openai.max_training_cost_usd`.
 Does not own: anything that talks to the API (api.py), the ledger (ledger.py), MLflow.
 """
 
@@ -18,9 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.core.config import METRICS_DIR, REPORTS_DIR, OpenAIConfig
+from pipeline.core.config import OPENAI_METRICS_DIR, REPORTS_DIR, OpenAIConfig
 from pipeline.core.errors import TonetuneError
-from pipeline.core.io import atomic_write_text
 from pipeline.core.system_prompts import chat_messages
 from pipeline.core.tables import read_table
 
@@ -31,7 +31,7 @@ STATE_DIR = Path("data/openai")  # local state, not a DVC output: it is what pre
 LEDGER_PATH = STATE_DIR / "jobs.jsonl"
 CACHE_PATH = STATE_DIR / "responses.jsonl"
 RUNS_DIR = REPORTS_DIR / "openai"
-COLLECTED_DIR = METRICS_DIR / "openai"
+COLLECTED_DIR = OPENAI_METRICS_DIR
 MIN_EXAMPLES = 10  # the fine-tuning API refuses fewer
 IDENTITY_KEY = "tonetune_identity"
 TRAIN_FILE_PATTERN = re.compile(r"train_(\d+)\.parquet$")
@@ -125,11 +125,6 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def write_json(path: Path, record: dict[str, Any]) -> Path:
-    """A JSON record, written atomically and durably."""
-    return atomic_write_text(path, json.dumps(record, indent=2, default=str) + "\n")
-
-
 # --------------------------------------------------------------------------- job identity
 
 
@@ -174,21 +169,23 @@ class JobSpec:
 
 # --------------------------------------------------------------------------- money
 
+CLIENT_SECTION = "openai.client"  # the arm's client settings: endpoint, key, limits, prices, caps
 
-def check_priced(config: OpenAIConfig, models: Iterable[str]) -> None:
-    """No unpriced spending: every base model this invocation uses must be in `openai.prices`
-    (unless `openai.allow_unpriced`), and a cap needs a price to be checked. One line, nothing sent."""
+
+def check_priced(config: OpenAIConfig, models: Iterable[str], training: bool = False) -> None:
+    """No unpriced spending: every base model this invocation uses must be priced in
+    `openai.client.prices` (the one check, ClientConfig.check_priced, unless allow_unpriced),
+    and a training cap needs the model's training price. One line, nothing sent."""
+    models = list(models)
+    config.client.check_priced(models, CLIENT_SECTION)
+    if not training or config.max_training_cost_usd is None:
+        return
     for model in models:
-        if model in config.prices:
-            continue
-        if config.max_cost_usd is not None:
-            raise TonetuneError(f"openai.max_cost_usd is ${config.max_cost_usd:g} but {model!r} has no price in "
-                                "openai.prices, so the cap cannot be checked: add its training_per_mtok, "
-                                "input_per_mtok and output_per_mtok; nothing was sent")
-        if not config.allow_unpriced:
-            raise TonetuneError(f"{model!r} has no price in openai.prices: add its training_per_mtok, input_per_mtok "
-                                "and output_per_mtok, or set openai.allow_unpriced: true to spend without an "
-                                "estimate; nothing was sent")
+        price = config.client.price(model)
+        if price is None or price.training_per_mtok is None:
+            raise TonetuneError(
+                f"openai.max_training_cost_usd is ${config.max_training_cost_usd:g} but {model!r} has no "
+                f"training_per_mtok in {CLIENT_SECTION}.prices, so the cap cannot be checked; nothing was sent")
 
 
 def training_tokens(data: bytes) -> int:
@@ -199,19 +196,20 @@ def training_tokens(data: bytes) -> int:
 
 def training_cost_usd(data: bytes, spec: JobSpec, config: OpenAIConfig) -> float | None:
     """Estimated USD of training: file tokens x epochs x the base model's training price."""
-    price = config.prices.get(spec.base_model)
-    if price is None:
+    price = config.client.price(spec.base_model)
+    if price is None or price.training_per_mtok is None:
         return None
     return training_tokens(data) * spec.n_epochs * price.training_per_mtok / 1e6
 
 
 def check_training_budget(data: bytes, spec: JobSpec, config: OpenAIConfig) -> float | None:
-    """Refuse (one line) a job whose estimated training cost is above `openai.max_cost_usd`."""
+    """Refuse (one line) a job whose estimated training cost is above `openai.max_training_cost_usd`."""
     cost = training_cost_usd(data, spec, config)
-    if config.max_cost_usd is not None and cost is not None and cost > config.max_cost_usd:
+    cap = config.max_training_cost_usd
+    if cap is not None and cost is not None and cost > cap:
         raise TonetuneError(
             f"estimated training cost ${cost:.4f} ({training_tokens(data)} tokens x {spec.n_epochs} epochs x "
-            f"${config.prices[spec.base_model].training_per_mtok:g}/M for {spec.base_model}) is above "
-            f"openai.max_cost_usd ${config.max_cost_usd:g}: no job created"
+            f"${config.client.price(spec.base_model).training_per_mtok:g}/M for {spec.base_model}) is above "
+            f"openai.max_training_cost_usd ${cap:g}: no job created"
         )
     return cost

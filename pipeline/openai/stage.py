@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.config import VAL_SPLIT_PATH, Config, load_config
+from pipeline.core.contracts import Tags
 from pipeline.core.errors import TonetuneError, exit_on_user_error
-from pipeline.core.io import atomic_write_bytes
+from pipeline.core.io import atomic_write_bytes, write_json
 from pipeline.core.predictions import read_validation
 from pipeline.core.system_prompts import CONCISE_SYSTEM_PROMPT
 from pipeline.core.tracking import log_dataset_input
-from pipeline.openai.api import KEY_ENV, TERMINAL, FineTuningAPI, api_key_from_env
+from pipeline.openai.api import TERMINAL, FineTuningAPI, api_key_from_env
 from pipeline.openai.collect import collect
 from pipeline.openai.evaluation import evaluate_model
 from pipeline.openai.jobs import JobFailed, ensure_file, ensure_job, follow_job, record_results
@@ -45,7 +46,6 @@ from pipeline.openai.spec import (
     training_cost_usd,
     training_tokens,
     validate_chat_jsonl,
-    write_json,
 )
 from pipeline.openai.tracking import RunLog, start_run
 
@@ -92,7 +92,7 @@ def run_base(config: Config, target: Target, out_dir: Path, api: FineTuningAPI, 
     import mlflow
 
     validation = read_validation(target.val_path, config.evaluate.limit)
-    run = start_run(config, target.name, None, {"stage": "openai_finetune", "tonetune.stage": "openai_finetune",
+    run = start_run(config, target.name, None, {Tags.STAGE: "openai_finetune", Tags.STAGE_LEGACY: "openai_finetune",
                                                 "kind": "openai-base", "model": target.name})
     with run:
         mlflow.log_params({"base_model": target.base_model, "endpoint_host": api.host, "system_prompt": "verbose",
@@ -131,7 +131,7 @@ def run_finetune(config: Config, target: Target, out_dir: Path, api: FineTuningA
             return cancel_job(api, ledger, spec, out_dir, target)
         recorded_run = None if new_job else ledger.run_id(api.endpoint, identity)
         run = start_run(config, target.name, recorded_run, {
-            "stage": "openai_finetune", "tonetune.stage": "openai_finetune", "kind": "openai-finetuned",
+            Tags.STAGE: "openai_finetune", Tags.STAGE_LEGACY: "openai_finetune", "kind": "openai-finetuned",
             "model": target.name, "openai.identity": identity})
         if run.info.run_id != recorded_run:
             ledger.append({"kind": "run", "endpoint": api.endpoint, "identity": identity, "mlflow_run_id": run.info.run_id})
@@ -145,7 +145,7 @@ def run_finetune(config: Config, target: Target, out_dir: Path, api: FineTuningA
                 "training_file_sha256": spec.training_sha256,
                 "estimated_training_tokens": training_tokens(training),
                 "estimated_training_cost_usd": training_cost_usd(training, spec, settings),
-                "max_cost_usd": settings.max_cost_usd,
+                "max_training_cost_usd": settings.max_training_cost_usd,
             })
             log_dataset_input(train, target.train_path, context="training", name=target.train_path.stem)
 
@@ -240,7 +240,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Optional OpenAI arm (params: openai.*): fine-tune --base-model on --train (chat JSONL with the "
         "concise prompt), follow the job into MLflow and evaluate the fine-tuned model on --val; without --train, "
         "evaluate the base model with the verbose prompt. Idempotent: a re-run resumes the recorded job. "
-        f"Key: ${KEY_ENV}; endpoint: openai.base_url, else $OPENAI_BASE_URL, else api.openai.com.",
+        "Key: the variable openai.client.api_key_env names (OPENAI_API_KEY); endpoint: openai.client.base_url, "
+        "else $OPENAI_BASE_URL, else api.openai.com.",
     )
     parser.add_argument("--base-model", help="e.g. gpt-4o-mini-2024-07-18")
     parser.add_argument("--train", type=Path, help="training split parquet (question, answer); omit for the base model")
@@ -277,8 +278,8 @@ def main(argv: list[str] | None = None) -> None:
               "`dvc exp run -S openai.enabled=true` and export OPENAI_API_KEY)")
         return
     if not args.cancel:  # cancelling spends nothing
-        check_priced(config.openai, [target.base_model])  # unpriced -> one line, nothing sent
-    api = FineTuningAPI(config.openai.base_url, api_key_from_env(), config.openai)
+        check_priced(config.openai, [target.base_model], training=args.train is not None)  # unpriced -> one line
+    api = FineTuningAPI(config.openai.client.base_url, api_key_from_env(config.openai), config.openai)
     if args.train is None:
         run_base(config, target, args.out_dir or RUNS_DIR / target.name, api, JobLedger())
         return

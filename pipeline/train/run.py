@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.config import Config, TrainConfig
-from pipeline.core.contracts import ADAPTER_METADATA_FILE, GridPoint, format_learning_rate
+from pipeline.core.contracts import ADAPTER_METADATA_FILE, GridPoint, Tags, format_learning_rate
 from pipeline.core.dvcmeta import file_md5
 from pipeline.core.modeling import DecodingPolicy, base_model_reference, load_base_model
 from pipeline.core.servable import log_adapter_model
@@ -43,7 +43,7 @@ from pipeline.train.resume import (
 )
 from pipeline.train.trainer import attach_lora, build_trainer, make_step_logger, optimizer_steps
 
-GRID_ROLE_TAG = "tonetune.role"
+GRID_ROLE_TAG = Tags.ROLE
 
 
 def peak_memory_mb() -> float:
@@ -73,7 +73,7 @@ def grid_parent_run(experiment_id: str, config: TrainConfig) -> str:
     identifier = grid_id(config)
     found = mlflow.search_runs(
         experiment_ids=[experiment_id],
-        filter_string=f"tags.grid = '{identifier}' and tags.`{GRID_ROLE_TAG}` = 'train-grid'",
+        filter_string=f"tags.{Tags.GRID} = '{identifier}' and tags.`{GRID_ROLE_TAG}` = 'train-grid'",
         output_format="list",
         max_results=1,
     )
@@ -81,7 +81,7 @@ def grid_parent_run(experiment_id: str, config: TrainConfig) -> str:
         return found[0].info.run_id
     client = MlflowClient()
     run = client.create_run(
-        experiment_id, run_name=f"train-grid-{identifier}", tags={"grid": identifier, GRID_ROLE_TAG: "train-grid"}
+        experiment_id, run_name=f"train-grid-{identifier}", tags={Tags.GRID: identifier, GRID_ROLE_TAG: "train-grid"}
     )
     recipe = config.model_dump(mode="json", exclude={"grid", "save_steps", "logging_steps"})
     for key, value in recipe.items():  # what every child shares; the children vary the grid axes
@@ -145,15 +145,15 @@ def start_tracking(config: Config, point: GridPoint, resume: ResumeState):
             pass  # the run was deleted: log the resumed training to a new one
     parent = grid_parent_run(experiment_id, config.train)
     tags = {
-        "grid": grid_id(config.train),
+        Tags.GRID: grid_id(config.train),
         GRID_ROLE_TAG: "train",
-        "tonetune.stage": "train",
+        Tags.STAGE_LEGACY: "train",
         **code_version_tags(),
     }
     active = mlflow.start_run(run_name=point.name, parent_run_id=parent, tags=tags)
     # Under `mlflow run` (MLFLOW_RUN_ID set) start_run re-opens that run and ignores name, parent
     # and tags: set them on it explicitly, so the grid looks the same however it was launched.
-    mlflow.set_tags({**tags, "mlflow.runName": point.name, "mlflow.parentRunId": parent})
+    mlflow.set_tags({**tags, "mlflow.runName": point.name, Tags.MLFLOW_PARENT_RUN_ID: parent})
     return active, False
 
 
@@ -329,7 +329,7 @@ def train_grid_point(point: GridPoint, config: Config, paths: TrainPaths, callba
         model_info = publish_adapter(point, config, prepared, paths, fitted, run_id)
         metrics["wall_time_s"] = time.perf_counter() - started
         mlflow.log_metrics(metrics)
-        mlflow.set_tags({"adapter_dir": paths.adapter_dir.as_posix(), "adapter_model_uri": model_info.model_uri})
+        mlflow.set_tags({"adapter_dir": paths.adapter_dir.as_posix(), Tags.ADAPTER_MODEL_URI: model_info.model_uri})
         shutil.rmtree(paths.checkpoint_dir, ignore_errors=True)
     except BaseException as error:
         mlflow.end_run(status="KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")

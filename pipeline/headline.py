@@ -1,0 +1,69 @@
+"""Stage `headline`: the few numbers experiments are compared by, first in `dvc exp show`.
+
+Reads metrics/eval/<model>.json (written by `score`) and writes metrics/headline.json: per
+model, % conversational and mean similarity to the reference answer, nothing else:
+
+    {"base": {"pct_conversational": 28.0, "similarity_mean": 0.591},
+     "lora-bf16-r32-lr0.0003-n150": {"pct_conversational": 81.0, "similarity_mean": 0.572}}
+
+DVC has no setting for which metric columns `dvc exp show` shows first: it lists them in the
+order the stages that declare them are defined in dvc.yaml. This stage is defined first there,
+so `dvc exp show --csv` leads with these columns instead of the data-quality counters; the
+per-model records (about 100 columns) follow. It reads JSON only: no model, no MLflow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from pipeline.core.config import EVAL_METRICS_DIR, HEADLINE_METRICS_PATH
+from pipeline.core.errors import TonetuneError, exit_on_user_error
+from pipeline.core.io import write_json
+
+HEADLINE_KEYS = ("pct_conversational", "similarity_mean")
+
+
+def headline(records: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+    """{model: {pct_conversational, similarity_mean}}, the base first, then by model name."""
+    rows = sorted(records, key=lambda record: (record.get("kind") != "base", str(record.get("model"))))
+    return {str(record["model"]): {key: record.get(key) for key in HEADLINE_KEYS} for record in rows}
+
+
+def read_records(folder: Path) -> list[dict[str, Any]]:
+    """Every metrics/eval/<model>.json record (one line when there is none)."""
+    paths = sorted(folder.glob("*.json")) if folder.is_dir() else []
+    if not paths:
+        raise TonetuneError(f"{folder}: no per-model metrics (run `dvc repro score` first)")
+    records = []
+    for path in paths:
+        record = json.loads(path.read_text())
+        if not isinstance(record, dict) or "model" not in record:
+            raise TonetuneError(f"{path}: not a metrics record of the score stage (no `model` key)")
+        records.append(record)
+    return records
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.headline",
+        description=f"Write {HEADLINE_METRICS_PATH} (per model: {', '.join(HEADLINE_KEYS)}) from "
+        f"{EVAL_METRICS_DIR}/*.json, the columns `dvc exp show` leads with.",
+    )
+    parser.add_argument("--eval-dir", type=Path, default=EVAL_METRICS_DIR, help="per-model metrics folder")
+    parser.add_argument("--output", type=Path, default=HEADLINE_METRICS_PATH, help="headline metrics file")
+    return parser.parse_args(argv)
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    summary = headline(read_records(args.eval_dir))
+    write_json(args.output, summary, nan_as_null=True)
+    print(f"headline: {len(summary)} model(s) -> {args.output}")
+
+
+if __name__ == "__main__":
+    main()
