@@ -1,7 +1,8 @@
 """Stage `headline`: the few numbers experiments are compared by, first in `dvc exp show`.
 
 Reads metrics/eval/<model>.json (written by `score`) and writes metrics/headline.json: per
-model, % conversational and mean similarity to the reference answer, nothing else:
+model, % conversational and mean similarity to the reference answer, and first the test-set
+decision against the base (metrics/heldout.json: verdict, style-gain and content bounds):
 
     {"base": {"pct_conversational": 28.0, "similarity_mean": 0.591},
      "lora-bf16-r32-lr0.0003-n150": {"pct_conversational": 81.0, "similarity_mean": 0.572}}
@@ -19,11 +20,22 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.config import EVAL_METRICS_DIR, HEADLINE_METRICS_PATH
+from pipeline.core.config import EVAL_METRICS_DIR, HEADLINE_METRICS_PATH, METRICS_DIR
 from pipeline.core.errors import TonetuneError, exit_on_user_error
 from pipeline.core.io import write_json
 
 HEADLINE_KEYS = ("pct_conversational", "similarity_mean")
+HELDOUT_METRICS_PATH = METRICS_DIR / "heldout.json"  # heldout -> here: the test-set decision's evidence
+DECISION_KEYS = ("verdict_vs_base", "style_gain_bound", "content_non_inferiority_bound")
+
+
+def decision_headline(path: Path) -> dict[str, Any]:
+    """The finalist's verdict against the base on the test set (1 promote, 0 inconclusive, -1
+    refuse) and the two bounds it rests on; {} before the heldout stage has run."""
+    if not path.is_file():
+        return {}
+    record = json.loads(path.read_text())
+    return {"test": {key: record.get(key) for key in DECISION_KEYS}}
 
 
 def headline(records: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
@@ -53,6 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         f"{EVAL_METRICS_DIR}/*.json, the columns `dvc exp show` leads with.",
     )
     parser.add_argument("--eval-dir", type=Path, default=EVAL_METRICS_DIR, help="per-model metrics folder")
+    parser.add_argument("--heldout", type=Path, default=HELDOUT_METRICS_PATH, help="the heldout stage's metrics")
     parser.add_argument("--output", type=Path, default=HEADLINE_METRICS_PATH, help="headline metrics file")
     return parser.parse_args(argv)
 
@@ -60,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    summary = headline(read_records(args.eval_dir))
+    summary = {**decision_headline(args.heldout), **headline(read_records(args.eval_dir))}
     write_json(args.output, summary, nan_as_null=True)
     print(f"headline: {len(summary)} model(s) -> {args.output}")
 
