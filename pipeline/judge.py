@@ -225,10 +225,10 @@ def read_models(folder: Path, limit: int | None) -> list[ModelAnswers]:
     """Every reports/predictions/<model>.parquet, first `limit` rows, sorted by name."""
     paths = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
     if not paths:
-        raise TonetuneError(f"{folder}: no predictions to judge (run `dvc repro evaluate` first)")
+        raise TonetuneError(f"{folder}: no predictions to judge (run `dvc repro predict` first)")
     models = []
     for path in paths:
-        frame = read_table(path, ("question", "reference", "answer"), "a predictions table written by evaluate")
+        frame = read_table(path, ("question", "reference", "answer"), "a predictions table written by predict")
         frame = (frame.head(limit) if limit else frame).reset_index(drop=True)
         frame["answer"] = frame["answer"].fillna("").astype(str)
         models.append(ModelAnswers(path.stem, frame))
@@ -245,7 +245,7 @@ def check_aligned(models: list[ModelAnswers], baseline: str) -> ModelAnswers:
     for model in models:
         if model.frame["question"].tolist() != questions:
             raise TonetuneError(f"{PREDICTIONS_DIR}/{model.name}.parquet: not the same questions as "
-                                f"{baseline}.parquet (re-run `dvc repro evaluate`)")
+                                f"{baseline}.parquet (re-run `dvc repro predict`)")
     return by_name[baseline]
 
 

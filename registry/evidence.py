@@ -54,7 +54,7 @@ def load_eval_records(eval_dir: Path) -> tuple[dict[str, Any], list[Candidate]]:
     """(base record, adapter candidates) from metrics/eval/*.json."""
     files = sorted(Path(eval_dir).glob("*.json"))
     if not files:
-        raise TonetuneError(f"{eval_dir}: no metrics files (run `dvc repro evaluate` first)")
+        raise TonetuneError(f"{eval_dir}: no metrics files (run `dvc repro score` first)")
     base, candidates = None, []
     for path in files:
         try:
