@@ -22,7 +22,7 @@ export TOKENIZERS_PARALLELISM := false
 # Stage commands in dvc.yaml call `python`: it must be the venv's, whoever runs make.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: help setup demo test test-fast bench gpu-check lint ui server serve ci-deps clean-outputs
+.PHONY: help setup demo test test-fast bench gpu-check lint docs ui server serve ci-deps
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
@@ -64,15 +64,18 @@ lint: setup  ## ruff and the import layers (import-linter, contracts in pyprojec
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports --config pyproject.toml
 
+docs: setup  ## build the docs site from docs/ into site/ (mkdocs build --strict: a broken link or anchor fails)
+	$(VENV)/bin/mkdocs build --strict --site-dir site
+
 ui: setup  ## open the MLflow UI on http://127.0.0.1:5000 over the project's store
 	@case "$${MLFLOW_TRACKING_URI:-}" in http://*|https://*) \
 	  echo "the tracking server serves the UI itself: open $$MLFLOW_TRACKING_URI"; exit 0;; esac; \
 	$(VENV)/bin/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --host 127.0.0.1 --port $${PORT:-5000}
 
-server: setup  ## team tracking server: PostgreSQL + mlflow server on http://127.0.0.1:5000 (README "Running as a team")
+server: setup  ## team tracking server: PostgreSQL + mlflow server on http://127.0.0.1:5000 (docs/team.md)
 	$(PY) -m scripts.team_server $(SERVER_ARGS)
 
-serve: setup  ## serve the production model over REST: POST /invocations on http://127.0.0.1:5001 (README "Serve it over REST")
+serve: setup  ## serve the production model over REST: POST /invocations on http://127.0.0.1:5001 (docs/registry.md)
 	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} \
 	MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT=$${MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT:-600} \
 	$(VENV)/bin/mlflow models serve -m models:/$${MODEL:-tonetune-conversational}@production \

@@ -10,7 +10,7 @@
    server of `MLFLOW_TRACKING_URI`, writing its adapter where DVC expects it
    (models/adapters/<run-name>/);
 3. the driver records the finished points with `dvc commit train@...`, so `dvc status` is clean
-   for them and `dvc repro` skips them and goes on with evaluate/report/promote.
+   for them and `dvc repro` skips them and goes on with predict/score/report/promote.
 
 Why Ray tasks + `dvc commit` rather than Ray running `dvc repro` or `dvc exp run` workers: DVC
 holds a repository lock during repro, so parallel `dvc repro` calls in one workspace block

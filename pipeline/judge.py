@@ -6,17 +6,21 @@ reports/predictions/<model>.parquet of every evaluated model and asks any OpenAI
 endpoint, through the project's client (pipeline.core.llmclient: durable cache, concurrency,
 rate limits, retries, token counts for the cost):
 
-- G-Eval (Liu et al. 2023, as seed 003 uses it): accuracy and completeness on 1-5 with seed 003's
+- G-Eval (Liu et al. 2023, as Barnett et al. use it in "Fine-Tuning or Fine-Failing? Debunking
+  Performance Myths in Large Language Models", Deakin University, 2024,
+  https://arxiv.org/abs/2406.11201): accuracy and completeness on 1-5 with that paper's
   criteria, chain-of-thought form filling (evaluation steps in the prompt, the judge writes its
   reasoning then the score, as JSON). The reference answer of the validation pair is given as
-  the evidence (seed 003 gives the retrieved context). Each judgement is asked `judge.repeats`
+  the evidence (Barnett et al. give the retrieved context). Each judgement is asked `judge.repeats`
   times (default 10) at `judge.temperature`, each repeat with its own seed (`seed + i`, so the
   cache keeps them apart and a re-run pays nothing); a model's score is the mean over questions
   of the per-answer mean, its spread the mean per-answer std over the repeats.
-- Pairwise preference (seed 002): each model vs `judge.baseline` on the same question, without
-  the reference (seed 002 leaves it out), asked twice: baseline shown first, then the model
-  shown first. Both orders agree -> win / tie / loss for the model; they disagree -> a
-  position-inconsistent verdict (counted apart, never as a win). A reply that is not the asked
+- Pairwise preference (as in the finetuning-llama-instruct repository by JoarP,
+  https://github.com/joarp/finetuning-llama-instruct, judged by gpt-4.1-mini): each model vs
+  `judge.baseline` on the same question, without the reference (that repository leaves it
+  out), asked twice: baseline shown first, then the model shown first. Both orders agree ->
+  win / tie / loss for the model; they disagree -> a position-inconsistent verdict (counted
+  apart, never as a win). A reply that is not the asked
   JSON counts as invalid (never retried: the same request would hit the cache).
 
 Writes metrics/judge/<model>.json (numbers only: what the report reads), reports/judge/<model>.parquet
@@ -222,10 +226,10 @@ def read_models(folder: Path, limit: int | None) -> list[ModelAnswers]:
     """Every reports/predictions/<model>.parquet, first `limit` rows, sorted by name."""
     paths = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
     if not paths:
-        raise TonetuneError(f"{folder}: no predictions to judge (run `dvc repro evaluate` first)")
+        raise TonetuneError(f"{folder}: no predictions to judge (run `dvc repro predict` first)")
     models = []
     for path in paths:
-        frame = read_table(path, ("question", "reference", "answer"), "a predictions table written by evaluate")
+        frame = read_table(path, ("question", "reference", "answer"), "a predictions table written by predict")
         frame = (frame.head(limit) if limit else frame).reset_index(drop=True)
         frame["answer"] = frame["answer"].fillna("").astype(str)
         models.append(ModelAnswers(path.stem, frame))
@@ -242,7 +246,7 @@ def check_aligned(models: list[ModelAnswers], baseline: str) -> ModelAnswers:
     for model in models:
         if model.frame["question"].tolist() != questions:
             raise TonetuneError(f"{PREDICTIONS_DIR}/{model.name}.parquet: not the same questions as "
-                                f"{baseline}.parquet (re-run `dvc repro evaluate`)")
+                                f"{baseline}.parquet (re-run `dvc repro predict`)")
     return by_name[baseline]
 
 
