@@ -136,7 +136,7 @@ def test_stage_scores_base_and_adapter_from_a_local_dataset(tiny_llama_dir, tmp_
 
     metrics = mlflow.get_run(training_run.info.run_id).data.metrics
     assert metrics["alignment_accuracy"] == pytest.approx(adapter_record["accuracy"])
-    stage_run = mlflow.search_runs(filter_string="tags.`tonetune.stage` = 'alignment'")
+    stage_run = mlflow.search_runs(filter_string="tags.stage = 'alignment'")
     assert stage_run[f"metrics.{name}.tax"][0] == pytest.approx(adapter_record["tax"])
 
 

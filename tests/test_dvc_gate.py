@@ -75,7 +75,7 @@ def dvc_repo(tmp_path_factory):
     for package in ("pipeline", "registry"):
         shutil.copytree(REPO_ROOT / package, repo / package, ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-    params["split"] = {"val_size": 3, "train_sizes": [2, 4, 6], "seed": 0}
+    params["split"] = {"val_size": 3, "train_sizes": [2, 4, 6], "test_size": None, "min_test_size": 1, "seed": 0}
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (repo / "dvc.yaml").write_text(yaml.safe_dump(stage_definitions(), sort_keys=False))
     (repo / "fixtures/generate.py").write_text(STUB_GENERATE)
@@ -143,7 +143,7 @@ def test_good_data_runs_validate_then_split(dvc_repo):
     assert good.returncode == 0, good.stdout + good.stderr
     assert "Running stage 'split'" in good.stdout
     assert sorted(p.name for p in (repo / "data/splits").iterdir()) == [
-        "train_2.parquet", "train_4.parquet", "train_6.parquet", "val.parquet"]
+        "test.parquet", "train_2.parquet", "train_4.parquet", "train_6.parquet", "val.parquet"]
     assert (repo / "reports/data_quality/index.html").exists()
     lock = good_run(dvc_repo)["good_lock"]
     assert {"generate", "validate", "split"} <= set(lock)

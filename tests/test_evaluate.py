@@ -345,7 +345,7 @@ def test_stages_write_predictions_metrics_and_mlflow_runs(stage_dir, mlflow_uri,
     assert {p.stem for p in Path("reports/predictions").glob("*.parquet")} == names
     assert {p.stem for p in Path("metrics/eval").glob("*.json")} == names
     predictions = pd.read_parquet("reports/predictions/lora-bf16-r4-lr0.001-n10.parquet")
-    assert list(predictions.columns) == ["id", "question", "reference", "answer", "n_tokens", "stopped"]
+    assert list(predictions.columns) == ["id", "question", "reference", "answer", "n_tokens", "stopped", "factual"]
     assert len(predictions) == 4  # evaluate.limit
     scored = pd.read_parquet("reports/scores/lora-bf16-r4-lr0.001-n10.parquet")
     assert scored["answer"].tolist() == predictions["answer"].tolist()
