@@ -63,7 +63,7 @@ def declared_rule(current: Mapping[str, Any], repo: str | Path = ".", params: st
     except ValueError:
         return None  # the params file is outside the repository: nothing declares it
     wanted = {key: current.get(key) for key in DECLARED_KEYS}
-    log = _git(["log", "--format=%H %cI", "--", relative], repo)
+    log = _git(["log", "--first-parent", "--format=%H %cI", "--", relative], repo)
     if not log:
         return None
     declaring = None
