@@ -40,7 +40,15 @@ from pipeline.core.config import (
     Config,
     load_config,
 )
-from pipeline.core.decision import Rule, Scores, checks_against_base, choose_finalist, design_power, verdict
+from pipeline.core.decision import (
+    VERDICT_CODES,
+    Rule,
+    Scores,
+    checks_against_base,
+    choose_finalist,
+    design_power,
+    verdict,
+)
 from pipeline.core.declaration import declared_rule
 from pipeline.core.dvcmeta import file_md5
 from pipeline.core.errors import TonetuneError, exit_on_user_error
@@ -54,7 +62,14 @@ from pipeline.core.modeling import (
     load_for_inference,
     require_bitsandbytes,
 )
-from pipeline.core.modelspec import BASE_NAME, ModelSpec, adapter_spec, base_spec, check_base_model
+from pipeline.core.modelspec import (
+    BASE_NAME,
+    ModelSpec,
+    adapter_spec,
+    base_spec,
+    check_base_model,
+    precision_groups,
+)
 from pipeline.core.predictions import EVAL_METRICS_DIR, SCORES_DIR, per_question_scores
 from pipeline.core.tables import read_table, write_table
 from pipeline.core.textmetrics import load_embedder
@@ -85,10 +100,7 @@ def decode(specs: list[ModelSpec], config: Config, questions: list[str]) -> dict
     """Answers of each spec to `questions` (one base load per precision, adapters switched on it)."""
     policy = DecodingPolicy.for_evaluation(config.evaluate)
     results = {}
-    by_precision: dict[str, list[ModelSpec]] = {}
-    for spec in specs:
-        by_precision.setdefault(spec.precision, []).append(spec)
-    for precision, group in by_precision.items():
+    for precision, group in precision_groups(specs):
         if precision == "int8":
             require_bitsandbytes()
         model, tokenizer = load_for_inference(BASE_MODEL_DIR, precision, config.train.int8_threshold,
@@ -143,7 +155,7 @@ def validation_sds(finalist: str, threshold: float, content_metric: str,
 def heldout_metrics(decision: dict[str, Any]) -> dict[str, Any]:
     """Scalars for `dvc exp show` (strings and lists stay in reports/heldout/decision.json)."""
     values: dict[str, Any] = {"n_test": decision["n_test"],
-                              "verdict_vs_base": {"promote": 1, "inconclusive": 0, "refuse": -1}[decision["verdict_vs_base"]]}
+                              "verdict_vs_base": VERDICT_CODES[decision["verdict_vs_base"]]}
     for check in decision["checks"]:
         values[f"{check['name']}_estimate"] = round(check["estimate"], 4)
         values[f"{check['name']}_bound"] = round(check["bound"], 4)

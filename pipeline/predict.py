@@ -61,7 +61,7 @@ from pipeline.core.modeling import (
     load_for_inference,
     require_bitsandbytes,
 )
-from pipeline.core.modelspec import ModelSpec, adapter_spec, base_spec, check_base_model
+from pipeline.core.modelspec import ModelSpec, adapter_spec, base_spec, check_base_model, precision_groups
 from pipeline.core.predictions import PREDICTIONS_DIR, GenerationResult, read_validation
 from pipeline.core.tables import write_table
 
@@ -102,14 +102,6 @@ def check_serving_policy(spec: ModelSpec, policy: DecodingPolicy, batch_size: in
             f"{spec.record.get('bucket_tokens', DEFAULT_BUCKET_TOKENS)} tokens, but evaluate.bucket_tokens is "
             f"{bucket_tokens}; re-run `dvc repro train` so serving and evaluation agree"
         )
-
-
-def precision_groups(specs: Sequence[ModelSpec]) -> list[tuple[str, list[ModelSpec]]]:
-    """Specs grouped by precision, in order of first appearance (one base load per group)."""
-    groups: dict[str, list[ModelSpec]] = {}
-    for spec in specs:
-        groups.setdefault(spec.precision, []).append(spec)
-    return list(groups.items())
 
 
 def clear_outputs(folder: Path = PREDICTIONS_DIR) -> None:

@@ -39,9 +39,8 @@ from pathlib import Path
 from pipeline.core.config import HELDOUT_DIR, METRICS_DIR, Config, load_config
 from pipeline.core.contracts import Tags
 from pipeline.core.decision import (
-    INCONCLUSIVE,
     PROMOTE,
-    REFUSE,
+    VERDICT_CODES,
     Rule,
     challenge,
     checks_against_base,
@@ -103,7 +102,7 @@ class Outcome:
 
 
 PROMOTION_METRICS_PATH = METRICS_DIR / "promotion.json"
-OUTCOME_CODES = {PROMOTE: 1, KEPT: 0, INCONCLUSIVE: 0, REFUSE: -1, DATA_QUALITY: -1}
+OUTCOME_CODES = {**VERDICT_CODES, KEPT: 0, DATA_QUALITY: -1}
 
 
 def finalist_candidate(client, name: str, candidates: list[Candidate], finalist: str):

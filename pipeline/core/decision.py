@@ -37,6 +37,7 @@ from pipeline.core.errors import TonetuneError
 from pipeline.core.pairedstats import mcnemar_greater, mean_bound, power, proportion_bound, required_n
 
 PROMOTE, REFUSE, INCONCLUSIVE = "promote", "refuse", "inconclusive"
+VERDICT_CODES = {PROMOTE: 1, INCONCLUSIVE: 0, REFUSE: -1}  # as scalars in DVC metrics files
 STYLE, CONTENT, LOOPS, ENDED_TURN, BEATS_PRODUCTION = (
     "style_gain", "content_non_inferiority", "repetition", "ended_turn", "beats_production",
 )

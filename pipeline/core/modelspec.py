@@ -7,6 +7,7 @@ same way. File reads only; no model loading.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,3 +56,11 @@ def adapter_spec(path: Path) -> ModelSpec:
         )
     prompt_name = "concise" if trained_with == CONCISE_SYSTEM_PROMPT else "as-trained"
     return ModelSpec(path.name, "lora", prompt_name, trained_with, precision, adapter_dir=path, record=record)
+
+
+def precision_groups(specs: Sequence[ModelSpec]) -> list[tuple[str, list[ModelSpec]]]:
+    """Specs grouped by precision, in order of first appearance (one base load per group)."""
+    groups: dict[str, list[ModelSpec]] = {}
+    for spec in specs:
+        groups.setdefault(spec.precision, []).append(spec)
+    return list(groups.items())
