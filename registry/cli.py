@@ -5,7 +5,8 @@ own arguments; `main()` only parses and dispatches: `lineage` (a data file, or a
 `models:/<name>@production` / `models:/<name>/<version>`: registry.model_lineage, which reuses
 `registry.lineage.lineage_for_file` for the datasets), `list`, `promote [VERSION]`, `rollback`
 and `summary` (registry.promote runs promotion and rollback: registry/policy.py has the rules,
-registry/store.py the registry writes), and `export`
+registry/store.py the registry writes), `replay` (registry.replay: the served model re-asked the
+evaluated questions, alone and shuffled) and `export`
 (registry.export: adapter merged into its base -> GGUF).
 
 Heavy imports (mlflow) happen inside the functions that use the store, so `--help` answers instantly.
@@ -181,6 +182,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    """Re-ask the evaluated questions through the served model; exit 1 unless every answer is identical."""
+    from registry.replay import run_replay
+
+    counts = run_replay(args.target, args.limit, not args.no_alone, not args.no_shuffled, load_config())
+    return 0 if all(not count.differing_ids for count in counts) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The CLI: one subparser per verb, each bound to its cmd_ function via `func`."""
     parser = argparse.ArgumentParser(
@@ -240,6 +249,21 @@ def build_parser() -> argparse.ArgumentParser:
         "metrics vs the base model; when there is none, the rule's checks of this round's finalist (exit 0 either way).",
     )
     summary.set_defaults(func=cmd_summary)
+
+    replay = commands.add_parser(
+        "replay", help="re-ask the evaluated questions through the served model and count identical answers",
+        description="Load a model the way it is served (mlflow.pyfunc.load_model) and re-ask every question it was "
+        "evaluated on (validation; test too when it was the heldout finalist): each question alone, then all of them "
+        "in one shuffled request. Print how many answers are byte-identical to the evaluated ones; exit 1 if any "
+        "differs. Identity is promised for the same machine facts (library versions, threads, CPU ISA): differing "
+        "facts are printed first. Sending questions alone pays a full decoding slab each (docs/decoding.md).",
+    )
+    replay.add_argument("target", help="models:/<name>@<alias>, models:/<name>/<version>, or an evaluated adapter's "
+                        "name (e.g. lora-int8-r32-lr0.0003-n150: the model its training run logged)")
+    replay.add_argument("--limit", type=int, help="only the first N questions of each split")
+    replay.add_argument("--no-alone", action="store_true", help="skip sending each question alone")
+    replay.add_argument("--no-shuffled", action="store_true", help="skip the one shuffled request")
+    replay.set_defaults(func=cmd_replay)
 
     export = commands.add_parser(
         "export", help="merge an adapter into its base and write a GGUF (llama.cpp, Ollama, LM Studio)",
