@@ -4,13 +4,15 @@ its own prompts and a three-criterion gate (one of them a function in tones/) ->
 
 What it shows: the tone's prompt files are what the generator is sent, its gate decides (an answer
 that does not address the reader is sent back), the prompt versions and the tone are recorded, and
-the data-quality gate checks the tone's criteria under their own names. The stages after split
-(train, predict, score, heldout, promote) are not run here (see docs/your-own-tone.md)."""
+the data-quality gate checks the tone's criteria under their own names. Then predict -> score ->
+heldout with the same tone on a tiny model and random adapters: metric names, the tone's prompts
+and the AND rule per answer. Training and promote are not run with this tone here."""
 
 from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -18,12 +20,15 @@ import yaml
 
 from pipeline.core.config import deep_merge
 from pipeline.core.prompts import prompt_version
-from tests import generate_support
+from tests import generate_support, test_evaluate
 from tests.conftest import REPO_ROOT
 from tests.fakes.openai_server import FakeOpenAIServer, RecordedRequest
 from tests.generate_support import API_KEY, KEY_ENV, client_params
+from tests.test_evaluate import commit_all
 
 embedder = generate_support.embedder  # the session-scoped real MiniLM fixture
+chatty_llama_dir = test_evaluate.chatty_llama_dir  # a tiny model that answers (module-scoped fixture)
+stage_dir = test_evaluate.stage_dir  # a working directory laid out like the repo, with two adapters
 SUPPORT = yaml.safe_load((REPO_ROOT / "profiles" / "support.yaml").read_text())
 
 
@@ -107,3 +112,41 @@ def test_the_support_tone_generates_and_validates_under_its_own_names(support_pr
     details = json.loads((root / "dq" / "summary.json").read_text())
     assert {"answer_fk_grade", "answer_words", "answer_second_person"} <= set(details["checks"])
     assert "answer_flesch" not in details["checks"] and details["success"] is True
+
+
+def test_the_support_tone_is_scored_and_decided_under_its_own_names(stage_dir, write_params, capsys):
+    """predict -> score -> heldout with the support tone (tiny model, two random adapters): the base
+    gets the tone's verbose prompt, every metric is named after the tone (never "conversational"),
+    and the test-set decision reads the tone's on-style rule."""
+    from pipeline import heldout, predict, score
+
+    tone = {**SUPPORT["tone"], "prompts": str(REPO_ROOT / "prompts" / "support")}
+    write_params({"tone": tone, "evaluate": {"max_new_tokens": 6, "batch_size": 4, "bootstrap_samples": 200,
+                                            "limit": 4},
+                  "train": {"grid": {"precision": ["bf16", "int8"], "lora_r": [4], "learning_rate": [0.001],
+                                     "n_train": [10]}}})
+    pd.DataFrame({"id": ["t0", "t1", "t2"], "question": ["How do I reset my password?", "Can I get a refund?",
+                                                         "Who can see my notes?"],
+                  "answer": ["You use the reset link.", "You can within 14 days.", "You decide who sees them."],
+                  "factual_answer": ["A reset link is e-mailed.", "Yearly plans: 14 days.", "Only shared people."]}
+                 ).to_parquet("data/splits/test.parquet")
+    predict.main([])
+    score.main(["--no-mlflow"])
+    verbose = (REPO_ROOT / "prompts/support/system_verbose.txt").read_text()[:-1].format(description=tone["description"])
+    assert json.loads(Path("reports/predictions/base.json").read_text())["system_prompt_version"] == \
+        prompt_version(verbose)
+    record = json.loads(Path("metrics/eval/base.json").read_text())
+    assert {"pct_support_formal", "pct_support_formal_ci_low", "fk_grade_mean", "words_median",
+            "second_person_mean"} <= set(record)
+    assert not [key for key in record if "conversational" in key or key.startswith("flesch")]
+    scores = pd.read_parquet("reports/scores/base.parquet")
+    assert {"fk_grade", "words", "second_person"} <= set(scores.columns) and "flesch" not in scores.columns
+    assert "% support formal" in capsys.readouterr().out
+
+    commit_all(stage_dir, "declare the rule")
+    heldout.main([])
+    decision = json.loads(Path("reports/heldout/decision.json").read_text())
+    table = pd.read_parquet(f"reports/heldout/{decision['finalist']}.parquet")
+    assert {"fk_grade", "words", "second_person", "on_style"} <= set(table.columns)
+    rule = [table["fk_grade"] <= 10, table["words"] <= 60, table["second_person"] >= 0.03]
+    assert table["on_style"].tolist() == (rule[0] & rule[1] & rule[2]).tolist()  # AND, per answer
