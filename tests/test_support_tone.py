@@ -5,7 +5,7 @@ its own prompts and a three-criterion gate (one of them a function in tones/) ->
 What it shows: the tone's prompt files are what the generator is sent, its gate decides (an answer
 that does not address the reader is sent back), the prompt versions and the tone are recorded, and
 the data-quality gate checks the tone's criteria under their own names. Then predict -> score ->
-heldout with the same tone on a tiny model and random adapters: metric names, the tone's prompts
+heldout -> report with the same tone on a tiny model and random adapters: metric names, the tone's prompts
 and the AND rule per answer. Training and promote are not run with this tone here."""
 
 from __future__ import annotations
@@ -150,3 +150,12 @@ def test_the_support_tone_is_scored_and_decided_under_its_own_names(stage_dir, w
     assert {"fk_grade", "words", "second_person", "on_style"} <= set(table.columns)
     rule = [table["fk_grade"] <= 10, table["words"] <= 60, table["second_person"] >= 0.03]
     assert table["on_style"].tolist() == (rule[0] & rule[1] & rule[2]).tolist()  # AND, per answer
+
+    from pipeline import report
+
+    report.main(["--no-mlflow"])
+    results = Path("reports/results.md").read_text()
+    assert "% support formal responses" in results and "Mean Flesch-Kincaid grade" in results
+    tables = results.split("## Figures")[0].split("## Base vs best")[1]
+    assert "conversational" not in tables
+    assert "flesch_kincaid_grade <= 10 AND words_per_answer <= 60 AND tones.support:second_person >= 0.03" in results
