@@ -116,3 +116,31 @@ def test_the_spec_names_textstats_language():
     assert spanish != pytest.approx(english_before, abs=1.0)
     assert tone.resolve_metric("flesch_reading_ease").scores([text])[0] == english_before
     assert flesch_reading_ease(EASY) == tone.resolve_metric("flesch_reading_ease").scores([EASY])[0]
+
+
+def test_the_model_card_names_the_tones_metrics_and_an_old_version_stays_conversational():
+    """A version registered with a tone's tags shows its own metric names, rule and prompt versions;
+    a version registered before tones (no `tone` tag, the paper's metric tags) reads as before."""
+    from registry.card import model_card
+    from registry.policy import Candidate
+
+    spec = ToneConfig(name="support_formal", description="formally", on_style=(
+        criterion("flesch_kincaid_grade", "lower", 10), criterion("words_per_answer", "lower", 60)))
+    tags = {**tone.tone_tags(spec, "", "evaluate.conversational_threshold"),
+            "metric.pct_support_formal": "70.0", "metric.fk_grade_mean": "7.5", "metric.fk_grade_median": "7.0",
+            "metric.words_mean": "31", "metric.words_median": "30", "base.pct_support_formal": "20.0",
+            "prompt.system_concise.version": "abc123def456", "tone.prompts": "prompts/support",
+            "prompt.system_concise.uri": "prompts:/tonetune-support_formal-system_concise/2"}
+    card = model_card("tonetune-support", "3", tags)
+    assert "support formal LoRA adapter" in card and "| % support formal | 70.0 | 20.0 |" in card
+    assert "mean Flesch-Kincaid grade" in card and "conversational" not in card
+    assert "flesch_kincaid_grade <= 10 AND words_per_answer <= 60" in card
+    assert "`system_concise` abc123def456 (prompts:/tonetune-support_formal-system_concise/2)" in card
+    assert Candidate.from_version_tags(tags, "3").pct_on_style == 70.0
+
+    legacy = {"metric.pct_conversational": "81.0", "metric.flesch_mean": "75.2", "metric.flesch_median": "76.0",
+              "base.pct_conversational": "28.0", "evaluate.conversational_threshold": "60.0"}
+    old = model_card("tonetune-conversational", "1", legacy)
+    assert "| % conversational | 81.0 | 28.0 |" in old and "mean Flesch" in old and "Flesch >= 60.0" in old
+    assert "not recorded" in old
+    assert Candidate.from_version_tags(legacy, "1").pct_on_style == 81.0
