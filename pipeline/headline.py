@@ -1,7 +1,7 @@
 """Stage `headline`: the few numbers experiments are compared by, first in `dvc exp show`.
 
 Reads metrics/eval/<model>.json (written by `score`) and writes metrics/headline.json: per
-model, % conversational and mean similarity to the reference answer, and first the test-set
+model, % on-style (pct_<tone.name>; % conversational for the default tone) and mean similarity to the reference answer, and first the test-set
 decision against the base (metrics/heldout.json: verdict, style-gain and content bounds):
 
     {"base": {"pct_conversational": 28.0, "similarity_mean": 0.591},
@@ -41,7 +41,14 @@ def decision_headline(path: Path) -> dict[str, Any]:
 def headline(records: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
     """{model: {pct_conversational, similarity_mean}}, the base first, then by model name."""
     rows = sorted(records, key=lambda record: (record.get("kind") != "base", str(record.get("model"))))
-    return {str(record["model"]): {key: record.get(key) for key in HEADLINE_KEYS} for record in rows}
+    return {str(record["model"]): {key: record.get(key) for key in (style_key_of(record), *HEADLINE_KEYS[1:])}
+            for record in rows}
+
+
+def style_key_of(record: dict[str, Any]) -> str:
+    """The record's on-style key, pct_<tone.name> (pct_conversational for the default tone)."""
+    return next((key for key in record if key.startswith("pct_") and not key.endswith(("_ci_low", "_ci_high"))),
+                HEADLINE_KEYS[0])
 
 
 def read_records(folder: Path) -> list[dict[str, Any]]:

@@ -71,8 +71,10 @@ from pipeline.core.modelspec import (
     precision_groups,
 )
 from pipeline.core.predictions import EVAL_METRICS_DIR, SCORES_DIR, per_question_scores
+from pipeline.core.prompts import prompt_version, system_prompts
 from pipeline.core.tables import read_table, write_table
 from pipeline.core.textmetrics import load_embedder
+from pipeline.core.tone import Criteria, on_style, style_key
 
 DECISION_FILE = "decision.json"
 HELDOUT_METRICS_PATH = METRICS_DIR / "heldout.json"
@@ -133,22 +135,21 @@ def answers_frame(test, result):
     })
 
 
-def validation_sds(finalist: str, threshold: float, content_metric: str,
+def validation_sds(finalist: str, criteria: Criteria | float, content_metric: str,
                    folder: Path = SCORES_DIR) -> tuple[float, float]:
     """Per-question SDs of the paired differences (finalist minus base) on validation, where
     looking is allowed: what the power statement assumes for the content metric and for style
     (points). Read from the score stage's tables."""
     import numpy as np
 
-    from pipeline.core.evalmetrics import conversational_mask
-
-    columns = ("id", "flesch", "similarity", "content_similarity")
+    if not isinstance(criteria, Criteria):
+        criteria = Criteria.flesch_at_least(float(criteria))
+    columns = ("id", *criteria.columns, "similarity", "content_similarity")
     base = read_table(folder / f"{BASE_NAME}.parquet", columns, "run `dvc repro score`").set_index("id")
     other = read_table(folder / f"{finalist}.parquet", columns, "run `dvc repro score`").set_index("id")
     other = other.loc[base.index]
     content = (other[content_metric] - base[content_metric]).to_numpy(dtype=float)
-    style = 100.0 * (conversational_mask(other["flesch"], threshold).astype(float)
-                     - conversational_mask(base["flesch"], threshold).astype(float))
+    style = 100.0 * (criteria.mask(other).astype(float) - criteria.mask(base).astype(float))
     return float(np.nanstd(content, ddof=1)), float(np.std(style, ddof=1))
 
 
@@ -186,17 +187,21 @@ def main(argv: list[str] | None = None) -> None:
             "params.yaml`) before any model answers a test question"
         )
     base_record, adapter_records = read_eval_metrics()
-    finalist = choose_finalist(base_record, adapter_records, rule)
+    key = style_key(config.tone)
+    criteria = on_style(config.tone)
+    finalist = choose_finalist(base_record, adapter_records, rule, key)
     if finalist.model is None:
         raise TonetuneError(f"{EVAL_METRICS_DIR}: {finalist.reason}: nothing to test")
     check_base_model(BASE_MODEL_DIR)
     test = read_test()
-    specs = [base_spec(config.evaluate.base_precision), adapter_spec(ADAPTERS_DIR / finalist.model)]
+    texts = system_prompts(config.tone)
+    specs = [base_spec(config.evaluate.base_precision, texts.system_prompt("verbose")),
+             adapter_spec(ADAPTERS_DIR / finalist.model, texts.system_prompt("concise"))]
     HELDOUT_DIR.mkdir(parents=True, exist_ok=True)
     frames = {}
     if args.no_decode:
         frames = {spec.name: read_table(HELDOUT_DIR / f"{spec.name}.parquet", ("id", "answer", "n_tokens", "stopped"))
-                  .drop(columns=["flesch", "on_style", "similarity", "content_similarity", "repetition_rate"],
+                  .drop(columns=[*dict.fromkeys(("flesch", *criteria.columns)), "on_style", "similarity", "content_similarity", "repetition_rate"],
                         errors="ignore") for spec in specs}
     else:
         for stale in [*HELDOUT_DIR.glob("*.parquet"), *HELDOUT_DIR.glob("*.json")]:
@@ -206,21 +211,21 @@ def main(argv: list[str] | None = None) -> None:
         for spec in specs:
             frames[spec.name] = answers_frame(test, results[spec.name])
             write_json(HELDOUT_DIR / f"{spec.name}.json", {"model": spec.name, "kind": spec.kind, "precision": spec.precision,
-                        "system_prompt": spec.system_prompt_name, "role": "base" if spec.name == BASE_NAME else "finalist",
+                        "system_prompt": spec.system_prompt_name,
+                        "system_prompt_version": prompt_version(spec.system_prompt), "role": "base" if spec.name == BASE_NAME else "finalist",
                         "decoding": DecodingPolicy.for_evaluation(config.evaluate).to_dict(),
                         "seconds": round(results[spec.name].seconds, 3), "started_at_ms": int(started * 1000),
                         "numerics": numerics_facts()})
     embedder = load_embedder(config.embeddings)
     scores = {}
     for name, frame in frames.items():
-        scored = per_question_scores(frame, embedder, config.evaluate.conversational_threshold)
+        scored = per_question_scores(frame, embedder, criteria)
         write_table(scored, HELDOUT_DIR / f"{name}.parquet")
         scores[name] = Scores.from_frame(name, scored)
     checks = checks_against_base(scores[finalist.model], scores[BASE_NAME], rule)
     finalist_record = next(r for r in adapter_records if r["model"] == finalist.model)
-    content_sd, style_sd = validation_sds(finalist.model, config.evaluate.conversational_threshold,
-                                          rule.content_metric)
-    style_gain_val = float(finalist_record.get("pct_conversational") or 0) - float(base_record.get("pct_conversational") or 0)
+    content_sd, style_sd = validation_sds(finalist.model, criteria, rule.content_metric)
+    style_gain_val = float(finalist_record.get(key) or 0) - float(base_record.get(key) or 0)
     decision = {
         "finalist": finalist.model, "finalist_reason": finalist.reason, "screened": finalist.screened,
         "family": model_family(BASE_MODEL_DIR), "n_test": scores[BASE_NAME].n,

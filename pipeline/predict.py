@@ -63,6 +63,8 @@ from pipeline.core.modeling import (
 )
 from pipeline.core.modelspec import ModelSpec, adapter_spec, base_spec, check_base_model, precision_groups
 from pipeline.core.predictions import PREDICTIONS_DIR, GenerationResult, read_validation
+from pipeline.core.prompts import TonePrompts, prompt_version, system_prompts
+from pipeline.core.system_prompts import DEFAULT_DESCRIPTION, DEFAULT_PROMPTS_DIR
 from pipeline.core.tables import write_table
 
 if TYPE_CHECKING:
@@ -71,10 +73,13 @@ if TYPE_CHECKING:
 ABLATION_DIRNAME = "ablation"
 
 
-def model_specs(adapters: Sequence[Path], only: set[str] | None, base_precision: str) -> list[ModelSpec]:
-    """The base model first, then each adapter, filtered by `--models` if given."""
-    specs = [base_spec(base_precision)]
-    specs += [adapter_spec(path) for path in adapters]
+def model_specs(adapters: Sequence[Path], only: set[str] | None, base_precision: str,
+                texts: TonePrompts | None = None) -> list[ModelSpec]:
+    """The base model first (with the tone's verbose prompt), then each adapter (with the prompt
+    it recorded), filtered by `--models` if given."""
+    texts = texts or TonePrompts.load(DEFAULT_PROMPTS_DIR, DEFAULT_DESCRIPTION, ("system_verbose", "system_concise"))
+    specs = [base_spec(base_precision, texts.system_prompt("verbose"))]
+    specs += [adapter_spec(path, texts.system_prompt("concise")) for path in adapters]
     if only:
         unknown = only - {spec.name for spec in specs}
         if unknown:
@@ -139,6 +144,7 @@ def prediction_record(spec: ModelSpec, family: str, policy: DecodingPolicy, batc
         "family": family,
         "precision": spec.precision,
         "system_prompt": spec.system_prompt_name,
+        "system_prompt_version": prompt_version(spec.system_prompt),
         "decoding": policy.to_dict(),
         "batch_size": batch_size,
         "bucket_tokens": bucket_tokens,
@@ -229,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     if leftovers:
         print(f"predict: skipping {len(leftovers)} adapter(s) not in train.grid (--all-adapters to include): "
               + ", ".join(p.name for p in leftovers))
-    specs = model_specs(adapters, only, config.evaluate.base_precision)
+    specs = model_specs(adapters, only, config.evaluate.base_precision, system_prompts(config.tone))
     for spec in specs:
         if spec.adapter_dir is not None:
             check_serving_policy(spec, policy, config.evaluate.batch_size, config.evaluate.bucket_tokens)

@@ -28,6 +28,7 @@ import json
 import math
 import textwrap
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +44,7 @@ from pipeline.core.config import (
 from pipeline.core.contracts import Tags, openai_family
 from pipeline.core.errors import TonetuneError, exit_on_user_error
 from pipeline.core.modeling import DecodingPolicy
+from pipeline.core.tone import on_style
 from pipeline.core.tracking import code_version_tags, configure_mlflow
 
 if TYPE_CHECKING:
@@ -64,10 +66,33 @@ FINETUNED_KINDS = ("lora", "openai-finetuned")
 PRECISION_NAMES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16", "int8": "int8"}
 
 
+@dataclass(frozen=True)
+class Style:
+    """The tone's on-style rate as the report names it: its record key (pct_<tone.name>), the
+    word in headers ("% conversational responses") and the rule in words."""
+
+    key: str = "pct_conversational"
+    name: str = "conversational"
+    rule: str = "its Flesch reading ease is >= 60"
+
+    @classmethod
+    def of(cls, tone) -> Style:
+        from pipeline.core.tone import describe_criteria, style_key
+
+        return cls(style_key(tone), tone.name.replace("_", " "), describe_criteria(tone.on_style))
+
+    @property
+    def header(self) -> str:
+        return f"% {self.name} responses"
+
+
+DEFAULT_STYLE = Style()
+
+
 # --------------------------------------------------------------------------- inputs
 
 
-def load_records(folders: Iterable[Path] = METRICS_DIRS) -> list[dict[str, Any]]:
+def load_records(folders: Iterable[Path] = METRICS_DIRS, style: Style = DEFAULT_STYLE) -> list[dict[str, Any]]:
     """Every model's metrics record, from all `*.json` files in `folders` (missing ones skipped)."""
     records = []
     for folder in folders:
@@ -76,7 +101,7 @@ def load_records(folders: Iterable[Path] = METRICS_DIRS) -> list[dict[str, Any]]
                 record = json.loads(path.read_text())
             except json.JSONDecodeError as error:
                 raise TonetuneError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from None
-            missing = [key for key in ("model", "kind", "pct_conversational") if key not in record]
+            missing = [key for key in ("model", "kind", style.key) if key not in record]
             if missing:
                 raise TonetuneError(f"{path}: not a metrics record, missing {missing} (see pipeline/core/evalmetrics.py)")
             records.append(record)
@@ -122,12 +147,12 @@ def ordered_families(records: Sequence[dict[str, Any]]) -> list[str]:
     return list(dict.fromkeys(open_weights + closed))
 
 
-def best_finetuned(records: Sequence[dict[str, Any]], family: str) -> dict[str, Any] | None:
-    """The family's most conversational fine-tuned model (ties: higher similarity), like Fig 2."""
+def best_finetuned(records: Sequence[dict[str, Any]], family: str, style: Style = DEFAULT_STYLE) -> dict[str, Any] | None:
+    """The family's most on-style fine-tuned model (ties: higher similarity), like Fig 2."""
     candidates = [r for r in records if family_of(r) == family and r.get("kind") in FINETUNED_KINDS]
     if not candidates:
         return None
-    return max(candidates, key=lambda r: (_num(r.get("pct_conversational")), _num(r.get("similarity_mean"))))
+    return max(candidates, key=lambda r: (_num(r.get(style.key)), _num(r.get("similarity_mean"))))
 
 
 def base_record(records: Sequence[dict[str, Any]], family: str) -> dict[str, Any] | None:
@@ -175,7 +200,8 @@ def data_type(record: dict[str, Any]) -> str:
     return PRECISION_NAMES.get(str(precision), str(precision)) if precision else UNKNOWN
 
 
-def results_rows(records: Sequence[dict[str, Any]], not_run: Sequence[str], openai: OpenAIConfig) -> list[dict[str, str]]:
+def results_rows(records: Sequence[dict[str, Any]], not_run: Sequence[str], openai: OpenAIConfig,
+                 style: Style = DEFAULT_STYLE, columns: Sequence[str] = ("flesch",)) -> list[dict[str, str]]:
     """Table A.6 as rows of strings, in the paper's order; not-run OpenAI models at the end."""
     rows = []
     for family in ordered_families(records):
@@ -187,12 +213,12 @@ def results_rows(records: Sequence[dict[str, Any]], not_run: Sequence[str], open
                 "LoRA r": "-" if is_base else _fmt(record.get("lora_r"), 0),
                 "Learning rate": "-" if is_base else _fmt_lr(record.get("learning_rate")),
                 "Training samples": _fmt(0 if is_base else record.get("n_train"), 0),
-                "% conversational responses": _fmt(record.get("pct_conversational"), 1),
-                "95% CI": _fmt_interval(record.get("pct_conversational_ci_low"), record.get("pct_conversational_ci_high")),
+                style.header: _fmt(record.get(style.key), 1),
+                "95% CI": _fmt_interval(record.get(f"{style.key}_ci_low"), record.get(f"{style.key}_ci_high")),
                 "Similarity prediction & correct answer": _fmt(record.get("similarity_mean"), 3),
                 "% ended turn": _fmt(record.get("stopped_pct"), 1, missing="-"),
                 "repetition": _fmt(record.get("repetition_rate"), 3, missing="-"),
-                "Mean Flesch": _fmt(record.get("flesch_mean"), 1),
+                **{mean_label(column): _fmt(record.get(f"{column}_mean"), 1) for column in columns},
                 "Mean words": _fmt(record.get("answer_words_mean"), 0),
                 "Run": str(record["model"]),
             })
@@ -200,23 +226,29 @@ def results_rows(records: Sequence[dict[str, Any]], not_run: Sequence[str], open
         for n_train in [0, *openai.n_train]:
             rows.append({
                 "Model": family, "Data type": UNKNOWN, "LoRA r": UNKNOWN, "Learning rate": UNKNOWN,
-                "Training samples": str(n_train), "% conversational responses": NOT_RUN, "95% CI": "-",
+                "Training samples": str(n_train), style.header: NOT_RUN, "95% CI": "-",
                 "Similarity prediction & correct answer": NOT_RUN, "% ended turn": "-", "repetition": "-",
-                "Mean Flesch": "-", "Mean words": "-", "Run": "-",
+                **{mean_label(column): "-" for column in columns}, "Mean words": "-", "Run": "-",
             })
     return rows
 
 
-def summary_rows(records: Sequence[dict[str, Any]], not_run: Sequence[str]) -> list[dict[str, str]]:
-    """The first table of A.6: per family, base and best fine-tuned % conversational."""
+def mean_label(column: str) -> str:
+    """`Mean Flesch` for the flesch column, `Mean <column>` for another style metric."""
+    return {"flesch": "Mean Flesch", "fk_grade": "Mean Flesch-Kincaid grade"}.get(column, f"Mean {column}")
+
+
+def summary_rows(records: Sequence[dict[str, Any]], not_run: Sequence[str],
+                 style: Style = DEFAULT_STYLE) -> list[dict[str, str]]:
+    """The first table of A.6: per family, base and best fine-tuned % on-style."""
     rows = []
     for family in ordered_families(records):
-        for label, record in (("base", base_record(records, family)), ("finetuned", best_finetuned(records, family))):
+        for label, record in (("base", base_record(records, family)), ("finetuned", best_finetuned(records, family, style))):
             if record is None:
                 continue
             rows.append({
                 "Model": f"{family} {label}",
-                "% conversational responses": _fmt(record.get("pct_conversational"), 1),
+                style.header: _fmt(record.get(style.key), 1),
                 "Similarity": _fmt(record.get("similarity_mean"), 3),
                 "% ended turn": _fmt(record.get("stopped_pct"), 1, missing="-"),
                 "repetition": _fmt(record.get("repetition_rate"), 3, missing="-"),
@@ -224,35 +256,34 @@ def summary_rows(records: Sequence[dict[str, Any]], not_run: Sequence[str]) -> l
             })
     for family in not_run:
         for label in ("base", "finetuned"):
-            rows.append({"Model": f"{family} {label}", "% conversational responses": NOT_RUN, "Similarity": NOT_RUN,
+            rows.append({"Model": f"{family} {label}", style.header: NOT_RUN, "Similarity": NOT_RUN,
                          "% ended turn": "-", "repetition": "-", "Run": "-"})
     return rows
 
 
-ABLATION_COLUMNS = (
-    ("% conversational", "pct_conversational", 1),
+ABLATION_COLUMNS = (  # after the tone's % on-style
     ("similarity", "similarity_mean", 3),
     ("% ended turn", "stopped_pct", 1),
     ("repetition", "repetition_rate", 3),
 )
 
 
-def ablation_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
+def ablation_rows(records: Sequence[dict[str, Any]], style: Style = DEFAULT_STYLE) -> list[dict[str, str]]:
     """The decoding ablation (score stage keys `ablation_greedy_*` / `ablation_policy_*`): each
     model under plain greedy and under the policy, on the same questions, side by side."""
     rows = []
     for record in sorted((r for r in records if r.get("ablation_n_eval")), key=_sort_key):
         row = {"Run": str(record["model"]), "Questions": _fmt(record.get("ablation_n_eval"), 0)}
-        for label, key, digits in ABLATION_COLUMNS:
+        for label, key, digits in ((f"% {style.name}", style.key, 1), *ABLATION_COLUMNS):
             row[f"{label} greedy"] = _fmt(record.get(f"ablation_greedy_{key}"), digits, missing="-")
             row[f"{label} policy"] = _fmt(record.get(f"ablation_policy_{key}"), digits, missing="-")
         rows.append(row)
     return rows
 
 
-def ablation_section(records: Sequence[dict[str, Any]], decoding: str | None) -> str:
+def ablation_section(records: Sequence[dict[str, Any]], decoding: str | None, style: Style = DEFAULT_STYLE) -> str:
     """## Decoding ablation, or nothing when the score stage recorded none."""
-    rows = ablation_rows(records)
+    rows = ablation_rows(records, style)
     if not rows:
         return ""
     return (
@@ -320,28 +351,31 @@ def optional_sections(judge: Sequence[dict[str, Any]], alignment: Sequence[dict[
 
 
 def render_results(
-    records: Sequence[dict[str, Any]], not_run: Sequence[str], openai: OpenAIConfig, threshold: float,
+    records: Sequence[dict[str, Any]], not_run: Sequence[str], openai: OpenAIConfig, threshold: float | None = None,
     decoding: str | None = None, judge: Sequence[dict[str, Any]] = (), alignment: Sequence[dict[str, Any]] = (),
+    style: Style | None = None, columns: Sequence[str] = ("flesch",),
 ) -> str:
-    """The whole of reports/results.md."""
+    """The whole of reports/results.md (`threshold`: the paper's rule, Flesch >= it; `style`: a tone's)."""
+    if style is None:
+        style = Style(rule=f"its Flesch reading ease is >= {60 if threshold is None else threshold:g}")
     evaluated = sorted({r.get("n_eval") for r in records if r.get("n_eval")})
     figures = "\n".join(f"![{key}](figures/{name})" for key, name in FIGURE_FILES.items())
     return (
         "# Results (shape of the paper's appendix A.6)\n\n"
-        f"Generated by `dvc repro report` from `metrics/eval/*.json`. A response is conversational when its "
-        f"Flesch reading ease is >= {threshold:g}. Base models answer with the paper's verbose system prompt, "
+        f"Generated by `dvc repro report` from `metrics/eval/*.json`. A response is {style.name} when "
+        f"{style.rule}. Base models answer with the paper's verbose system prompt, "
         "fine-tuned models with the concise one (appendix A.5). Similarity: mean cosine between the embeddings "
         f"of the answer and the reference answer. Validation questions per model: {', '.join(map(str, evaluated)) or '-'}. "
-        "95% CI: percentile bootstrap of % conversational. "
+        f"95% CI: percentile bootstrap of % {style.name}. "
         f"Decoding, the same for every model: {decoding or 'see params.yaml evaluate.decoding'}. "
         "% ended turn: answers that ended their turn before the token cap (the rest ran to it); repetition: "
         "mean share of repeated word 4-grams per answer (a looping answer scores near 1).\n\n"
         "## Base vs best fine-tuned model\n\n"
-        + markdown_table(summary_rows(records, not_run))
+        + markdown_table(summary_rows(records, not_run, style))
         + "\n## All models\n\n"
-        + markdown_table(results_rows(records, not_run, openai))
+        + markdown_table(results_rows(records, not_run, openai, style, columns))
         + (f"\nOpenAI models marked {NOT_RUN!r}: `openai.enabled` is false or their metrics are missing.\n" if not_run else "")
-        + ablation_section(records, decoding)
+        + ablation_section(records, decoding, style)
         + optional_sections(judge, alignment)
         + "\n## Figures\n\n"
         + figures
@@ -352,7 +386,7 @@ def render_results(
 # --------------------------------------------------------------------------- plot data
 
 
-def lora_points(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
+def lora_points(records: Sequence[dict[str, Any]], style: Style = DEFAULT_STYLE) -> pd.DataFrame:
     """Tidy rows for Figs 3-4: one per (precision, r, lr, n_train), each line starting at the
     base model (n_train 0) of its family."""
     import pandas as pd
@@ -364,11 +398,11 @@ def lora_points(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
         rows.append({
             "family": family_of(record), "precision": str(record.get("precision") or UNKNOWN),
             "lora_r": record.get("lora_r"), "learning_rate": record.get("learning_rate"),
-            "n_train": record.get("n_train"), "pct_conversational": record.get("pct_conversational"),
+            "n_train": record.get("n_train"), style.key: record.get(style.key),
             "similarity": record.get("similarity_mean"), "model": record["model"],
         })
     frame = pd.DataFrame(rows, columns=["family", "precision", "lora_r", "learning_rate", "n_train",
-                                        "pct_conversational", "similarity", "model"])
+                                        style.key, "similarity", "model"])
     frame = frame.dropna(subset=["n_train"])  # no x position without a training-set size
     if frame.empty:
         return frame.assign(panel=[], series=[])
@@ -377,7 +411,7 @@ def lora_points(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
         base = base_record(records, family)
         if base is not None:
             starts.append({"family": family, "precision": precision, "lora_r": r, "learning_rate": lr, "n_train": 0,
-                           "pct_conversational": base.get("pct_conversational"),
+                           style.key: base.get(style.key),
                            "similarity": base.get("similarity_mean"), "model": base["model"]})
     frame = pd.concat([pd.DataFrame(starts, columns=frame.columns), frame], ignore_index=True)
     frame["panel"] = frame["precision"].map(lambda p: PRECISION_NAMES.get(p, p)) + ", r=" + frame["lora_r"].map(
@@ -387,31 +421,33 @@ def lora_points(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
     return frame.sort_values(["family", "precision", "lora_r", "learning_rate", "n_train"], kind="stable").reset_index(drop=True)
 
 
-def bar_points(records: Sequence[dict[str, Any]], not_run: Sequence[str]) -> pd.DataFrame:
+def bar_points(records: Sequence[dict[str, Any]], not_run: Sequence[str], style: Style = DEFAULT_STYLE) -> pd.DataFrame:
     """Fig 2's bars: per family, base and best fine-tuned (NaN for not-run families)."""
     import pandas as pd
 
     rows = []
     for family in [*ordered_families(records), *not_run]:
-        for label, record in (("base", base_record(records, family)), ("fine-tuned", best_finetuned(records, family))):
+        for label, record in (("base", base_record(records, family)), ("fine-tuned", best_finetuned(records, family, style))):
             rows.append({
                 "model": f"{family} {label}", "family": family, "variant": label,
-                "pct_conversational": record.get("pct_conversational") if record else math.nan,
-                "ci_low": record.get("pct_conversational_ci_low") if record else math.nan,
-                "ci_high": record.get("pct_conversational_ci_high") if record else math.nan,
+                style.key: record.get(style.key) if record else math.nan,
+                "ci_low": record.get(f"{style.key}_ci_low") if record else math.nan,
+                "ci_high": record.get(f"{style.key}_ci_high") if record else math.nan,
                 "run": record["model"] if record else NOT_RUN,
             })
     return pd.DataFrame(rows)
 
 
-def write_plot_data(lines: pd.DataFrame, bars: pd.DataFrame, folder: Path = PLOTS_DIR) -> list[Path]:
-    """CSV files behind `dvc plots show` (x/y columns named as in dvc.yaml's `plots`)."""
+def write_plot_data(lines: pd.DataFrame, bars: pd.DataFrame, folder: Path = PLOTS_DIR,
+                    style: Style = DEFAULT_STYLE) -> list[Path]:
+    """CSV files behind `dvc plots show` (x/y columns named as in dvc.yaml's `plots` for the
+    default tone; another tone's on-style column is its own pct_<name>)."""
     folder.mkdir(parents=True, exist_ok=True)
     columns = ["panel", "series", "n_train"]
     paths = {
-        "conversational_vs_samples.csv": lines[[*columns, "pct_conversational", "model"]],
+        "conversational_vs_samples.csv": lines[[*columns, style.key, "model"]],
         "similarity_vs_samples.csv": lines[[*columns, "similarity", "model"]],
-        "base_vs_finetuned.csv": bars.dropna(subset=["pct_conversational"])[["model", "pct_conversational", "run"]],
+        "base_vs_finetuned.csv": bars.dropna(subset=[style.key])[["model", style.key, "run"]],
     }
     written = []
     for name, frame in paths.items():
@@ -434,8 +470,9 @@ def _pyplot():
     return plt
 
 
-def figure_base_vs_finetuned(bars: pd.DataFrame, threshold: float, path: Path) -> Path:
-    """Fig 2: % conversational responses, base vs best fine-tuned, per model family."""
+def figure_base_vs_finetuned(bars: pd.DataFrame, threshold: float | None, path: Path,
+                             style: Style = DEFAULT_STYLE) -> Path:
+    """Fig 2: % on-style responses, base vs best fine-tuned, per model family."""
     import numpy as np
 
     plt = _pyplot()
@@ -446,7 +483,7 @@ def figure_base_vs_finetuned(bars: pd.DataFrame, threshold: float, path: Path) -
     for offset, variant in ((-width / 2, "base"), (width / 2, "fine-tuned")):
         part = bars[bars["variant"] == variant].set_index("family").reindex(families)
         x = np.arange(len(families)) + offset
-        values = part["pct_conversational"].to_numpy(dtype=float)
+        values = part[style.key].to_numpy(dtype=float)
         errors = np.vstack([values - part["ci_low"].to_numpy(dtype=float), part["ci_high"].to_numpy(dtype=float) - values])
         axes.bar(x, np.nan_to_num(values), width, color=colours[variant], label=variant,
                  yerr=np.where(np.isfinite(errors), errors, 0), capsize=4, error_kw={"elinewidth": 1})
@@ -461,7 +498,8 @@ def figure_base_vs_finetuned(bars: pd.DataFrame, threshold: float, path: Path) -
         for family, run in zip(families, best_runs, strict=True)
     ], fontsize=8.5)
     axes.set_ylim(0, 115)
-    axes.set_ylabel(f"% conversational responses (Flesch >= {threshold:g})")
+    axes.set_ylabel(f"{style.header} ({style.rule.removeprefix('its ')})" if threshold is None
+                    else f"{style.header} (Flesch >= {threshold:g})")
     axes.set_title("Base model (verbose prompt) vs fine-tuned (concise prompt)")
     axes.legend(loc="upper left", frameon=False, ncols=2)
     axes.spines[["top", "right"]].set_visible(False)
@@ -540,12 +578,14 @@ def similarity_limits(lines: pd.DataFrame) -> tuple[float, float] | None:
     return max(0.0, middle - half), min(1.0, middle + half)
 
 
-def make_figures(lines: pd.DataFrame, bars: pd.DataFrame, threshold: float, folder: Path = FIGURES_DIR) -> list[Path]:
-    """Figures 2-4 as PNGs in `folder`."""
+def make_figures(lines: pd.DataFrame, bars: pd.DataFrame, threshold: float | None, folder: Path = FIGURES_DIR,
+                 style: Style = DEFAULT_STYLE) -> list[Path]:
+    """Figures 2-4 as PNGs in `folder` (`threshold`: the paper's Flesch rule; None: the style's rule)."""
+    rule = f"Flesch >= {threshold:g}" if threshold is not None else style.rule.removeprefix("its ")
     return [
-        figure_base_vs_finetuned(bars, threshold, folder / FIGURE_FILES["fig2"]),
-        figure_vs_samples(lines, "pct_conversational", "% conversational responses",
-                          f"% conversational responses (Flesch >= {threshold:g}) vs training samples",
+        figure_base_vs_finetuned(bars, threshold, folder / FIGURE_FILES["fig2"], style),
+        figure_vs_samples(lines, style.key, style.header,
+                          f"{style.header} ({rule}) vs training samples",
                           folder / FIGURE_FILES["fig3"], ylim=(0, 105)),
         figure_vs_samples(lines, "similarity", "similarity (answer, reference)",
                           "Similarity of prediction and correct answer vs training samples",
@@ -556,7 +596,7 @@ def make_figures(lines: pd.DataFrame, bars: pd.DataFrame, threshold: float, fold
 # --------------------------------------------------------------------------- MLflow and wiring
 
 
-def log_report(paths: Sequence[Path], records: Sequence[dict[str, Any]], tracking) -> str:
+def log_report(paths: Sequence[Path], records: Sequence[dict[str, Any]], tracking, style: Style = DEFAULT_STYLE) -> str:
     """One MLflow run `report` with results.md, the figures and the plot data; returns its id."""
     import mlflow
 
@@ -568,9 +608,9 @@ def log_report(paths: Sequence[Path], records: Sequence[dict[str, Any]], trackin
         metrics = {}
         for family in ordered_families(records):
             slug = "".join(c if c.isalnum() else "_" for c in family)
-            for label, record in (("base", base_record(records, family)), ("best", best_finetuned(records, family))):
-                if record and isinstance(record.get("pct_conversational"), int | float):
-                    metrics[f"{slug}.{label}_pct_conversational"] = float(record["pct_conversational"])
+            for label, record in (("base", base_record(records, family)), ("best", best_finetuned(records, family, style))):
+                if record and isinstance(record.get(style.key), int | float):
+                    metrics[f"{slug}.{label}_{style.key}"] = float(record[style.key])
         mlflow.log_metrics(metrics)
         mlflow.log_metric("n_models", len(records))
         return run.info.run_id
@@ -590,22 +630,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     config = load_config()
-    records = load_records()
+    style = Style.of(config.tone)
+    records = load_records(style=style)
     if not records:
         raise TonetuneError(f"no metrics in {', '.join(map(str, METRICS_DIRS))} (run `dvc repro score` first)")
     not_run = not_run_openai_families(records, config.openai)
-    threshold = config.evaluate.conversational_threshold
+    paper_rule = (len(config.tone.on_style) == 1 and config.tone.on_style[0].metric == "flesch_reading_ease"
+                  and config.tone.on_style[0].direction == "higher")
+    threshold = config.tone.on_style[0].threshold if paper_rule else None  # the paper's wording when it is its rule
+    if paper_rule:
+        style = Style(style.key, style.name, f"its Flesch reading ease is >= {threshold:g}")
+    columns = on_style(config.tone).columns
     RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
     decoding = DecodingPolicy.for_evaluation(config.evaluate).describe()
     judge, alignment = load_optional_records(JUDGE_METRICS_DIR), load_optional_records(ALIGNMENT_METRICS_DIR)
-    RESULTS_PATH.write_text(render_results(records, not_run, config.openai, threshold, decoding, judge, alignment))
-    lines, bars = lora_points(records), bar_points(records, not_run)
-    paths = [RESULTS_PATH, *write_plot_data(lines, bars), *make_figures(lines, bars, threshold)]
-    run_id = None if args.no_mlflow else log_report(paths, records, config.tracking)
+    RESULTS_PATH.write_text(render_results(records, not_run, config.openai, threshold, decoding, judge, alignment,
+                                           style=style, columns=columns))
+    lines, bars = lora_points(records, style), bar_points(records, not_run, style)
+    paths = [RESULTS_PATH, *write_plot_data(lines, bars, style=style), *make_figures(lines, bars, threshold, style=style)]
+    run_id = None if args.no_mlflow else log_report(paths, records, config.tracking, style)
     print(f"report: {len(records)} model(s) -> {RESULTS_PATH}, {len(FIGURE_FILES)} figures in {FIGURES_DIR}"
           + (f"; MLflow run {run_id}" if run_id else ""))
-    for row in summary_rows(records, not_run):
-        print(f"report:   {row['Model']:<40} {row['% conversational responses']:>8} % conversational, similarity "
+    for row in summary_rows(records, not_run, style):
+        print(f"report:   {row['Model']:<40} {row[style.header]:>8} % {style.name}, similarity "
               f"{row['Similarity']}, % ended turn {row['% ended turn']}, repetition {row['repetition']}")
 
 

@@ -4,11 +4,11 @@
 
 Reads reports/predictions/<model>.parquet + .json (the predict stage) and, per model:
 
-- scores each answer (pipeline.core.predictions.score_answers: Flesch reading ease, cosine
+- scores each answer (pipeline.core.predictions.score_answers: the tone's style metrics, cosine
   similarity to the reference answer under the `embeddings` model) and its repetition (share of
   repeated word 4-grams, pipeline.core.textmetrics.repeated_ngram_rate);
 - summarises (pipeline.core.evalmetrics.summarize_predictions, the same code as the OpenAI arm):
-  % conversational with a bootstrap interval, Flesch, similarity, length, and degeneration:
+  % on-style (`pct_<tone.name>`) with a bootstrap interval, the style metrics, similarity, length, and degeneration:
   `stopped_pct` (% of answers that ended their turn) and `repetition_rate`;
 - the decoding ablation, when predict ran it: the same summary under plain greedy and under the
   policy, on the same first `evaluate.ablation_limit` questions (keys `ablation_*`);
@@ -21,7 +21,7 @@ Reads reports/predictions/<model>.parquet + .json (the predict stage) and, per m
   model (or an adapter without a training run) gets an `eval-<model>` run whose start and end
   times are those of its inference in the predict stage.
 
-Changing `conversational_threshold`, `bootstrap_samples` or `embeddings` re-runs only this stage.
+Changing the tone's `on_style` criteria, `bootstrap_samples` or `embeddings` re-runs only this stage.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.core.adapterinfo import merge_metadata
-from pipeline.core.config import VAL_SPLIT_PATH, Config, load_config
+from pipeline.core.config import VAL_SPLIT_PATH, Config, ToneConfig, load_config
 from pipeline.core.contracts import Tags
 from pipeline.core.dvcmeta import file_md5
 from pipeline.core.errors import TonetuneError, exit_on_user_error
@@ -53,6 +53,7 @@ from pipeline.core.predictions import (
 )
 from pipeline.core.tables import read_table, write_table
 from pipeline.core.textmetrics import load_embedder, repeated_ngram_rate
+from pipeline.core.tone import on_style, style_key, style_label, tone_tags
 from pipeline.core.tracking import code_version_tags, configure_mlflow, find_run
 
 if TYPE_CHECKING:
@@ -60,7 +61,7 @@ if TYPE_CHECKING:
 
 ABLATION_DIRNAME = "ablation"
 REPETITION_N = 4
-ABLATION_KEYS = ("pct_conversational", "similarity_mean", "stopped_pct", "repetition_rate")
+ABLATION_KEYS = ("similarity_mean", "stopped_pct", "repetition_rate")  # after the tone's pct_<name>
 PREDICTION_COLUMNS = ("question", "reference", "answer", "n_tokens", "stopped")
 OPTIONAL_COLUMNS = ("id", "factual")
 RUN_NAME_PREFIX = "eval-"
@@ -84,11 +85,12 @@ class Scorer:
         result = GenerationResult(frame["answer"].fillna("").astype(str).tolist(), frame["n_tokens"].astype(int).tolist(),
                                   frame["stopped"].astype(bool).tolist(), 0.0)
         validation = frame[[c for c in ("id", "question") if c in frame.columns]].assign(answer=frame["reference"])
-        scored = score_answers(validation, result, self._references[references], self.embedder)
+        criteria = on_style(self.config.tone)
+        scored = score_answers(validation, result, self._references[references], self.embedder, criteria)
         scored[f"repeated_{REPETITION_N}gram_rate"] = [repeated_ngram_rate(a, REPETITION_N) for a in result.answers]
         settings = self.config.evaluate
-        summary = summarize_predictions(scored, settings.conversational_threshold, settings.bootstrap_samples,
-                                        settings.seed)
+        summary = summarize_predictions(scored, criteria, settings.bootstrap_samples, settings.seed,
+                                        style_key=style_key(self.config.tone))
         if "repetition_rate" not in summary:  # pipeline.core.evalmetrics may compute it itself
             summary["repetition_rate"] = float(scored[f"repeated_{REPETITION_N}gram_rate"].mean())
         if "factual" in frame.columns:  # the content metric: similarity to the factual answer
@@ -123,7 +125,7 @@ def ablation_summary(scorer: Scorer, scored: pd.DataFrame, greedy_frame: pd.Data
     _, greedy = scorer.score(greedy_frame)
     _, policy = scorer.score(scored.head(n)[list(PREDICTION_COLUMNS) + [c for c in OPTIONAL_COLUMNS if c in scored]])
     values: dict[str, float] = {"ablation_n_eval": n}
-    for key in ABLATION_KEYS:
+    for key in (style_key(scorer.config.tone), *ABLATION_KEYS):
         values[f"ablation_greedy_{key}"] = greedy.get(key)
         values[f"ablation_policy_{key}"] = policy.get(key)
     return values
@@ -154,13 +156,14 @@ def evaluation_tags(prediction: dict[str, Any], config: Config, n_eval: int) -> 
     policy = DecodingPolicy.from_dict(prediction["decoding"])
     tags = {
         "eval.system_prompt": str(prediction.get("system_prompt")),
+        "eval.system_prompt_version": str(prediction.get("system_prompt_version")),
         "eval.precision": str(prediction["precision"]),
         "eval.decoding": policy.describe(),
         "eval.decoding_json": json.dumps(policy.to_dict(), sort_keys=True),
         "eval.batch_size": str(prediction.get("batch_size")),
         "eval.bucket_tokens": str(prediction.get("bucket_tokens")),
         "eval.max_new_tokens": str(policy.max_new_tokens),
-        "eval.conversational_threshold": str(config.evaluate.conversational_threshold),
+        **tone_tags(config.tone, "eval.", "eval.conversational_threshold"),
         "eval.embeddings_model": config.embeddings.model,
         "eval.n_eval": str(n_eval),
         **{f"eval.{key}": value for key, value in code_version_tags().items() if not key.startswith("mlflow.")},
@@ -234,18 +237,21 @@ def log_validation_input(client, run_id: str) -> None:
 # --------------------------------------------------------------------------- wiring
 
 
-def describe(record: dict[str, Any]) -> str:
+def describe(record: dict[str, Any], tone: ToneConfig) -> str:
     """One line per model."""
 
     def number(key: str, digits: int) -> str:
         value = record.get(key)
         return "n/a" if value is None else f"{value:.{digits}f}"
 
+    key = style_key(tone)
+    means = ", ".join(f"{'Flesch' if column == 'flesch' else column} {number(column + '_mean', 1)}"
+                      for column in on_style(tone).columns)
     return (
-        f"score: {record['model']}: {number('pct_conversational', 1)}% conversational "
-        f"[{number('pct_conversational_ci_low', 1)}, {number('pct_conversational_ci_high', 1)}], "
+        f"score: {record['model']}: {number(key, 1)}{style_label(tone)} "
+        f"[{number(key + '_ci_low', 1)}, {number(key + '_ci_high', 1)}], "
         f"similarity {number('similarity_mean', 3)}, to the factual answer {number('content_similarity_mean', 3)}, "
-        f"Flesch {number('flesch_mean', 1)}, "
+        f"{means}, "
         f"{number('stopped_pct', 0)}% ended their turn, repetition {number('repetition_rate', 3)}"
     )
 
@@ -281,7 +287,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m pipeline.score",
         description=f"Stage score: metrics of every model from {PREDICTIONS_DIR}/<model>.parquet; writes "
         f"{EVAL_METRICS_DIR}/<model>.json and {SCORES_DIR}/<model>.parquet, logs to MLflow "
-        "(params: evaluate.conversational_threshold, bootstrap_samples, seed; embeddings.*).",
+        "(params: tone.on_style, tone.name, tone.language; evaluate.bootstrap_samples, seed; embeddings.*).",
     )
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     return parser.parse_args(argv)
@@ -304,7 +310,7 @@ def main(argv: list[str] | None = None) -> None:
     for stale in [*EVAL_METRICS_DIR.glob("*.json"), *SCORES_DIR.glob("*.parquet")]:
         stale.unlink()
     for path in records:
-        print(describe(score_model(scorer, path, client, experiment_id)), flush=True)
+        print(describe(score_model(scorer, path, client, experiment_id), config.tone), flush=True)
 
 
 if __name__ == "__main__":

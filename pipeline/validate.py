@@ -3,7 +3,7 @@
 A great-expectations (GX Core 1.x) suite over data/generated/pairs.parquet that recomputes the
 paper's rules instead of trusting the numbers generation wrote:
 
-- every conversational answer has Flesch reading ease >= generate.flesch_threshold
+- every answer passes the tone's gate, recomputed (tone.gate; default Flesch reading ease >= 75)
   (recomputed with textstat into `flesch_recomputed`);
 - no question is a near duplicate of an EARLIER question in file order: the max cosine of its
   embedding with every earlier question's (`question_max_prior_cosine`) is <= generate.dedup_threshold
@@ -48,6 +48,8 @@ from pipeline.core.config import (
 )
 from pipeline.core.errors import TonetuneError, exit_on_user_error
 from pipeline.core.io import write_json
+from pipeline.core.tone import Criteria, describe_criteria
+from pipeline.core.tone import gate as tone_gate
 
 if TYPE_CHECKING:
     import numpy as np
@@ -154,11 +156,12 @@ def max_cosine_to_earlier(vectors: np.ndarray, block_rows: int = 1024) -> tuple[
     return best, nearest
 
 
-def recompute_columns(frame: pd.DataFrame, embedder: Embedder) -> pd.DataFrame:
+def recompute_columns(frame: pd.DataFrame, embedder: Embedder, gate: Criteria | None = None) -> pd.DataFrame:
     """Add the gate's recomputed columns (the stored flesch/faithfulness are never read).
 
-    flesch_recomputed, question_max_prior_cosine, question_nearest_prior_id and
-    faithfulness_recomputed; NaN where the text needed is null or blank.
+    flesch_recomputed, <column>_recomputed for each other metric of the tone's gate,
+    question_max_prior_cosine, question_nearest_prior_id and faithfulness_recomputed; NaN where
+    the text needed is null or blank.
     """
     import numpy as np
 
@@ -169,6 +172,11 @@ def recompute_columns(frame: pd.DataFrame, embedder: Embedder) -> pd.DataFrame:
     flesch = np.full(len(frame), np.nan)
     flesch[answers_ok] = flesch_reading_ease_batch(frame.loc[answers_ok, "answer"])
     frame["flesch_recomputed"] = flesch
+    for column, values in (gate.score(frame.loc[answers_ok, "answer"].tolist()).items() if gate else ()):
+        if column != "flesch":
+            recomputed = np.full(len(frame), np.nan)
+            recomputed[answers_ok] = values
+            frame[f"{column}_recomputed"] = recomputed
 
     questions_ok = usable_text(frame["question"]).to_numpy()
     best, nearest = max_cosine_to_earlier(embed_usable(frame["question"], embedder))
@@ -189,8 +197,31 @@ def recompute_columns(frame: pd.DataFrame, embedder: Embedder) -> pd.DataFrame:
 # --------------------------------------------------------------------------- the suite
 
 
-def build_checks(thresholds: GenerateConfig, bounds: ValidateConfig) -> list[Check]:
+def gate_checks(gate: Criteria) -> list[tuple[str, str, str, Any]]:
+    """One expectation per criterion of the tone's gate, on the recomputed column: `answer_flesch`
+    for Flesch reading ease (its name since the first release), `answer_<column>` otherwise."""
+    import great_expectations.expectations as gxe
+
+    from pipeline.core.tone import FLESCH, describe_criterion, metric_column
+
+    checks = []
+    for criterion in gate.criteria:
+        column = f"{metric_column(criterion.metric)}_recomputed"
+        bound = {"min_value" if criterion.direction == "higher" else "max_value": criterion.threshold}
+        if criterion.metric == FLESCH and criterion.direction == "higher":
+            rule = f"conversational answer Flesch reading ease (recomputed) >= {criterion.threshold:g}"
+        else:
+            rule = f"answer {describe_criterion(criterion)} (recomputed)"
+        checks.append((f"answer_{metric_column(criterion.metric)}", column, rule,
+                       gxe.ExpectColumnValuesToBeBetween(column=column, **bound)))
+    return checks
+
+
+def build_checks(thresholds: GenerateConfig, bounds: ValidateConfig, gate: Criteria | None = None) -> list[Check]:
     """The gate's rules as GX expectations, each tagged with a stable check name in `meta`."""
+    from pipeline.core.tone import Criteria
+
+    gate = gate or Criteria.flesch_at_least(75.0)
     import great_expectations.expectations as gxe
 
     checks: list[tuple[str, str, str, Any]] = [
@@ -214,9 +245,7 @@ def build_checks(thresholds: GenerateConfig, bounds: ValidateConfig) -> list[Che
          f"answer length is {bounds.min_answer_chars}..{bounds.max_answer_chars} characters",
          gxe.ExpectColumnValueLengthsToBeBetween(
              column="answer", min_value=bounds.min_answer_chars, max_value=bounds.max_answer_chars)),
-        ("answer_flesch", "flesch_recomputed",
-         f"conversational answer Flesch reading ease (recomputed) >= {thresholds.flesch_threshold:g}",
-         gxe.ExpectColumnValuesToBeBetween(column="flesch_recomputed", min_value=thresholds.flesch_threshold)),
+        *gate_checks(gate),
         ("question_not_near_duplicate", "question_max_prior_cosine",
          f"max cosine of a question with any earlier question (recomputed) <= {thresholds.dedup_threshold:g}",
          gxe.ExpectColumnValuesToBeBetween(
@@ -347,7 +376,7 @@ def build_summary(outcomes: list[CheckOutcome], frame: pd.DataFrame, pairs_path:
         "pairs_path": pairs_path.as_posix(),
         "pairs_md5": file_md5(pairs_path),
         "thresholds": {
-            "flesch_min": config.generate.flesch_threshold,
+            "gate": describe_criteria(config.tone.gate),
             "dedup_max_cosine": config.generate.dedup_threshold,
             "faithfulness_min": config.generate.faithfulness_threshold,
             "embedding_tolerance": EMBEDDING_TOLERANCE,
@@ -412,8 +441,9 @@ def replace_dir(new: Path, target: Path) -> None:
 
 def run_gate(frame: pd.DataFrame, config, embedder: Embedder, docs_dir: Path) -> tuple[pd.DataFrame, list[CheckOutcome]]:
     """Recompute, validate, and write Data Docs to `docs_dir` (built aside, then swapped in)."""
-    scored = recompute_columns(frame, embedder)
-    checks = build_checks(config.generate, config.validate_)
+    gate = tone_gate(config.tone)
+    scored = recompute_columns(frame, embedder, gate)
+    checks = build_checks(config.generate, config.validate_, gate)
     staging = docs_dir.with_name(f".{docs_dir.name}.building")
     if staging.exists():
         shutil.rmtree(staging)

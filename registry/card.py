@@ -13,10 +13,10 @@ from typing import Any
 
 from pipeline.core.contracts import Tags
 from registry.evidence import MAX_TAG_CHARS, redact
-from registry.policy import as_float
+from registry.policy import DEFAULT_TONE, as_float, tone_of
 
 PRODUCTION = "production"
-METRIC_ROWS = (  # (label, metric key, digits)
+METRIC_ROWS = (  # (label, metric key, digits) of the default tone
     ("% conversational", "pct_conversational", 1),
     ("similarity to reference", "similarity_mean", 3),
     ("similarity to the factual answer", "content_similarity_mean", 3),
@@ -25,6 +25,18 @@ METRIC_ROWS = (  # (label, metric key, digits)
     ("% answers that ended their turn", "stopped_pct", 1),
     ("repeated 4-gram rate", "repetition_rate", 3),
 )
+STYLE_LABELS = {"flesch": "mean Flesch", "fk_grade": "mean Flesch-Kincaid grade", "words": "mean words"}
+
+
+def metric_rows(tags: dict[str, str]) -> tuple[tuple[str, str, int], ...]:
+    """The card's metric rows for the version's tone: % on-style under its own name, then the mean
+    of each style metric the version carries (`metric.<column>_median` marks one)."""
+    tone = tone_of(tags)
+    columns = [key.removeprefix(Tags.METRIC_PREFIX).removesuffix("_median") for key in tags
+               if key.startswith(Tags.METRIC_PREFIX) and key.endswith("_median")]
+    style = tuple((STYLE_LABELS.get(column, f"mean {column}"), f"{column}_mean", 1) for column in sorted(columns))
+    rows = (METRIC_ROWS[0:1] if tone == DEFAULT_TONE else ((f"% {tone.replace('_', ' ')}", f"pct_{tone}", 1),))
+    return (*rows, *METRIC_ROWS[1:3], *(style or METRIC_ROWS[3:4]), *METRIC_ROWS[4:])
 
 
 def fmt(value: Any, digits: int) -> str:
@@ -86,6 +98,19 @@ def forced_section(tags: dict[str, str]) -> str:
             f"{tags.get(Tags.PROMOTE_FORCE_REASON) or '-'}\n")
 
 
+def prompt_line(tags: dict[str, str]) -> str:
+    """The prompt files the adapter was trained with: name, version (sha256 of the file, 12 hex)
+    and Prompt Registry URI, from the training run's tags; a version registered before prompts
+    were files has none."""
+    names = sorted(key.removeprefix("prompt.").removesuffix(".version") for key in tags
+                   if key.startswith("prompt.") and key.endswith(".version"))
+    if not names:
+        return "not recorded (trained before prompts were versioned files: the paper's texts)"
+    listed = [f"`{n}` {tags[f'prompt.{n}.version']}" + (f" ({tags[f'prompt.{n}.uri']})" if tags.get(f"prompt.{n}.uri") else "")
+              for n in names]
+    return f"{', '.join(listed)}; from `{tags.get('tone.prompts', '-')}`."
+
+
 def model_card(name: str, version: str, tags: dict[str, str]) -> str:
     """The version description: what it is, its data, its metrics vs the base, how to load it,
     and (when forced) what the promotion overrode and why."""
@@ -93,14 +118,20 @@ def model_card(name: str, version: str, tags: dict[str, str]) -> str:
     data_lines = [f"- {tags.get(Tags.dataset(d, 'path'), d)}: DVC md5 `{tags[Tags.dataset(d, 'dvc_md5')]}`" for d in datasets]
     quality = {"true": "passed", "false": "FAILED"}.get(tags.get(Tags.DQ_SUCCESS, ""), "unknown")
     mine, base, param = Tags.METRIC_PREFIX, Tags.BASE_PREFIX, Tags.PARAM_PREFIX
-    table = "\n".join(f"| {label} | {fmt(tags.get(mine + key), d)} | {fmt(tags.get(base + key), d)} |" for label, key, d in METRIC_ROWS)
-    interval = f"[{fmt(tags.get(mine + 'pct_conversational_ci_low'), 1)}, {fmt(tags.get(mine + 'pct_conversational_ci_high'), 1)}]"
-    card = f"""# {name} v{version}: conversational LoRA adapter for {tags.get(param + 'base_model_id', 'the base model')}
+    table = "\n".join(f"| {label} | {fmt(tags.get(mine + key), d)} | {fmt(tags.get(base + key), d)} |"
+                      for label, key, d in metric_rows(tags))
+    tone = tone_of(tags)
+    key = f"pct_{tone}"
+    interval = f"[{fmt(tags.get(mine + key + '_ci_low'), 1)}, {fmt(tags.get(mine + key + '_ci_high'), 1)}]"
+    on_style = tags.get("tone.on_style") or f"Flesch >= {tags.get('evaluate.conversational_threshold')}"
+    described = (f"in {tags['tone.description']}" if tags.get("tone.description")
+                 else "in a natural, conversational tone for voice agents")
+    card = f"""# {name} v{version}: {tone.replace('_', ' ')} LoRA adapter for {tags.get(param + 'base_model_id', 'the base model')}
 
 **What it is.** A LoRA adapter (precision {tags.get(param + 'precision')}, r={tags.get(param + 'lora_r')}, \
 alpha={tags.get(param + 'lora_alpha')}, learning rate {tags.get(param + 'learning_rate')}) fine-tuned on \
-{tags.get(param + 'n_train')} LLM-simulated question/answer pairs in a natural, conversational tone for voice \
-agents (tonetune's reproduction of "Fine-tuning on simulated data outperforms prompting for agent tone of \
+{tags.get(param + 'n_train')} LLM-simulated question/answer pairs {described} \
+(tonetune's reproduction of "Fine-tuning on simulated data outperforms prompting for agent tone of \
 voice"). It answers with the concise system prompt it was trained with. The base model is referenced, not \
 copied (weights sha256 `{str(tags.get(param + 'base_model_sha256', '-'))[:16]}...`).
 {forced_section(tags)}
@@ -109,13 +140,15 @@ copied (weights sha256 `{str(tags.get(param + 'base_model_sha256', '-'))[:16]}..
 - pairs.parquet md5 `{tags.get(Tags.DQ_PAIRS_MD5, '-')}`, data-quality gate: {quality} \
 ({tags.get(Tags.DQ_SOURCE, '-')}); generation run `{tags.get(Tags.GENERATION_RUN_ID, '-')}`
 
+**Prompts.** {prompt_line(tags)}
+
 **Decision on the held-out test set** (paired by question against the base; docs/evaluation.md
 explains how to read it):
 
 {chr(10).join('- ' + line.strip() for line in decision_lines(tags))}
 
-**Metrics vs the base model** (validation set, n = {fmt(tags.get(mine + 'n_eval'), 0)}; conversational = \
-Flesch >= {tags.get('evaluate.conversational_threshold')}; 95% bootstrap interval {interval}; the base \
+**Metrics vs the base model** (validation set, n = {fmt(tags.get(mine + 'n_eval'), 0)}; {tone.replace('_', ' ')} = \
+{on_style}; 95% bootstrap interval {interval}; the base \
 answers with the paper's verbose prompt; the last two rows are degeneration: answers that ran to the \
 token cap, and loops):
 

@@ -25,6 +25,7 @@ from pipeline.core.errors import TonetuneError, exit_on_user_error
 from pipeline.core.tracking import open_client
 from registry.card import decision_lines
 from registry.evidence import read_heldout
+from registry.policy import tone_of
 from registry.promote import add_promote_arguments, report, rollback, run_promote
 from registry.store import PRODUCTION, all_versions, version_by_alias
 
@@ -79,9 +80,10 @@ def cmd_list(args: argparse.Namespace) -> int:
     for alias, number in client.get_registered_model(name).aliases.items():
         aliases.setdefault(str(number), []).append(alias)
     print(f"{name} ({len(versions)} version(s)); base model: "
-          f"{_tag_number(versions[-1].tags, Tags.base('pct_conversational'), 1)}% conversational, "
+          f"{_tag_number(versions[-1].tags, Tags.base('pct_' + tone_of(versions[-1].tags)), 1)}% "
+          f"{tone_of(versions[-1].tags).replace('_', ' ')}, "
           f"similarity {_tag_number(versions[-1].tags, Tags.base('similarity_mean'), 3)}")
-    header = (f"{'version':>7}  {'aliases':<20} {'stage':<10} {'%conv':>6} {'simil.':>6} {'ended%':>6} {'repet.':>6} "
+    header = (f"{'version':>7}  {'aliases':<20} {'stage':<10} {'%style':>6} {'simil.':>6} {'ended%':>6} {'repet.':>6} "
               f"{'n_train':>7} {'r':>4} {'prec.':<5} training run")
     print(header)
     for version in reversed(versions):
@@ -90,7 +92,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         flags = " [forced]" if tags.get(Tags.PROMOTE_FORCED) == "true" else ""
         flags += " [rolled back]" if tags.get(Tags.ROLLED_BACK) == "true" else ""
         print(f"{version.version:>7}  {marks:<20} {version.current_stage or '-':<10} "
-              f"{_tag_number(tags, Tags.metric('pct_conversational'), 1):>6} {_tag_number(tags, Tags.metric('similarity_mean'), 3):>6} "
+              f"{_tag_number(tags, Tags.metric('pct_' + tone_of(tags)), 1):>6} {_tag_number(tags, Tags.metric('similarity_mean'), 3):>6} "
               f"{_tag_number(tags, Tags.metric('stopped_pct'), 1):>6} {_tag_number(tags, Tags.metric('repetition_rate'), 3):>6} "
               f"{tags.get(Tags.param('n_train'), '-'):>7} {tags.get(Tags.param('lora_r'), '-'):>4} {tags.get(Tags.param('precision'), '-'):<5} "
               f"{tags.get(Tags.TRAINING_RUN_NAME, '-')} ({version.run_id or '-'}){flags}")
@@ -162,7 +164,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
           f"LoRA r {tags.get(Tags.param('lora_r'), '-')}, learning rate {tags.get(Tags.param('learning_rate'), '-')}, "
           f"{tags.get(Tags.param('n_train'), '-')} training samples, base {tags.get(Tags.param('base_model_id'), '-')}")
     print("\n".join(decision_lines(tags)))
-    print(f"  validation    conversational {_difference(tags, 'pct_conversational', 1, '%')}; similarity "
+    print(f"  validation    {tone_of(tags).replace('_', ' ')} {_difference(tags, 'pct_' + tone_of(tags), 1, '%')}; similarity "
           f"{_difference(tags, 'similarity_mean', 3)}; to the factual answer {_difference(tags, 'content_similarity_mean', 3)} "
           f"(n = {_tag_number(tags, Tags.metric('n_eval'), 0)})")
     print(f"  degeneration  ended their turn {_difference(tags, 'stopped_pct', 1, '%')}; repeated 4-grams "

@@ -13,7 +13,8 @@ file, else dvc.lock through pipeline.core.dvcmeta), and the tags a version carri
 
 Keys read from metrics/eval/<model>.json (written by the score stage through
 pipeline.core.evalmetrics.metrics_record): model, kind ("base" / "lora"), mlflow_run_id,
-pct_conversational (+ _ci_low/_ci_high), similarity_mean, content_similarity_mean, flesch_mean, flesch_median,
+pct_<tone.name> (+ _ci_low/_ci_high; pct_conversational for the default tone), similarity_mean,
+content_similarity_mean, <style column>_mean/_median (flesch_mean, flesch_median for the default tone),
 answer_words_mean, n_eval, repetition_rate, stopped_pct, n_train, lora_r, family.
 """
 
@@ -38,18 +39,32 @@ from pipeline.core.contracts import Tags
 from pipeline.core.decision import Scores
 from pipeline.core.dvcmeta import lock_digest, locked_md5, read_lock
 from pipeline.core.errors import TonetuneError
+from pipeline.core.tone import on_style, tone_tags
 from pipeline.core.tracking import git_commit, logged_datasets
 from registry.policy import Candidate
 
 EVAL_DIR = EVAL_METRICS_DIR
 INCUMBENTS_DIR = Path("reports/incumbents")  # the Production version's test answers, decoded once per version
 BASE_KIND, ADAPTER_KIND = "base", "lora"
-METRIC_KEYS = (
-    "pct_conversational", "pct_conversational_ci_low", "pct_conversational_ci_high",
-    "similarity_mean", "content_similarity_mean", "flesch_mean", "flesch_median", "answer_words_mean", "n_eval",
-    "repetition_rate", "stopped_pct",
-)
-BASE_METRIC_KEYS = ("pct_conversational", "similarity_mean", "content_similarity_mean", "flesch_mean", "answer_words_mean", "repetition_rate", "stopped_pct")
+OTHER_METRIC_KEYS = ("similarity_mean", "content_similarity_mean", "answer_words_mean", "n_eval", "repetition_rate",
+                     "stopped_pct")
+
+
+def metric_keys(tone) -> tuple[str, ...]:
+    """The record keys a version carries as `metric.*` tags: the tone's style keys
+    (pct_<name> + interval, <column>_mean/_median), then content, length and degeneration."""
+    from pipeline.core.tone import style_metric_keys
+
+    return tuple(dict.fromkeys((*style_metric_keys(tone), *OTHER_METRIC_KEYS)))
+
+
+def base_metric_keys(tone) -> tuple[str, ...]:
+    """The base model's record keys a version carries as `base.*` tags."""
+    from pipeline.core.tone import style_metric_keys
+
+    style = style_metric_keys(tone)
+    return (style[0], *(key for key in style[3:] if key.endswith("_mean")), *(
+        key for key in OTHER_METRIC_KEYS if key not in ("n_eval",)))
 PARAM_KEYS = (
     "precision", "lora_r", "lora_alpha", "learning_rate", "n_train", "epochs", "effective_batch_size",
     "target_modules", "system_prompt", "seed", "base_model_id", "base_model_sha256",
@@ -61,8 +76,9 @@ SECRET_NAME = re.compile(r"(API_KEY|TOKEN|SECRET|PASSWORD)", re.IGNORECASE)
 # --------------------------------------------------------------------------- metrics/eval
 
 
-def load_eval_records(eval_dir: Path) -> tuple[dict[str, Any], list[Candidate]]:
-    """(base record, adapter candidates) from metrics/eval/*.json."""
+def load_eval_records(eval_dir: Path, tone_name: str = "conversational") -> tuple[dict[str, Any], list[Candidate]]:
+    """(base record, adapter candidates) from metrics/eval/*.json; `tone_name`: the tone whose
+    pct_<name> the records carry."""
     files = sorted(Path(eval_dir).glob("*.json"))
     if not files:
         raise TonetuneError(f"{eval_dir}: no metrics files (run `dvc repro score` first)")
@@ -75,7 +91,7 @@ def load_eval_records(eval_dir: Path) -> tuple[dict[str, Any], list[Candidate]]:
         if record.get("kind") == BASE_KIND:
             base = record
         elif record.get("kind") == ADAPTER_KIND:
-            candidates.append(Candidate.from_record(record))
+            candidates.append(Candidate.from_record(record, tone_name))
     if base is None:
         raise TonetuneError(f"{eval_dir}: no base model metrics (kind 'base')")
     if not candidates:
@@ -144,7 +160,7 @@ def incumbent_scores(name: str, version: str, heldout: Heldout, config: Config, 
     answers = mlflow.pyfunc.load_model(f"models:/{name}/{version}").predict(questions)
     frame = heldout.table[["id", "question", "reference", "factual"]].assign(
         answer=[str(answer) for answer in answers], n_tokens=-1, stopped=False)
-    scored = per_question_scores(frame, load_embedder(config.embeddings), config.evaluate.conversational_threshold)
+    scored = per_question_scores(frame, load_embedder(config.embeddings), on_style(config.tone))
     write_table(scored, cache)
     return Scores.from_frame(f"v{version}", scored)
 
@@ -269,11 +285,13 @@ def version_tags(candidate: Candidate, base: dict[str, Any], run, quality: DataQ
         Tags.TRAINING_RUN_NAME: run.info.run_name,
         Tags.EVAL_MODEL: candidate.model,
         Tags.EXPERIMENT_ID: run.info.experiment_id,
-        **{f"{Tags.METRIC_PREFIX}{key}": candidate.record.get(key) for key in METRIC_KEYS},
-        **{f"{Tags.BASE_PREFIX}{key}": base.get(key) for key in BASE_METRIC_KEYS},
+        **{f"{Tags.METRIC_PREFIX}{key}": candidate.record.get(key) for key in metric_keys(config.tone)},
+        **{f"{Tags.BASE_PREFIX}{key}": base.get(key) for key in base_metric_keys(config.tone)},
         f"{Tags.BASE_PREFIX}model": base.get("family"),
         **{f"{Tags.PARAM_PREFIX}{key}": params.get(key, candidate.record.get(key)) for key in PARAM_KEYS},
         **{key: value for key, value in run_tags.items() if Tags.parse_dataset(key)},
+        # the prompts the adapter was trained with (pipeline.core.tracking.log_prompts on the training run)
+        **{key: value for key, value in run_tags.items() if key.startswith(("prompt.", "prompts.", "tone.prompts"))},
         Tags.DQ_SUCCESS: None if quality.success is None else str(quality.success).lower(),
         Tags.DQ_PAIRS_MD5: quality.pairs_md5,
         Tags.DQ_SOURCE: quality.source,
@@ -281,7 +299,7 @@ def version_tags(candidate: Candidate, base: dict[str, Any], run, quality: DataQ
         Tags.GIT_COMMIT: run_tags.get(Tags.GIT_COMMIT) or run_tags.get(Tags.MLFLOW_GIT_COMMIT),
         Tags.PROMOTE_GIT_COMMIT: git_commit(),
         Tags.DVC_LOCK_MD5: lock_digest(),
-        "evaluate.conversational_threshold": config.evaluate.conversational_threshold,
+        **tone_tags(config.tone, "", "evaluate.conversational_threshold"),
         **(decision or {}),
     }
     if decision and decision.get(Tags.decision("test_md5")):

@@ -31,6 +31,7 @@ from pipeline.core.dvcmeta import lock_digest
 from pipeline.core.errors import TonetuneError
 from pipeline.core.tracking import find_run, logged_datasets, open_client
 from registry.lineage import MATCH, MISSING, MODIFIED, NOT_TRACKED, LineageReport, lineage_for_file
+from registry.policy import tone_of
 
 DIFFERS = "DIFFERS"  # the file matches dvc.lock, but dvc.lock now records another file than the one trained on
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
@@ -213,10 +214,12 @@ def render_text(report: ModelLineageReport) -> str:
     lines.append(f"  version     {report.name} v{report.version} (aliases: {', '.join(report.aliases) or '-'}; "
                  f"stage {report.stage or '-'}; registered {report.created or '-'})")
     lines.append(f"              source {report.source or '-'}")
-    lines.append(f"  metrics     {_metric(tags, Tags.metric('pct_conversational'), 1)}% conversational "
-                 f"[{_metric(tags, Tags.metric('pct_conversational_ci_low'), 1)}, {_metric(tags, Tags.metric('pct_conversational_ci_high'), 1)}], "
+    tone = tone_of(tags)
+    key = f"pct_{tone}"
+    lines.append(f"  metrics     {_metric(tags, Tags.metric(key), 1)}% {tone.replace('_', ' ')} "
+                 f"[{_metric(tags, Tags.metric(key + '_ci_low'), 1)}, {_metric(tags, Tags.metric(key + '_ci_high'), 1)}], "
                  f"similarity {_metric(tags, Tags.metric('similarity_mean'), 3)} (base: "
-                 f"{_metric(tags, Tags.base('pct_conversational'), 1)}%, {_metric(tags, Tags.base('similarity_mean'), 3)})")
+                 f"{_metric(tags, Tags.base(key), 1)}%, {_metric(tags, Tags.base('similarity_mean'), 3)})")
     if tags.get(Tags.PROMOTE_FORCED) == "true":
         lines.append(f"              FORCED promotion: {tags.get(Tags.PROMOTE_FORCE_REASON)} (overrode {tags.get(Tags.PROMOTE_OVERRIDDEN)})")
     found = "found" if report.run_found else "NOT FOUND in the tracking store"

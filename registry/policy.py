@@ -27,6 +27,14 @@ from pipeline.core.errors import TonetuneError
 KEPT = "kept"
 DATA_QUALITY = "data_quality"
 
+DEFAULT_TONE = "conversational"  # the tone of every version registered before tones existed
+TONE_TAG = "tone"  # the version tag naming its tone (pipeline.core.tone.tone_tags)
+
+
+def tone_of(tags: dict[str, str]) -> str:
+    """The tone a version (or run) was evaluated for: its `tone` tag, else the default tone's."""
+    return tags.get(TONE_TAG) or DEFAULT_TONE
+
 
 def as_float(value: Any, default: float = float("nan")) -> float:
     """A metric as float; None / text that is not a number -> `default`."""
@@ -42,21 +50,23 @@ class Candidate:
 
     model: str
     run_id: str | None
-    pct_conversational: float
+    pct_on_style: float  # the tone's pct_<name> (pct_conversational for the default tone)
     similarity_mean: float
     n_train: int
     lora_r: int
     repetition_rate: float = float("nan")
     stopped_pct: float = float("nan")
+    tone: str = "conversational"
     record: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
-    def from_record(cls, record: dict[str, Any]) -> Candidate:
+    def from_record(cls, record: dict[str, Any], tone_name: str = DEFAULT_TONE) -> Candidate:
         """From a metrics/eval/<model>.json record (pipeline.core.evalmetrics.metrics_record)."""
         return cls(
             model=str(record["model"]),
             run_id=record.get("mlflow_run_id"),
-            pct_conversational=as_float(record.get("pct_conversational")),
+            pct_on_style=as_float(record.get(f"pct_{tone_name}")),
+            tone=tone_name,
             similarity_mean=as_float(record.get("similarity_mean")),
             n_train=int(as_float(record.get("n_train"), default=0)),
             lora_r=int(as_float(record.get("lora_r"), default=0)),
@@ -67,8 +77,10 @@ class Candidate:
 
     @classmethod
     def from_version_tags(cls, tags: dict[str, str], version: str) -> Candidate:
-        """From the tags promotion wrote on a model version (`metric.*`, `param.*`)."""
-        if f"{Tags.METRIC_PREFIX}pct_conversational" not in tags:
+        """From the tags promotion wrote on a model version (`metric.*`, `param.*`). A version
+        without a `tone` tag (registered before tones existed) is the default tone's."""
+        tone_name = tags.get(TONE_TAG) or DEFAULT_TONE
+        if f"{Tags.METRIC_PREFIX}pct_{tone_name}" not in tags:
             raise TonetuneError(
                 f"version {version} has no tonetune metric tags (registered outside `registry promote`?): "
                 "promote it with --force --reason TEXT"
@@ -79,12 +91,12 @@ class Candidate:
         record.update({key.removeprefix(Tags.PARAM_PREFIX): value for key, value in tags.items() if key.startswith(Tags.PARAM_PREFIX)})
         record["model"] = tags.get(Tags.EVAL_MODEL, f"version {version}")
         record["mlflow_run_id"] = tags.get(Tags.TRAINING_RUN_ID)
-        return cls.from_record(record)
+        return cls.from_record(record, tone_name)
 
 
 def describe(candidate: Candidate) -> str:
     """`name (62.0% conversational on validation, n=150, r=32)` for messages."""
-    return (f"{candidate.model} ({candidate.pct_conversational:.1f}% conversational on validation, "
+    return (f"{candidate.model} ({candidate.pct_on_style:.1f}% {candidate.tone.replace('_', ' ')} on validation, "
             f"n={candidate.n_train}, r={candidate.lora_r})")
 
 

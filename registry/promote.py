@@ -148,7 +148,7 @@ def promote_best(config: Config, eval_dir: Path = EVAL_DIR, summary_path: Path =
     name = config.promote.registered_model_name
     rule = Rule.from_config(config.promote)
     heldout = read_heldout(heldout_dir)
-    base, candidates = load_eval_records(eval_dir)
+    base, candidates = load_eval_records(eval_dir, config.tone.name)
     checks = tuple(checks_against_base(heldout.finalist, heldout.base, rule))
     client = open_client(config.tracking)
     numerics = numerics_facts()

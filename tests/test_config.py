@@ -28,12 +28,26 @@ BAD_PARAMS = {
     "unknown nested key": ({"train": {"grid": {"lora_rank": [32]}}}, ["unknown key", "train.grid.lora_rank"]),
     "string for int": ({"source": {"min_chars": "many"}}, ["source.min_chars = 'many'", "integer"]),
     "fraction for int": ({"split": {"val_size": 2.5}}, ["split.val_size = 2.5", "integer"]),
-    "string for float": ({"generate": {"flesch_threshold": "high"}}, ["generate.flesch_threshold = 'high'", "number"]),
+    "string for float": ({"generate": {"dedup_threshold": "high"}}, ["generate.dedup_threshold = 'high'", "number"]),
     "scalar for list": ({"train": {"grid": {"lora_r": 32}}}, ["train.grid.lora_r = 32", "list"]),
     "section not a mapping": ({"source": 5}, ["source = 5", "dictionary"]),
     "bad choice": ({"base_model": {"dtype": "fp16"}}, ["base_model.dtype = 'fp16'", "bfloat16", "float32"]),
-    "flesch above 121": ({"generate": {"flesch_threshold": 130}}, ["generate.flesch_threshold = 130", "121"]),
-    "flesch below 0": ({"evaluate": {"conversational_threshold": -5}}, ["evaluate.conversational_threshold = -5", "0"]),
+    "flesch above 121": ({"tone": {"gate": [{"metric": "flesch_reading_ease", "threshold": 130}]}},
+                         ["tone.gate.0", "121"]),
+    "flesch below 0": ({"tone": {"on_style": [{"metric": "flesch_reading_ease", "threshold": -5}]}},
+                       ["tone.on_style.0", ">= 0"]),
+    "unknown style metric": ({"tone": {"on_style": [{"metric": "sparkle", "threshold": 1}]}},
+                             ["tone.on_style.0", "'sparkle'", "tones.<module>:<function>"]),
+    "function outside tones/": ({"tone": {"gate": [{"metric": "mymetrics:score", "threshold": 1}]}},
+                                ["tone.gate.0", "'mymetrics:score'", "tones/ package"]),
+    "bad direction": ({"tone": {"gate": [{"metric": "words_per_answer", "direction": "up", "threshold": 60}]}},
+                      ["tone.gate.0.direction = 'up'", "'higher' or 'lower'"]),
+    "no criteria": ({"tone": {"on_style": []}}, ["tone.on_style = []", "at least 1"]),
+    "bad tone name": ({"tone": {"name": "Formal Tone"}}, ["tone.name = 'Formal Tone'", "pattern"]),
+    # issue 24: the style thresholds moved into the tone spec
+    "flesch gate at its old place": ({"generate": {"flesch_threshold": 75}}, ["generate.flesch_threshold moved to tone.gate"]),
+    "on-style threshold at its old place": (
+        {"evaluate": {"conversational_threshold": 60}}, ["evaluate.conversational_threshold moved to tone.on_style"]),
     "cosine above 1": ({"generate": {"dedup_threshold": 1.5}}, ["generate.dedup_threshold = 1.5", "1"]),
     "cosine below 0": ({"generate": {"faithfulness_threshold": -0.2}}, ["generate.faithfulness_threshold = -0.2"]),
     "negative min_chars": ({"source": {"min_chars": -1}}, ["source.min_chars = -1", "greater than or equal to 0"]),
@@ -127,7 +141,9 @@ def test_params_yaml_holds_every_key_and_the_code_defaults_equal_it():
             continue
         if nested is not None or default is _REQUIRED:
             continue
-        if isinstance(default, BaseModel) or (isinstance(default, dict) and default):
+        if isinstance(default, tuple) and default and isinstance(default[0], BaseModel):
+            default = [item.model_dump() for item in default]  # a list of criteria (tone.gate)
+        elif isinstance(default, BaseModel) or (isinstance(default, dict) and default):
             default = json.loads(json.dumps(default, default=lambda model: model.model_dump()))
         if default != value:
             disagree.append(f"{key}: code {default!r} != params.yaml {value!r}")

@@ -44,7 +44,9 @@ def run(command: list[str], cwd: Path, timeout: float = 600, **extra: str) -> su
 def foundation_repo(tmp_path_factory) -> Path:
     """A fresh git + DVC repo holding the project code and only the foundation stages."""
     repo = tmp_path_factory.mktemp("foundation_repo")
-    shutil.copytree(REPO_ROOT / "pipeline", repo / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    # the code, and what dvc.yaml names besides it: the tone's prompts, style metrics and the files corpus
+    for folder in ("pipeline", "prompts", "tones", "corpora"):
+        shutil.copytree(REPO_ROOT / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("params.yaml", "MLproject"):
         shutil.copy(REPO_ROOT / name, repo / name)
     full = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())

@@ -72,7 +72,7 @@ def dvc_repo(tmp_path_factory):
     root = tmp_path_factory.mktemp("dvc_gate")
     repo = root / "repo"
     (repo / "fixtures").mkdir(parents=True)
-    for package in ("pipeline", "registry"):
+    for package in ("pipeline", "registry", "prompts", "tones", "corpora"):  # code, and what dvc.yaml names
         shutil.copytree(REPO_ROOT / package, repo / package, ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
     params["split"] = {"val_size": 3, "train_sizes": [2, 4, 6], "test_size": None, "min_test_size": 1, "seed": 0}
@@ -147,7 +147,8 @@ def test_good_data_runs_validate_then_split(dvc_repo):
     assert (repo / "reports/data_quality/index.html").exists()
     lock = good_run(dvc_repo)["good_lock"]
     assert {"generate", "validate", "split"} <= set(lock)
-    assert lock["validate"]["params"]["params.yaml"]["generate.flesch_threshold"] == 75
+    assert lock["validate"]["params"]["params.yaml"]["tone.gate"] == [
+        {"metric": "flesch_reading_ease", "direction": "higher", "threshold": 75}]
     assert {out["path"] for out in lock["split"]["outs"]} == {"data/splits", "reports/splits.json", "metrics/splits.json"}
     assert {out["path"] for out in lock["validate"]["outs"]} == {"reports/data_quality", "metrics/data_quality.json"}
     assert "data_quality" in (repo / "reports/.gitignore").read_text(), "Data Docs live in the DVC cache"

@@ -101,7 +101,7 @@ def test_replay_run_writes_pairs_ledger_manifest_and_one_mlflow_run(stage, embed
     [run] = client.search_runs([experiment.experiment_id])
     assert run.info.run_id == manifest["mlflow_run_id"]
     assert run.data.params["prompt_version"] == manifest["prompt_version"]
-    assert run.data.params["backend"] == "replay" and run.data.params["flesch_threshold"] == "75.0"
+    assert run.data.params["backend"] == "replay" and run.data.params["gate"] == "flesch_reading_ease >= 75"
     metrics = run.data.metrics
     assert metrics["accepted"] == 2 and metrics["rejected_bad_json"] == 1 and metrics["not_recorded"] == 9
     assert metrics["acceptance_rate"] == pytest.approx(2 / 3) and metrics["api_calls"] == 6

@@ -32,7 +32,7 @@ def project(tmp_path_factory, tiny_llama_dir):
     and params with a two-point grid (r 4 and 8)."""
     root = tmp_path_factory.mktemp("grid_project")
     ignore = shutil.ignore_patterns("__pycache__")
-    for folder in ("pipeline", "registry"):
+    for folder in ("pipeline", "registry", "prompts", "tones", "corpora"):  # code, and what dvc.yaml names
         shutil.copytree(REPO_ROOT / folder, root / folder, ignore=ignore)
     shutil.copy(REPO_ROOT / "dvc.yaml", root / "dvc.yaml")
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())

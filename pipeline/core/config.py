@@ -4,11 +4,11 @@ Each stage reads its own section (`load_config().generate`, ...). Validation is 
 unknown key, a wrong type or an out-of-range value raises `ConfigError` with one line that
 names the key and the bad value, e.g.
 
-    params.yaml: generate.flesch_threshold = 130: must be <= 121
+    params.yaml: generate.dedup_threshold = 1.5: must be less than or equal to 1
 
 so a typo fails in milliseconds instead of after an hour of paid API calls. Thresholds shared
-by several stages (Flesch, dedup, faithfulness) live in one section (`generate`) and are read
-from there by `validate`, so there is one source of truth.
+by several stages live in one place: the style criteria in `tone` (read by generate, validate,
+score, heldout and promote), dedup and faithfulness in `generate` (read by `validate` too).
 
 Paths are relative to the working directory, which is the repository root under `dvc repro`.
 `TONETUNE_PARAMS` points at another params file (tests use it).
@@ -68,7 +68,6 @@ OPENAI_METRICS_DIR = METRICS_DIR / "openai"  # openai_collect -> report
 JUDGE_METRICS_DIR = METRICS_DIR / "judge"  # judge -> report
 ALIGNMENT_METRICS_DIR = METRICS_DIR / "alignment"  # alignment -> report
 
-FleschScore = Annotated[float, Field(ge=0, le=121)]
 Cosine = Annotated[float, Field(ge=0, le=1)]
 PositiveInt = Annotated[int, Field(gt=0, strict=True)]  # strict: `true` is not 1
 NonNegativeInt = Annotated[int, Field(ge=0, strict=True)]
@@ -110,9 +109,12 @@ class EmbeddingsConfig(Section):
 
 
 class SourceConfig(Section):
-    """Wikipedia sections to generate questions from."""
+    """The sections to generate questions from: Wikipedia (offline or a hub dataset) or a folder
+    of your own Markdown, HTML and text files (`files`)."""
 
-    corpus: Literal["offline_vital_articles", "hf_dataset"] = "offline_vital_articles"
+    corpus: Literal["offline_vital_articles", "hf_dataset", "files"] = "offline_vital_articles"
+    files_dir: str = "corpora/support"
+    files_pattern: str = "*"
     hf_dataset: str | None = None
     hf_split: str = "train"
     text_column: str = "text"
@@ -125,6 +127,8 @@ class SourceConfig(Section):
     def _dataset_named_when_online(self):
         if self.corpus == "hf_dataset" and not self.hf_dataset:
             raise ValueError("source.hf_dataset must name a dataset when corpus is hf_dataset")
+        if self.corpus == "files" and not self.files_dir.strip():
+            raise ValueError("source.files_dir must name a folder when corpus is files")
         return self
 
 
@@ -236,6 +240,9 @@ def _client_section(section: str, raw: Any, default: ClientConfig) -> Any:
     `client` mapping behaves like any other section: what is not given keeps its default."""
     if not isinstance(raw, dict):
         return raw
+    if section == "generate" and "flesch_threshold" in raw:
+        raise ValueError(f"generate.flesch_threshold moved to tone.gate (e.g. `- {{metric: flesch_reading_ease, "
+                         f"direction: higher, threshold: {raw['flesch_threshold']}}}`)")
     if section == "openai" and "max_cost_usd" in raw:
         raise ValueError("openai.max_cost_usd moved to openai.max_training_cost_usd (the training job's cap); "
                          "openai.client.max_cost_usd caps the evaluation calls")
@@ -250,6 +257,49 @@ def _client_section(section: str, raw: Any, default: ClientConfig) -> Any:
     return raw
 
 
+STYLE_METRICS = ("flesch_reading_ease", "flesch_kincaid_grade", "words_per_answer")
+USER_FUNCTION_PATTERN = r"^tones(\.[A-Za-z_]\w*)+:[A-Za-z_]\w*$"  # a function in the tones/ package (a DVC dep)
+
+
+class StyleCriterion(Section):
+    """One style criterion: a metric (pipeline.core.tone), which way is better, and the threshold."""
+
+    metric: str
+    direction: Literal["higher", "lower"] = "higher"
+    threshold: float
+
+    @model_validator(mode="after")
+    def _known_metric(self):
+        import re
+
+        if self.metric not in STYLE_METRICS and not re.match(USER_FUNCTION_PATTERN, self.metric):
+            raise ValueError(f"metric {self.metric!r} must be one of {list(STYLE_METRICS)} or a function "
+                             "`tones.<module>:<function>` in the tones/ package")
+        if self.metric == "flesch_reading_ease" and not 0 <= self.threshold <= 121:
+            raise ValueError(f"threshold {self.threshold:g}: Flesch reading ease thresholds must be >= 0 and <= 121")
+        return self
+
+
+def _criterion(metric: str, direction: str, threshold: float) -> StyleCriterion:
+    return StyleCriterion(metric=metric, direction=direction, threshold=threshold)
+
+
+class ToneConfig(Section):
+    """The target tone (docs/your-own-tone.md): its name, description, prompts and style criteria.
+
+    `gate`: what every generated answer must pass; `on_style`: what counts as on-style in the
+    evaluation and the promotion. Several criteria combine with AND."""
+
+    name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")] = "conversational"
+    description: str = "a natural, conversational tone, like in a spoken conversation"
+    prompts: str = "prompts/conversational"
+    language: str = "en_US"
+    gate: Annotated[tuple[StyleCriterion, ...], Field(min_length=1)] = (
+        _criterion("flesch_reading_ease", "higher", 75.0),)
+    on_style: Annotated[tuple[StyleCriterion, ...], Field(min_length=1)] = (
+        _criterion("flesch_reading_ease", "higher", 60.0),)
+
+
 class GenerateConfig(Section):
     """The paper's data pipeline (section 2.2) and the client that talks to the generator LLM."""
 
@@ -259,7 +309,6 @@ class GenerateConfig(Section):
     temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
     max_tokens: PositiveInt = 1024
     max_json_attempts: PositiveInt = 3
-    flesch_threshold: FleschScore = 75.0
     max_simplify_attempts: NonNegativeInt = 3
     dedup_threshold: Cosine = 0.8
     faithfulness_threshold: Cosine = 0.6
@@ -280,8 +329,8 @@ class GenerateConfig(Section):
 
 
 class ValidateConfig(Section):
-    """Length bounds for the data-quality gate (the Flesch/dedup/faithfulness thresholds come
-    from `generate`, so generation and validation cannot disagree)."""
+    """Length bounds for the data-quality gate (the style gate comes from `tone.gate`, dedup and
+    faithfulness from `generate`, so generation and validation cannot disagree)."""
 
     min_question_chars: PositiveInt = 10
     max_question_chars: PositiveInt = 400
@@ -400,7 +449,14 @@ class DecodingConfig(Section):
 class EvaluateConfig(Section):
     """Evaluation on the validation split (paper section 2.4): the predict and score stages."""
 
-    conversational_threshold: FleschScore = 60.0
+    @model_validator(mode="before")
+    @classmethod
+    def _threshold_moved(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and "conversational_threshold" in raw:
+            raise ValueError(f"evaluate.conversational_threshold moved to tone.on_style (e.g. `- {{metric: "
+                             f"flesch_reading_ease, direction: higher, threshold: {raw['conversational_threshold']}}}`)")
+        return raw
+
     max_new_tokens: PositiveInt = 128
     # The decoding shape (pipeline.core.modeling): every forward runs exactly batch_size rows,
     # prompts left-padded to a multiple of bucket_tokens. Part of every answer's numerics, so the
@@ -541,6 +597,7 @@ class Config(Section):
     """All of params.yaml."""
 
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    tone: ToneConfig = Field(default_factory=ToneConfig)
     embeddings: EmbeddingsConfig = Field(default_factory=EmbeddingsConfig)
     source: SourceConfig = Field(default_factory=SourceConfig)
     base_model: BaseModelConfig = Field(default_factory=BaseModelConfig)

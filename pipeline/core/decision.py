@@ -247,25 +247,28 @@ def screen(record: Mapping[str, Any], base: Mapping[str, Any], rule: Rule) -> li
     return problems
 
 
-def selection_key(record: Mapping[str, Any]) -> tuple:
-    """Most on-style first, then fewer training samples, smaller r, then the name (deterministic)."""
-    return (-_number(record, "pct_conversational"), _number(record, "n_train"), _number(record, "lora_r"),
+def selection_key(record: Mapping[str, Any], style_key: str = "pct_conversational") -> tuple:
+    """Most on-style first (`style_key`: the tone's pct_<name>), then fewer training samples,
+    smaller r, then the name (deterministic)."""
+    return (-_number(record, style_key), _number(record, "n_train"), _number(record, "lora_r"),
             str(record.get("model")))
 
 
-def choose_finalist(base: Mapping[str, Any], adapters: Sequence[Mapping[str, Any]], rule: Rule) -> Finalist:
-    """Exactly one finalist from the validation metrics (rule item 1); None when there is no adapter."""
+def choose_finalist(base: Mapping[str, Any], adapters: Sequence[Mapping[str, Any]], rule: Rule,
+                    style_key: str = "pct_conversational") -> Finalist:
+    """Exactly one finalist from the validation metrics (rule item 1); None when there is no adapter.
+    `style_key`: the on-style rate's key in the records (the tone's pct_<name>)."""
     if not adapters:
         return Finalist(None, "no adapter was evaluated on validation")
-    ranked = sorted(adapters, key=selection_key)
+    ranked = sorted(adapters, key=lambda record: selection_key(record, style_key))
     screened = {str(r["model"]): "; ".join(screen(r, base, rule)) or "in" for r in ranked}
     passing = [r for r in ranked if screened[str(r["model"])] == "in"]
     if passing:
         chosen = passing[0]
-        reason = (f"highest validation on-style ({_number(chosen, 'pct_conversational'):.1f}%) among the "
+        reason = (f"highest validation on-style ({_number(chosen, style_key):.1f}%) among the "
                   f"{len(passing)} of {len(ranked)} adapter(s) within the validation screens")
     else:
         chosen = ranked[0]
         reason = (f"no adapter was within the validation screens; highest validation on-style "
-                  f"({_number(chosen, 'pct_conversational'):.1f}%) goes to the test set")
+                  f"({_number(chosen, style_key):.1f}%) goes to the test set")
     return Finalist(str(chosen["model"]), reason, screened)

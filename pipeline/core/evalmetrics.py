@@ -8,11 +8,14 @@ every number can be recomputed from the saved predictions alone.
 
 Definitions (one row = one validation question):
 
-- conversational: Flesch reading ease >= threshold (60 in the paper). An empty answer has no
+- on-style ("conversational" in the paper): the tone's `on_style` criteria, all passing
+  (pipeline.core.tone; the paper's and the default tone's: Flesch reading ease >= 60). An empty answer has no
   Flesch score (NaN) and never counts as conversational: textstat would score "" as 206.8.
-- pct_conversational: 100 * conversational rows / all rows (empty answers stay in the denominator).
-- pct_conversational_ci_low/high: percentile bootstrap 95% interval of pct_conversational, seeded.
-- flesch_mean / flesch_median: over answers with a score.
+- pct_<tone.name> (pct_conversational for the default tone): 100 * on-style rows / all rows (empty
+  answers stay in the denominator).
+- pct_<tone.name>_ci_low/high: percentile bootstrap 95% interval of it, seeded.
+- <column>_mean / <column>_median per style metric (flesch_mean / flesch_median for the default
+  tone): over answers with a score.
 - similarity_mean: mean cosine similarity between answer and reference answer embeddings.
 - answer_words_mean: mean whitespace-separated words per answer.
 - stopped_pct: % of answers that ended at the end-of-turn token rather than at max_new_tokens
@@ -31,11 +34,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pipeline.core.textmetrics import repeated_ngram_rate
+
+if TYPE_CHECKING:
+    from pipeline.core.tone import Criteria
 
 REPETITION_NGRAM = 4  # the n of repetition_rate: a repeated 4-word phrase is a loop, not a turn of phrase
 PREDICTION_COLUMNS = ("question", "reference", "answer", "flesch", "similarity")
@@ -123,44 +129,70 @@ def summarize(
     seed: int,
     stopped: Sequence[bool] | np.ndarray | None = None,
 ) -> dict[str, float | int]:
-    """Every metric of one model from per-answer values (see the module docstring)."""
-    if not len(answers) == len(flesch) == len(similarity):
+    """Every metric of one model under the paper's single criterion, Flesch >= threshold."""
+    return summarize_style(answers, {"flesch": flesch}, conversational_mask(flesch, threshold), similarity,
+                           bootstrap_samples, seed, stopped=stopped)
+
+
+def summarize_style(
+    answers: Sequence[str],
+    style_scores: Mapping[str, Sequence[float] | np.ndarray],
+    on_style: Sequence[bool] | np.ndarray,
+    similarity: Sequence[float] | np.ndarray,
+    bootstrap_samples: int,
+    seed: int,
+    stopped: Sequence[bool] | np.ndarray | None = None,
+    style_key: str = "pct_conversational",
+) -> dict[str, float | int]:
+    """Every metric of one model from per-answer values: the on-style rate under `style_key`
+    (pct_<tone.name>) with its interval, then `<column>_mean` / `_median` per style metric."""
+    lengths = {len(answers), len(on_style), len(similarity), *(len(v) for v in style_scores.values())}
+    if len(lengths) != 1:
         raise ValueError(
-            f"answers, flesch and similarity differ in length: {len(answers)}, {len(flesch)}, {len(similarity)}"
+            f"answers, style scores and similarity differ in length: {len(answers)}, "
+            f"{[len(v) for v in style_scores.values()]}, {len(similarity)}"
         )
-    mask = conversational_mask(flesch, threshold)
+    mask = np.asarray(on_style, dtype=bool)
     low, high = bootstrap_percent_ci(mask, bootstrap_samples, seed)
     summary: dict[str, float | int] = {
         "n_eval": len(answers),
-        "pct_conversational": percent(mask),
-        "pct_conversational_ci_low": low,
-        "pct_conversational_ci_high": high,
-        "flesch_mean": nan_mean(flesch),
-        "flesch_median": nan_median(flesch),
-        "similarity_mean": nan_mean(similarity),
-        "answer_words_mean": nan_mean(word_count(a) for a in answers),
-        "repetition_rate": nan_mean(repeated_ngram_rate(a, REPETITION_NGRAM) for a in answers),
+        style_key: percent(mask),
+        f"{style_key}_ci_low": low,
+        f"{style_key}_ci_high": high,
     }
+    for column, values in style_scores.items():
+        summary[f"{column}_mean"] = nan_mean(values)
+        summary[f"{column}_median"] = nan_median(values)
+    summary["similarity_mean"] = nan_mean(similarity)
+    summary["answer_words_mean"] = nan_mean(word_count(a) for a in answers)
+    summary["repetition_rate"] = nan_mean(repeated_ngram_rate(a, REPETITION_NGRAM) for a in answers)
     if stopped is not None:
         summary["stopped_pct"] = percent(stopped)
     return summary
 
 
-def summarize_predictions(predictions, threshold: float, bootstrap_samples: int, seed: int) -> dict[str, Any]:
-    """`summarize` applied to a predictions table (question, reference, answer, flesch, similarity
-    [, stopped]): the one path from saved predictions to reported numbers."""
-    missing = [c for c in ("answer", "flesch", "similarity") if c not in predictions.columns]
+def summarize_predictions(predictions, criteria: Criteria | float, bootstrap_samples: int, seed: int,
+                          style_key: str = "pct_conversational") -> dict[str, Any]:
+    """`summarize_style` applied to a predictions table (question, reference, answer, similarity,
+    one column per style metric [, stopped]): the one path from saved predictions to reported
+    numbers. `criteria`: the tone's on-style criteria, or a number (the paper's Flesch >= it)."""
+    from pipeline.core.tone import Criteria
+
+    if not isinstance(criteria, Criteria):
+        criteria = Criteria.flesch_at_least(float(criteria))
+    missing = [c for c in ("answer", *criteria.columns, "similarity") if c not in predictions.columns]
     if missing:
         raise ValueError(f"predictions table lacks column(s) {missing}; it has {list(predictions.columns)}")
     stopped = predictions["stopped"].to_numpy(dtype=bool) if "stopped" in predictions.columns else None
-    return summarize(
+    return summarize_style(
         predictions["answer"].fillna("").astype(str).tolist(),
-        predictions["flesch"].to_numpy(dtype=float),
+        {column: predictions[column].to_numpy(dtype=float) for column in criteria.columns},
+        criteria.mask(predictions),
         predictions["similarity"].to_numpy(dtype=float),
-        threshold,
         bootstrap_samples,
         seed,
         stopped=stopped,
+        style_key=style_key,
     )
 
 

@@ -33,9 +33,10 @@ class ModelSpec:
     record: dict[str, Any] = field(default_factory=dict)  # the adapter's tonetune_adapter.json
 
 
-def base_spec(precision: str) -> ModelSpec:
-    """The prompting condition: the base model with the paper's verbose system prompt."""
-    return ModelSpec(BASE_NAME, "base", "verbose", VERBOSE_SYSTEM_PROMPT, precision)
+def base_spec(precision: str, system_prompt: str = VERBOSE_SYSTEM_PROMPT) -> ModelSpec:
+    """The prompting condition: the base model with the tone's verbose system prompt (the paper's
+    for the default tone)."""
+    return ModelSpec(BASE_NAME, "base", "verbose", system_prompt, precision)
 
 
 def check_base_model(model_dir: Path) -> None:
@@ -44,17 +45,18 @@ def check_base_model(model_dir: Path) -> None:
         raise TonetuneError(f"{model_dir}: base model not found (run `dvc repro base_model` first)")
 
 
-def adapter_spec(path: Path) -> ModelSpec:
-    """An adapter, prompted as it was trained, in the precision it was trained in."""
+def adapter_spec(path: Path, concise: str = CONCISE_SYSTEM_PROMPT) -> ModelSpec:
+    """An adapter, prompted as it was trained, in the precision it was trained in (`concise`: the
+    tone's concise prompt, which names the prompt "concise" when the adapter recorded that one)."""
     record = read_adapter_record(path)
-    trained_with = record.get("system_prompt") or CONCISE_SYSTEM_PROMPT
+    trained_with = record.get("system_prompt") or concise
     precision = record.get("serve_precision") or adapter_metadata(path)["precision"]
     if precision not in PRECISIONS:
         raise TonetuneError(
             f"{path}: cannot tell which precision the adapter was trained in (got {precision!r}; expected one of "
             f"{', '.join(PRECISIONS)} in tonetune_adapter.json or a lora-<precision>-... folder name)"
         )
-    prompt_name = "concise" if trained_with == CONCISE_SYSTEM_PROMPT else "as-trained"
+    prompt_name = "concise" if trained_with == concise else "as-trained"
     return ModelSpec(path.name, "lora", prompt_name, trained_with, precision, adapter_dir=path, record=record)
 
 

@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     import numpy as np
     import pandas as pd
 
+    from pipeline.core.tone import Criteria
+
 __all__ = ["EVAL_METRICS_DIR", "PREDICTIONS_DIR", "SCORES_DIR"]  # hand-off paths (declared in pipeline.core.config), re-exported
 MLFLOW_METRIC_PREFIX = "eval_"
 
@@ -53,22 +55,24 @@ def read_validation(path: Path, limit: int | None) -> pd.DataFrame:
 
 
 def score_answers(
-    validation: pd.DataFrame, result: GenerationResult, reference_vectors: np.ndarray, embedder
+    validation: pd.DataFrame, result: GenerationResult, reference_vectors: np.ndarray, embedder,
+    criteria: Criteria | None = None,
 ) -> pd.DataFrame:
-    """The predictions table: question, reference, answer, flesch (NaN when empty), similarity."""
-    import numpy as np
+    """The predictions table: question, reference, answer, one column per style metric of the
+    tone's on-style `criteria` (default: flesch; NaN when empty), similarity."""
     import pandas as pd
 
-    from pipeline.core.textmetrics import cosine_similarity, flesch_reading_ease_batch
+    from pipeline.core.textmetrics import cosine_similarity
+    from pipeline.core.tone import Criteria
 
-    flesch = flesch_reading_ease_batch(result.answers)
-    flesch[[not answer for answer in result.answers]] = np.nan
+    criteria = criteria or Criteria.flesch_at_least(60.0)
+    style = criteria.score(result.answers)
     similarity = cosine_similarity(embedder.encode(result.answers), reference_vectors)
     columns = {
         "question": validation["question"].astype(str).tolist(),
         "reference": validation["answer"].astype(str).tolist(),
         "answer": result.answers,
-        "flesch": flesch,
+        **style,
         "similarity": similarity.astype(float),
         "n_tokens": result.n_tokens,
         "stopped": result.stopped,
@@ -91,23 +95,26 @@ def content_similarity(answers: list[str], factual: list[str], embedder) -> np.n
     return values
 
 
-def per_question_scores(frame: pd.DataFrame, embedder, threshold: float) -> pd.DataFrame:
+def per_question_scores(frame: pd.DataFrame, embedder, criteria: Criteria | float) -> pd.DataFrame:
     """A predictions table (id, question, reference, factual, answer, n_tokens, stopped) with each
-    answer's scores: flesch, on_style (flesch >= threshold), similarity (to the conversational
-    reference, the paper's), content_similarity (to the factual answer) and repetition_rate. What
-    the promotion rule reads, for every model it compares (pipeline.core.decision.Scores)."""
+    answer's scores: one column per style metric (flesch for the default tone), on_style (the
+    tone's criteria, AND; a number: Flesch >= it), similarity (to the conversational reference,
+    the paper's), content_similarity (to the factual answer) and repetition_rate. What the
+    promotion rule reads, for every model it compares (pipeline.core.decision.Scores)."""
     import numpy as np
 
-    from pipeline.core.evalmetrics import REPETITION_NGRAM, conversational_mask
-    from pipeline.core.textmetrics import cosine_similarity, flesch_reading_ease_batch, repeated_ngram_rate
+    from pipeline.core.evalmetrics import REPETITION_NGRAM
+    from pipeline.core.textmetrics import cosine_similarity, repeated_ngram_rate
+    from pipeline.core.tone import Criteria
 
+    if not isinstance(criteria, Criteria):
+        criteria = Criteria.flesch_at_least(float(criteria))
     answers = frame["answer"].fillna("").astype(str).tolist()
     scored = frame.copy()
-    flesch = flesch_reading_ease_batch(answers)
-    flesch[[not answer for answer in answers]] = np.nan
     answer_vectors = embedder.encode(answers)
-    scored["flesch"] = flesch
-    scored["on_style"] = conversational_mask(flesch, threshold)
+    for column, values in criteria.score(answers).items():
+        scored[column] = values
+    scored["on_style"] = criteria.mask(scored)
     scored["similarity"] = cosine_similarity(answer_vectors, embedder.encode(frame["reference"].astype(str).tolist()))
     scored["content_similarity"] = cosine_similarity(answer_vectors,
                                                      embedder.encode(frame["factual"].astype(str).tolist()))

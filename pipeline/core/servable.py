@@ -136,6 +136,7 @@ def log_adapter_model(
     int8_threshold: float = 6.0,
     name: str = "adapter",
     bucket_tokens: int = DEFAULT_BUCKET_TOKENS,
+    system_prompt: str = CONCISE_SYSTEM_PROMPT,
 ):
     """Log the adapter folder + base reference as a pyfunc model of the active run; ModelInfo.
 
@@ -146,7 +147,8 @@ def log_adapter_model(
     previous = os.environ.get(quiet)
     os.environ[quiet] = "false"
     try:
-        return _log(adapter_dir, base_reference, precision, policy, batch_size, int8_threshold, name, bucket_tokens)
+        return _log(adapter_dir, base_reference, precision, policy, batch_size, int8_threshold, name, bucket_tokens,
+                    system_prompt)
     finally:
         if previous is None:
             os.environ.pop(quiet, None)
@@ -154,7 +156,8 @@ def log_adapter_model(
             os.environ[quiet] = previous
 
 
-def _log(adapter_dir, base_reference, precision, policy, batch_size, int8_threshold, name, bucket_tokens):
+def _log(adapter_dir, base_reference, precision, policy, batch_size, int8_threshold, name, bucket_tokens,
+         system_prompt=CONCISE_SYSTEM_PROMPT):
     """log_adapter_model's work, with MLflow's download bars already off."""
     import mlflow
 
@@ -171,7 +174,7 @@ def _log(adapter_dir, base_reference, precision, policy, batch_size, int8_thresh
                 name=name,
                 python_model=str(MODEL_CODE_PATH),
                 artifacts={ADAPTER_ARTIFACT: str(adapter_dir), BASE_ARTIFACT: str(reference_file)},
-                model_config=model_config(precision, policy, batch_size, int8_threshold,
+                model_config=model_config(precision, policy, batch_size, int8_threshold, system_prompt=system_prompt,
                                           bucket_tokens=bucket_tokens),
                 input_example=(INPUT_EXAMPLE, {"max_new_tokens": int(policy.max_new_tokens)}),
                 pip_requirements=pip_requirements(),

@@ -257,3 +257,53 @@ def log_dataset_input(frame, path: str | Path, context: str, name: str | None = 
         tags[Tags.dataset(dataset_name, "matches_dvc_lock")] = str(locked[0] == md5).lower()
     mlflow.set_tags(tags)
     return md5
+
+
+PROMPT_REGISTRY_PREFIX = "tonetune"  # registered prompt names: tonetune-<tone>-<prompt name>
+
+
+def prompt_tags(prompts, tone_name: str) -> dict[str, str]:
+    """What a run sent, as tags: the tone's prompts folder and set version, and per prompt file
+    its version (content hash) and path (pipeline.core.prompts.TonePrompts)."""
+    tags = {"tone.prompts": Path(prompts.folder).as_posix(), f"prompts.{tone_name}.version": prompts.version()}
+    for name, prompt in prompts.files.items():
+        tags[f"prompt.{name}.version"] = prompt.version
+    return tags
+
+
+def register_prompts(prompts, tone_name: str) -> dict[str, str]:
+    """Each prompt in MLflow's Prompt Registry as `tonetune-<tone>-<name>`, a new registry version
+    only when the text differs from the latest one; returns {`prompt.<name>.uri`: prompts:/name/N}.
+    The registry is a convenience on top of the tags: when the store cannot hold prompts, the
+    reason is returned as `prompt.registry` and nothing else changes."""
+    import mlflow
+
+    uris: dict[str, str] = {}
+    try:
+        for name, prompt in prompts.files.items():
+            registered = f"{PROMPT_REGISTRY_PREFIX}-{tone_name}-{name}"
+            latest = mlflow.genai.load_prompt(f"prompts:/{registered}@latest", allow_missing=True, link_to_model=False)
+            if latest is None or latest.template != prompt.template:
+                latest = mlflow.genai.register_prompt(
+                    name=registered, template=prompt.template,
+                    commit_message=f"{prompt.path.as_posix()} (sha256 {prompt.version})",
+                    tags={"tonetune.sha256_12": prompt.version, "tonetune.path": prompt.path.as_posix()})
+            uris[f"prompt.{name}.uri"] = f"prompts:/{registered}/{latest.version}"
+    except Exception as error:  # noqa: BLE001 - an older server or a store without prompts: keep the tags
+        return {"prompt.registry": f"unavailable ({type(error).__name__}: {str(error)[:200]})"}
+    return uris
+
+
+def log_prompts(prompts, tone_name: str, run_id: str | None = None) -> dict[str, str]:
+    """Record the prompts a run sent: version tags, the texts as artifacts under `prompts/`, and
+    the Prompt Registry versions; on `run_id` (without re-opening it) or the active run."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    run_id = run_id or mlflow.active_run().info.run_id
+    tags = {**prompt_tags(prompts, tone_name), **register_prompts(prompts, tone_name)}
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+    for prompt in prompts.files.values():
+        client.log_text(run_id, prompt.template, f"prompts/{prompt.path.name}")
+    return tags

@@ -43,11 +43,14 @@ from pipeline.core.errors import TonetuneError, exit_on_user_error
 from pipeline.core.llmclient import Backend, Budget, ChatClient, OpenAIBackend, RequestSettings, host_of
 from pipeline.core.responsecache import ResponseCache
 from pipeline.core.textmetrics import load_embedder
-from pipeline.core.tracking import code_version_tags, configure_mlflow
+from pipeline.core.tone import Criteria, describe_criteria, tone_tags
+from pipeline.core.tone import gate as tone_gate
+from pipeline.core.tracking import code_version_tags, configure_mlflow, log_prompts
 from pipeline.generate import outputs
 from pipeline.generate.engine import NOT_CANDIDATES, REASONS, Engine, GenerationResult, ProgressBar, Section
 from pipeline.generate.outputs import read_sections
-from pipeline.generate.prompts import PROMPT_VERSION, prompts_text
+from pipeline.generate.prompts import DEFAULT as DEFAULT_PROMPTS
+from pipeline.generate.prompts import GenerationPrompts
 from pipeline.generate.replay import ReplayBackend, load_recordings
 
 
@@ -98,7 +101,8 @@ def request_settings(config: GenerateConfig) -> RequestSettings:
 
 
 async def run_engine(config: GenerateConfig, backend: Backend, cache, embedder, sections: list[Section],
-                     show_progress: bool = True, budget: Budget | None = None) -> GenerationResult:
+                     show_progress: bool = True, budget: Budget | None = None,
+                     gate: Criteria | None = None, texts: GenerationPrompts | None = None) -> GenerationResult:
     """One generation run over `sections`; the backend is closed at the end, whatever happens."""
     from threadpoolctl import threadpool_limits
 
@@ -111,7 +115,7 @@ async def run_engine(config: GenerateConfig, backend: Backend, cache, embedder, 
         # waking its threads than on the work (measured 30 ms vs 4 ms per block on a busy
         # 2-core machine), and it would compete with the event loop for the cores.
         with threadpool_limits(limits=1, user_api="blas"):
-            return await Engine(client, embedder, config, progress).run(sections)
+            return await Engine(client, embedder, config, progress, gate=gate, texts=texts or DEFAULT_PROMPTS).run(sections)
     finally:
         ticker.cancel()
         progress.close()
@@ -159,7 +163,7 @@ def run_params(config: Config, sections_total: int) -> dict[str, Any]:
         "model": generate.model,
         "base_url_host": host_of(generate.client.base_url) if generate.backend == "openai" else "none (replay)",
         "replay_dir": generate.replay_dir if generate.backend == "replay" else "none",
-        "prompt_version": PROMPT_VERSION,
+        "prompt_version": GenerationPrompts.of(config.tone).prompt_version,
         "temperature": generate.temperature,
         "max_tokens": generate.max_tokens,
         "seed": generate.seed,
@@ -171,7 +175,8 @@ def run_params(config: Config, sections_total: int) -> dict[str, Any]:
         "tokens_per_minute": generate.client.tokens_per_minute,
         "max_retries": generate.client.max_retries,
         "max_json_attempts": generate.max_json_attempts,
-        "flesch_threshold": generate.flesch_threshold,
+        "tone": config.tone.name,
+        "gate": describe_criteria(config.tone.gate),
         "max_simplify_attempts": generate.max_simplify_attempts,
         "dedup_threshold": generate.dedup_threshold,
         "faithfulness_threshold": generate.faithfulness_threshold,
@@ -192,7 +197,9 @@ def build_manifest(config: Config, result: GenerationResult, run_id: str, sectio
     return {
         "mlflow_run_id": run_id,
         "experiment": config.tracking.experiment,
-        "prompt_version": PROMPT_VERSION,
+        "prompt_version": GenerationPrompts.of(config.tone).prompt_version,
+        "tone": config.tone.name,
+        "prompts": GenerationPrompts.of(config.tone).prompts.versions(),
         "backend": generate.backend,
         "model": generate.model,
         "base_url_host": host_of(generate.client.base_url) if generate.backend == "openai" else None,
@@ -201,7 +208,7 @@ def build_manifest(config: Config, result: GenerationResult, run_id: str, sectio
         "temperature": generate.temperature,
         "target_pairs": generate.target_pairs,
         "thresholds": {
-            "flesch": generate.flesch_threshold,
+            "gate": describe_criteria(config.tone.gate),
             "max_simplify_attempts": generate.max_simplify_attempts,
             "dedup_cosine": generate.dedup_threshold,
             "faithfulness_cosine": generate.faithfulness_threshold,
@@ -234,9 +241,11 @@ def write_outputs_and_log(config: Config, result: GenerationResult, args: argpar
     manifest_path = args.output_dir / GENERATION_MANIFEST_PATH.name
     metrics = run_metrics(config.generate, result, budget)
     configure_mlflow(config.tracking)
+    texts = GenerationPrompts.of(config.tone)
     with mlflow.start_run(run_name=f"generate-{config.generate.backend}-{len(result.pairs)}") as run:
-        mlflow.set_tags({**code_version_tags(), Tags.STAGE: "generate", "prompt_version": PROMPT_VERSION,
-                         "stop_reason": result.stop_reason})
+        mlflow.set_tags({**code_version_tags(), Tags.STAGE: "generate", "prompt_version": texts.prompt_version,
+                         "stop_reason": result.stop_reason, **tone_tags(config.tone)})
+        log_prompts(texts.prompts, config.tone.name)
         mlflow.log_params(run_params(config, result.sections_total))
         mlflow.log_metrics(metrics)
         manifest = build_manifest(config, result, run.info.run_id, args.sections, metrics)
@@ -245,7 +254,7 @@ def write_outputs_and_log(config: Config, result: GenerationResult, args: argpar
         outputs.write_manifest(manifest, manifest_path)
         mlflow.log_artifact(str(ledger_path), artifact_path="generate")
         mlflow.log_artifact(str(manifest_path), artifact_path="generate")
-        mlflow.log_text(prompts_text(), "generate/prompts.txt")
+        mlflow.log_text(texts.text(), "generate/prompts.txt")
     return run.info.run_id, metrics
 
 
@@ -257,6 +266,8 @@ def main(argv: list[str] | None = None) -> None:
     budget = budget_of(generate)  # unpriced model -> one line, nothing sent
     backend = make_backend(generate, args.replay_dir)  # no key -> one line, nothing sent
 
+    texts = GenerationPrompts.of(config.tone)  # a missing or unfillable prompt file: one line, nothing sent
+    texts.qa_messages("title", "text", [("reply", "problem")]), texts.simplify_messages("q", "a", [("x", 0.0, [])], 0.0)
     sections = read_sections(args.sections)
     recorded = sum(backend.has_source(section.source_id) for section in sections)
     if not recorded:
@@ -268,7 +279,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"generate: {damage}", file=sys.stderr)
     try:
         result = asyncio.run(run_engine(generate, backend, cache, embedder, sections,
-                                        show_progress=not args.no_progress, budget=budget))
+                                        show_progress=not args.no_progress, budget=budget,
+                                        gate=tone_gate(config.tone), texts=texts))
     except KeyboardInterrupt:
         print(f"\ngenerate: interrupted; {len(cache)} responses are safe in {args.cache}, "
               "run the same command again to resume", file=sys.stderr)
@@ -282,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
         f"({metrics['acceptance_rate']:.1%}, {result.stop_reason}) -> {args.output_dir / PAIRS_PATH.name}; "
         f"{result.stats.api_calls} API calls, {result.stats.cache_hits} cache hits, {result.stats.errors} errors"
         + (f", ${cost:.4f}" if cost is not None else "")
-        + f", {result.wall_time_s:.1f} s; backend {generate.backend}, prompts {PROMPT_VERSION}, MLflow run {run_id}"
+        + f", {result.wall_time_s:.1f} s; backend {generate.backend}, prompts {texts.prompt_version}, MLflow run {run_id}"
     )
     if result.stats.repaid:
         print(f"generate: {result.stats.repaid} request(s) in flight when an earlier run died were sent (and paid) "

@@ -6,8 +6,9 @@ Per section (`generate_candidate`, concurrent across sections):
       (fences, whitespace and trailing text are tolerated) is answered with a correction, up to
       `max_json_attempts` tries in all, then the candidate is rejected as `bad_json`;
   (b) ask for the answer rephrased in a conversational tone, same meaning;
-  (c) accept the rephrasing if its Flesch reading ease >= `flesch_threshold`, else ask for a
-      simpler one, at most `max_simplify_attempts` times, then reject `flesch_after_retries`.
+  (c) accept the rephrasing if it passes the tone's gate (`tone.gate`, all criteria; the paper's:
+      Flesch reading ease >= 75), else ask for a simpler one, at most `max_simplify_attempts`
+      times, then reject `flesch_after_retries` (the reason keeps its name whatever the gate).
   An API failure that survives the client's retries rejects the candidate as `api_error`.
 
 Then, strictly in source order (`Engine._commit`, one block of sections at a time):
@@ -56,12 +57,14 @@ from pipeline.core.llmclient import (
     StepKey,
 )
 from pipeline.core.textmetrics import NearDuplicateIndex, flesch_reading_ease
+from pipeline.core.tone import Criteria
 from pipeline.generate import prompts
 
 if TYPE_CHECKING:
     from pipeline.core.config import GenerateConfig
 
 BLOCK_SIZE = 16
+DEFAULT_GATE = Criteria.flesch_at_least(75.0)  # the paper's (and the default tone's) gate
 WINDOW_PER_SLOT = 4
 REASONS = ("accepted", "bad_json", "flesch_after_retries", "unfaithful", "duplicate", "api_error", "not_recorded",
            "budget_exhausted")
@@ -140,13 +143,14 @@ def reason_group(reason: str) -> str:
 # --------------------------------------------------------------------------- one section
 
 
-async def ask_question(client: ChatClient, section: Section, candidate: Candidate, max_attempts: int) -> bool:
+async def ask_question(client: ChatClient, section: Section, candidate: Candidate, max_attempts: int,
+                       texts: prompts.GenerationPrompts = prompts.DEFAULT) -> bool:
     """Step (a): a parsed (question, answer), retrying malformed replies with a correction."""
     bad_replies: list[tuple[str, str]] = []
     for attempt in range(max_attempts):
         candidate.qa_attempts = attempt + 1
         candidate.requests += 1
-        messages = prompts.qa_messages(section.title, section.text, bad_replies)
+        messages = texts.qa_messages(section.title, section.text, bad_replies)
         reply = await client.complete(messages, StepKey(section.source_id, "qa", attempt))
         try:
             candidate.question, candidate.factual_answer = prompts.parse_qa_reply(reply.content)
@@ -159,36 +163,51 @@ async def ask_question(client: ChatClient, section: Section, candidate: Candidat
     return False
 
 
-async def rephrase_until_simple(client: ChatClient, section: Section, candidate: Candidate, config: GenerateConfig) -> bool:
-    """Steps (b) and (c): a conversational rephrasing with Flesch >= threshold, or give up."""
+def gate_failures(answer: str, gate: Criteria) -> tuple[float, list[str]]:
+    """(Flesch reading ease, the gate criteria the answer fails); an empty answer fails them all."""
+    flesch = flesch_reading_ease(answer) if answer else 0.0
+    if not answer:
+        return flesch, [f"{c.metric}: empty answer" for c in gate.criteria]
+    scores = {"flesch": flesch} if gate.columns == ("flesch",) else {
+        column: float(values[0]) for column, values in gate.score([answer]).items()}
+    return flesch, gate.failures(scores)
 
+
+async def rephrase_until_simple(client: ChatClient, section: Section, candidate: Candidate, config: GenerateConfig,
+                                gate: Criteria | None = None,
+                                texts: prompts.GenerationPrompts = prompts.DEFAULT) -> bool:
+    """Steps (b) and (c): a rephrasing in the tone that passes the gate (default: Flesch >= 75),
+    or give up. Each attempt's Flesch reading ease is recorded whatever the gate measures."""
+    gate = gate or DEFAULT_GATE
     candidate.requests += 1
-    messages = prompts.rephrase_messages(candidate.question, candidate.factual_answer)
+    messages = texts.rephrase_messages(candidate.question, candidate.factual_answer)
     reply = await client.complete(messages, StepKey(section.source_id, "rephrase", 0))
-    tried: list[tuple[str, float]] = []
+    tried: list[tuple[str, float, list[str]]] = []
     for simplification in range(1, config.max_simplify_attempts + 2):
         candidate.answer = prompts.clean_rephrasing(reply.content)
-        score = flesch_reading_ease(candidate.answer) if candidate.answer else 0.0
+        score, failed = gate_failures(candidate.answer, gate)
         candidate.flesch_attempts.append(score)
-        if score >= config.flesch_threshold:
+        if not failed:
             return True
         if simplification > config.max_simplify_attempts:
             return False
-        tried.append((candidate.answer or "(empty reply)", score))
+        tried.append((candidate.answer or "(empty reply)", score, failed))
         candidate.requests += 1
-        messages = prompts.simplify_messages(candidate.question, candidate.factual_answer, tried,
-                                             config.flesch_threshold)
+        messages = texts.simplify_messages(candidate.question, candidate.factual_answer, tried,
+                                             gate.criteria[0].threshold)
         reply = await client.complete(messages, StepKey(section.source_id, "simplify", simplification))
     return False  # pragma: no cover (the loop always returns)
 
 
-async def generate_candidate(client: ChatClient, section: Section, config: GenerateConfig) -> Candidate:
+async def generate_candidate(client: ChatClient, section: Section, config: GenerateConfig,
+                             gate: Criteria | None = None,
+                             texts: prompts.GenerationPrompts = prompts.DEFAULT) -> Candidate:
     """Steps (a)-(c) for one section. Never raises for API trouble except FatalAPIError."""
     candidate = Candidate(section.position, section.source_id, section.title)
     try:
-        if not await ask_question(client, section, candidate, config.max_json_attempts):
+        if not await ask_question(client, section, candidate, config.max_json_attempts, texts):
             candidate.reason = "bad_json"
-        elif not await rephrase_until_simple(client, section, candidate, config):
+        elif not await rephrase_until_simple(client, section, candidate, config, gate, texts):
             candidate.reason = "flesch_after_retries"
     except RequestFailed as error:
         candidate.reason = "api_error"
@@ -227,10 +246,13 @@ class _Block:
 class Engine:
     """Runs sections through the client concurrently and commits them in source order."""
 
-    def __init__(self, client: ChatClient, embedder: Any, config: GenerateConfig, progress: Any = None):
+    def __init__(self, client: ChatClient, embedder: Any, config: GenerateConfig, progress: Any = None,
+                 gate: Criteria | None = None, texts: prompts.GenerationPrompts = prompts.DEFAULT):
         self.client = client
         self.embedder = embedder
         self.config = config
+        self.gate = gate or DEFAULT_GATE
+        self.texts = texts
         self.progress = progress
         self.index = NearDuplicateIndex(embedder.dim, config.dedup_threshold)
         self.pairs: list[Candidate] = []
@@ -292,7 +314,7 @@ class Engine:
 
     async def _run_section(self, section: Section, abort: asyncio.Future) -> Candidate:
         try:
-            return await generate_candidate(self.client, section, self.config)
+            return await generate_candidate(self.client, section, self.config, self.gate, self.texts)
         except BudgetExhausted as error:
             return Candidate(section.position, section.source_id, section.title, reason="budget_exhausted",
                              error=str(error))

@@ -1,14 +1,15 @@
-"""Every prompt the generator sends, in one place, and the parser for the one structured reply.
+"""Every prompt the generator sends, and the parser for the one structured reply.
 
 The paper (section 2.2) uses three kinds of request per Wikipedia section:
 
 1. `qa`: write one interesting question the section answers, and its answer, as JSON;
-2. `rephrase`: say that answer again in a natural, conversational tone, same meaning;
-3. `simplify`: the rephrasing scored below the Flesch threshold, make it simpler (up to 3x).
+2. `rephrase`: say that answer again in the tone (the paper: natural, conversational), same meaning;
+3. `simplify`: the rephrasing failed the tone's gate (the paper: Flesch below 75), try again (up to 3x).
 
-`PROMPT_VERSION` is a hash of every template below. It is logged with each generation run and
-is part of every cached request (through the message text), so editing a prompt can never
-silently reuse answers to the old one. The replay backend keys its recordings by
+The texts are files, prompts/<tone>/generate_*.txt (params `tone.prompts`; pipeline.core.prompts);
+`GenerationPrompts` fills them. Its `prompt_version` is a hash of every template; it is logged
+with each generation run and the text itself is part of every cached request, so editing a prompt
+can never silently reuse answers to the old one. The replay backend keys its recordings by
 (section, step, attempt) instead of prompt text, so prompt edits do not break the demo.
 
 What this module does not do: send anything, or judge the replies (that is engine.py).
@@ -19,97 +20,99 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from dataclasses import dataclass
 
-QA_SYSTEM = (
-    "You write question and answer pairs for a dataset. Each pair is based on one section of a "
-    "Wikipedia article and uses only facts stated in that section."
-)
-
-QA_USER = """Here is a section of the Wikipedia article "{title}":
-
-{text}
-
-Write one interesting question that this section answers, and the answer to it. Use only facts \
-from the section. The question must make sense on its own, without the section: name the subject, \
-and do not mention "the text", "the section" or "the article".
-
-Reply with only a JSON object, no other text:
-{{"question": "...", "answer": "..."}}"""
-
-QA_CORRECTION = (
-    'Your reply was not a JSON object with the string keys "question" and "answer" ({problem}). '
-    "Reply again with only the JSON object."
-)
-
-REPHRASE_SYSTEM = (
-    "You rewrite answers so that they sound natural when spoken aloud in a conversation, "
-    "for a voice assistant."
-)
-
-REPHRASE_USER = """Question: {question}
-Answer: {answer}
-
-Rephrase the answer in a natural, conversational tone, as if you were saying it out loud to \
-someone who just asked you the question. Keep the meaning the same: keep every fact and add none. \
-Reply with only the rephrased answer."""
-
-SIMPLIFY_USER = """That answer is still hard to follow when spoken (Flesch reading ease \
-{flesch:.0f}; it needs {threshold:.0f} or more). Make it simpler: shorter sentences, everyday \
-words, the same conversational tone and the same facts. Reply with only the new answer."""
-
-_TEMPLATES = (QA_SYSTEM, QA_USER, QA_CORRECTION, REPHRASE_SYSTEM, REPHRASE_USER, SIMPLIFY_USER)
-PROMPT_VERSION = hashlib.sha256("\x1e".join(_TEMPLATES).encode("utf-8")).hexdigest()[:12]
+from pipeline.core.prompts import GENERATION_PROMPT_FILES, TonePrompts
+from pipeline.core.system_prompts import DEFAULT_DESCRIPTION, DEFAULT_PROMPTS_DIR
 
 Messages = list[dict[str, str]]
+TEMPLATE_ORDER = ("qa_system", "qa_user", "qa_correction", "rephrase_system", "rephrase_user", "simplify_user")
+TEMPLATE_NAMES = ("QA_SYSTEM", "QA_USER", "QA_CORRECTION", "REPHRASE_SYSTEM", "REPHRASE_USER", "SIMPLIFY_USER")
 
 
-def qa_messages(title: str, text: str, bad_replies: list[tuple[str, str]] = ()) -> Messages:
-    """The question/answer request; earlier malformed replies are replayed with a correction.
+@dataclass(frozen=True)
+class GenerationPrompts:
+    """The generation requests of one tone, built from its prompt files."""
 
-    Continuing the conversation (instead of resending the same request) gives a model that
-    ignored the format a concrete nudge, and makes each retry a different request, so the
-    response cache never hands back the same malformed reply twice.
-    """
-    messages = [
-        {"role": "system", "content": QA_SYSTEM},
-        {"role": "user", "content": QA_USER.format(title=title, text=text)},
-    ]
-    for reply, problem in bad_replies:
-        messages.append({"role": "assistant", "content": reply})
-        messages.append({"role": "user", "content": QA_CORRECTION.format(problem=problem)})
-    return messages
+    prompts: TonePrompts
+
+    @classmethod
+    def of(cls, tone) -> GenerationPrompts:
+        """The prompts of params `tone` (ToneConfig)."""
+        return cls(TonePrompts.load(tone.prompts, tone.description, tuple(GENERATION_PROMPT_FILES)))
+
+    @property
+    def prompt_version(self) -> str:
+        """A hash of every template (the same formula since the prompts were Python constants, so
+        the default tone keeps its version)."""
+        templates = [self.prompts.files[name].template for name in TEMPLATE_ORDER]
+        return hashlib.sha256("\x1e".join(templates).encode("utf-8")).hexdigest()[:12]
+
+    def _text(self, name: str, **fields: object) -> str:
+        return self.prompts.text(name, **fields)
+
+    def qa_messages(self, title: str, text: str, bad_replies: list[tuple[str, str]] = ()) -> Messages:
+        """The question/answer request; earlier malformed replies are replayed with a correction.
+
+        Continuing the conversation (instead of resending the same request) gives a model that
+        ignored the format a concrete nudge, and makes each retry a different request, so the
+        response cache never hands back the same malformed reply twice.
+        """
+        messages = [
+            {"role": "system", "content": self._text("qa_system")},
+            {"role": "user", "content": self._text("qa_user", title=title, text=text)},
+        ]
+        for reply, problem in bad_replies:
+            messages.append({"role": "assistant", "content": reply})
+            messages.append({"role": "user", "content": self._text("qa_correction", problem=problem)})
+        return messages
+
+    def rephrase_messages(self, question: str, factual_answer: str) -> Messages:
+        """Ask for the factual answer again in the tone, same meaning."""
+        return [
+            {"role": "system", "content": self._text("rephrase_system")},
+            {"role": "user", "content": self._text("rephrase_user", question=question, answer=factual_answer)},
+        ]
+
+    def simplify_messages(
+        self, question: str, factual_answer: str, attempts: list[tuple[str, float] | tuple[str, float, list[str]]],
+        threshold: float,
+    ) -> Messages:
+        """Ask to try again: the rephrasing conversation so far, each earlier answer followed by
+        its Flesch score (and the gate criteria it failed, `{failed}`) and the request.
+
+        The conversation grows with every attempt, so the model sees what it already tried, and two
+        attempts are never the same request (an identical request would be answered from the cache,
+        and "up to three more tries" would silently become one)."""
+        messages = self.rephrase_messages(question, factual_answer)
+        for answer, flesch, *failed in attempts:
+            failed_text = "; ".join(failed[0]) if failed else ""
+            messages.append({"role": "assistant", "content": answer})
+            messages.append({"role": "user", "content": self._text("simplify_user", flesch=flesch, threshold=threshold,
+                                                                   failed=failed_text)})
+        return messages
+
+    def text(self) -> str:
+        """All templates as one human-readable document (logged as an MLflow artifact)."""
+        parts = [f"# tonetune generation prompts, PROMPT_VERSION {self.prompt_version}\n"]
+        parts += [f"## {label}\n\n{self.prompts.files[name].template}\n"
+                  for label, name in zip(TEMPLATE_NAMES, TEMPLATE_ORDER, strict=True)]
+        return "\n".join(parts)
 
 
-def rephrase_messages(question: str, factual_answer: str) -> Messages:
-    """Ask for the factual answer again in a conversational tone, same meaning."""
-    return [
-        {"role": "system", "content": REPHRASE_SYSTEM},
-        {"role": "user", "content": REPHRASE_USER.format(question=question, answer=factual_answer)},
-    ]
-
-
-def simplify_messages(
-    question: str, factual_answer: str, attempts: list[tuple[str, float]], threshold: float
-) -> Messages:
-    """Ask to simplify again: the rephrasing conversation so far, each earlier answer followed by
-    its Flesch score and the request to make it simpler.
-
-    The conversation grows with every attempt, so the model sees what it already tried, and two
-    attempts are never the same request (an identical request would be answered from the cache,
-    and "up to three more tries" would silently become one)."""
-    messages = rephrase_messages(question, factual_answer)
-    for answer, flesch in attempts:
-        messages.append({"role": "assistant", "content": answer})
-        messages.append({"role": "user", "content": SIMPLIFY_USER.format(flesch=flesch, threshold=threshold)})
-    return messages
+# The default tone's prompts (prompts/conversational), for code that has no params.
+DEFAULT = GenerationPrompts(TonePrompts.load(DEFAULT_PROMPTS_DIR, DEFAULT_DESCRIPTION, tuple(GENERATION_PROMPT_FILES)))
+PROMPT_VERSION = DEFAULT.prompt_version
+QA_SYSTEM, QA_USER, QA_CORRECTION, REPHRASE_SYSTEM, REPHRASE_USER, SIMPLIFY_USER = (
+    DEFAULT.prompts.files[name].template for name in TEMPLATE_ORDER)
+qa_messages = DEFAULT.qa_messages
+rephrase_messages = DEFAULT.rephrase_messages
+simplify_messages = DEFAULT.simplify_messages
 
 
 def prompts_text() -> str:
-    """All templates as one human-readable document (logged as an MLflow artifact)."""
-    names = ("QA_SYSTEM", "QA_USER", "QA_CORRECTION", "REPHRASE_SYSTEM", "REPHRASE_USER", "SIMPLIFY_USER")
-    parts = [f"# tonetune generation prompts, PROMPT_VERSION {PROMPT_VERSION}\n"]
-    parts += [f"## {name}\n\n{template}\n" for name, template in zip(names, _TEMPLATES, strict=True)]
-    return "\n".join(parts)
+    """The default tone's templates as one document."""
+    return DEFAULT.text()
 
 
 class MalformedReply(ValueError):

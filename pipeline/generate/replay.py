@@ -38,6 +38,8 @@ from pipeline.core.config import SECTIONS_PATH, load_config
 from pipeline.core.errors import TonetuneError, exit_on_user_error
 from pipeline.core.llmclient import Messages, Reply, RequestFailed, RequestSettings, StepKey, estimate_tokens
 from pipeline.core.textmetrics import flesch_reading_ease
+from pipeline.core.tone import Criteria
+from pipeline.core.tone import gate as tone_gate
 
 REQUIRED_FIELDS = ("source_id", "title", "question", "factual_answer", "rephrasings")
 OPTIONAL_FIELDS = ("qa_replies",)
@@ -191,19 +193,26 @@ class ReplayBackend:
 # --------------------------------------------------------------------------- check
 
 
-def flesch_path(recording: Recording, threshold: float, max_simplify_attempts: int, flesch) -> str:
-    """What the engine's Flesch gate will do with a passage: accepted_at_<n>, never_passes or
-    replay_gap (a rephrasing fails and no next one is recorded: the run records api_error)."""
+def flesch_path(recording: Recording, threshold: float, max_simplify_attempts: int, flesch,
+                passes=None) -> str:
+    """What the engine's gate will do with a passage: accepted_at_<n>, never_passes or
+    replay_gap (a rephrasing fails and no next one is recorded: the run records api_error).
+    `passes(text)`: the tone's gate; default Flesch >= threshold."""
+    passes = passes or (lambda text: flesch(text) >= threshold)
     for attempt, text in enumerate(recording.rephrasings[: max_simplify_attempts + 1]):
-        if flesch(text) >= threshold:
+        if passes(text):
             return f"passes_at_attempt_{attempt + 1}"
         if attempt + 1 >= len(recording.rephrasings) and attempt < max_simplify_attempts:
             return "replay_gap"
     return "never_passes"
 
 
-def check(directory: Path, sections_path: Path, threshold: float, max_simplify_attempts: int) -> list[str]:
-    """Validate every recording and print a summary; returns the list of problems."""
+def check(directory: Path, sections_path: Path, threshold: float, max_simplify_attempts: int,
+          gate: Criteria | None = None) -> list[str]:
+    """Validate every recording and print a summary; returns the list of problems. `gate`: the
+    tone's gate (default: Flesch >= threshold)."""
+    gate = gate or Criteria.flesch_at_least(threshold)
+    gate_text = gate.describe()
     import pandas as pd
 
     recordings, problems = read_recordings(directory)
@@ -221,11 +230,12 @@ def check(directory: Path, sections_path: Path, threshold: float, max_simplify_a
     for recording in recordings.values():
         if recording.qa_replies is not None:
             paths["custom_qa_replies"] = paths.get("custom_qa_replies", 0) + 1
-        path = flesch_path(recording, threshold, max_simplify_attempts, flesch_reading_ease)
+        path = flesch_path(recording, threshold, max_simplify_attempts, flesch_reading_ease,
+                           passes=lambda text: bool(text) and bool(gate.mask(gate.score([text]))[0]))
         paths[path] = paths.get(path, 0) + 1
         if path == "replay_gap":
-            problems.append(f"{recording.location}: rephrasing #{len(recording.rephrasings)} scores below "
-                            f"Flesch {threshold:g} and no simpler one follows (the run would record api_error)")
+            problems.append(f"{recording.location}: rephrasing #{len(recording.rephrasings)} fails "
+                            f"{gate_text} and no simpler one follows (the run would record api_error)")
         elif len(recording.rephrasings) > max_simplify_attempts + 1:
             problems.append(f"{recording.location}: {len(recording.rephrasings)} rephrasings; only "
                             f"{max_simplify_attempts + 1} can be used")
@@ -251,9 +261,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
 
     args = parse_args(argv)
-    config = load_config().generate
+    full = load_config()
+    config = full.generate
     directory = args.dir or Path(config.replay_dir)
-    problems = check(directory, args.sections, config.flesch_threshold, config.max_simplify_attempts)
+    problems = check(directory, args.sections, full.tone.gate[0].threshold, config.max_simplify_attempts,
+                     gate=tone_gate(full.tone))
     if problems:
         raise TonetuneError(f"{len(problems)} problem(s) in the recordings under {directory} (listed above)")
     print("replay check: OK")

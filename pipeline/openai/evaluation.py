@@ -35,10 +35,12 @@ from pipeline.core.predictions import (
     score_answers,
     write_predictions,
 )
+from pipeline.core.prompts import system_prompts, tone_prompts
 from pipeline.core.responsecache import ResponseCache
-from pipeline.core.system_prompts import SYSTEM_PROMPTS, chat_messages
+from pipeline.core.system_prompts import chat_messages
 from pipeline.core.textmetrics import load_embedder
-from pipeline.core.tracking import log_dataset_input
+from pipeline.core.tone import on_style, style_key, style_label, tone_tags
+from pipeline.core.tracking import log_dataset_input, log_prompts
 from pipeline.openai.api import FineTuningAPI
 from pipeline.openai.ledger import JobLedger
 from pipeline.openai.spec import CACHE_PATH, CLIENT_SECTION
@@ -103,9 +105,11 @@ def score(name: str, kind: str, base_model: str, answers, validation: pd.DataFra
 
     embedder = load_embedder(config.embeddings)
     references = embedder.encode(validation["answer"].astype(str).tolist())
-    predictions = score_answers(validation, answers, references, embedder)
+    criteria = on_style(config.tone)
+    predictions = score_answers(validation, answers, references, embedder, criteria)
     settings = config.evaluate
-    summary = summarize_predictions(predictions, settings.conversational_threshold, settings.bootstrap_samples, settings.seed)
+    summary = summarize_predictions(predictions, criteria, settings.bootstrap_samples, settings.seed,
+                                    style_key=style_key(config.tone))
     record = metrics_record(name, kind, summary, family=openai_family(base_model), base_model=base_model, **extra)
     return record, predictions
 
@@ -123,7 +127,8 @@ def evaluate_model(name: str, kind: str, base_model: str, model_id: str, prompt_
 
     questions = validation["question"].astype(str).tolist()
     print(f"openai: evaluating {model_id} ({prompt_name} prompt) on {len(questions)} validation questions", flush=True)
-    answers, stats = ask_all(model_id, SYSTEM_PROMPTS[prompt_name], questions, config, api.api_key, api.endpoint)
+    texts = system_prompts(config.tone)
+    answers, stats = ask_all(model_id, texts.system_prompt(prompt_name), questions, config, api.api_key, api.endpoint)
     repaid = stats.pop("repaid_keys")
     if repaid:
         ledger.append({"kind": "eval_repaid", "endpoint": api.endpoint, "model": model_id, "requests": repaid})
@@ -144,18 +149,20 @@ def evaluate_model(name: str, kind: str, base_model: str, model_id: str, prompt_
     run_id = mlflow.active_run().info.run_id
     calls, step = first_or_rerun_keys(run_id, calls)
     mlflow.log_metrics(calls, step=step)
+    log_prompts(tone_prompts(config.tone, (f"system_{prompt_name}",)), config.tone.name)
     mlflow.set_tags({"eval.system_prompt": prompt_name, "eval.model": model_id,
                      "eval.max_new_tokens": str(config.evaluate.max_new_tokens),
                      "eval.temperature": str(config.openai.eval_temperature),
-                     "eval.conversational_threshold": str(config.evaluate.conversational_threshold),
+                     **tone_tags(config.tone, "eval.", "eval.conversational_threshold"),
                      "eval.embeddings_model": config.embeddings.model, "eval.n_eval": str(len(predictions))})
     log_dataset_input(validation, val_path, context="evaluation", name="val")
     mlflow.log_table(predictions, artifact_file=predictions_artifact_path(mlflow.MlflowClient(), run_id))
     def number(key: str, digits: int) -> str:
         return f"{record[key]:.{digits}f}" if is_number(record.get(key)) else "n/a"
 
-    print(f"openai: {name}: {number('pct_conversational', 1)}% conversational "
-          f"[{number('pct_conversational_ci_low', 1)}, {number('pct_conversational_ci_high', 1)}], "
+    key = style_key(config.tone)
+    print(f"openai: {name}: {number(key, 1)}{style_label(config.tone)} "
+          f"[{number(key + '_ci_low', 1)}, {number(key + '_ci_high', 1)}], "
           f"Flesch {number('flesch_mean', 1)}, similarity {number('similarity_mean', 3)}, "
           f"{stats['api_calls']} API calls, {stats['cache_hits']} cached", flush=True)
     return record

@@ -23,7 +23,7 @@ from pipeline.core.contracts import Tags
 from pipeline.core.errors import TonetuneError, exit_on_user_error
 from pipeline.core.io import atomic_write_bytes, write_json
 from pipeline.core.predictions import read_validation
-from pipeline.core.system_prompts import CONCISE_SYSTEM_PROMPT
+from pipeline.core.prompts import system_prompts
 from pipeline.core.tracking import log_dataset_input
 from pipeline.openai.api import TERMINAL, FineTuningAPI, api_key_from_env
 from pipeline.openai.collect import collect
@@ -113,12 +113,13 @@ def run_finetune(config: Config, target: Target, out_dir: Path, api: FineTuningA
     settings = config.openai
     train = read_split(target.train_path, "training")
     validation = read_validation(target.val_path, config.evaluate.limit) if evaluate else None
-    training = jsonl_bytes(chat_examples(train, CONCISE_SYSTEM_PROMPT))
+    concise = system_prompts(config.tone).system_prompt("concise")
+    training = jsonl_bytes(chat_examples(train, concise))
     n_examples = validate_chat_jsonl(training, f"{target.train_path} as chat JSONL", settings)
     atomic_write_bytes(out_dir / "train.jsonl", training)
     validation_bytes = None
     if settings.validation_file:
-        validation_bytes = jsonl_bytes(chat_examples(read_split(target.val_path, "validation"), CONCISE_SYSTEM_PROMPT))
+        validation_bytes = jsonl_bytes(chat_examples(read_split(target.val_path, "validation"), concise))
         validate_chat_jsonl(validation_bytes, f"{target.val_path} as chat JSONL", settings)
     spec = JobSpec.from_config(target.base_model, sha256_hex(training),
                                sha256_hex(validation_bytes) if validation_bytes else None, settings)

@@ -23,7 +23,8 @@ from pipeline.core.system_prompts import CONCISE_SYSTEM_PROMPT
 CHECKPOINT_STATE_FILE = "tonetune_checkpoint.json"
 
 
-def run_fingerprint(point: GridPoint, config: TrainConfig, train_md5: str, base_sha256: str) -> str:
+def run_fingerprint(point: GridPoint, config: TrainConfig, train_md5: str, base_sha256: str,
+                    system_prompt: str = CONCISE_SYSTEM_PROMPT) -> str:
     """Hash of everything that defines a run: a checkpoint is reused only for the same one."""
     settings = config.model_dump(mode="json", exclude={"grid", "save_steps", "logging_steps"})
     payload = {
@@ -31,7 +32,7 @@ def run_fingerprint(point: GridPoint, config: TrainConfig, train_md5: str, base_
         "train": settings,
         "train_md5": train_md5,
         "base_sha256": base_sha256,
-        "system_prompt": CONCISE_SYSTEM_PROMPT,
+        "system_prompt": system_prompt,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 

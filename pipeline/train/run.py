@@ -24,9 +24,11 @@ from pipeline.core.config import Config, TrainConfig
 from pipeline.core.contracts import ADAPTER_METADATA_FILE, GridPoint, Tags, format_learning_rate
 from pipeline.core.dvcmeta import file_md5
 from pipeline.core.modeling import DecodingPolicy, base_model_reference, load_base_model
+from pipeline.core.prompts import system_prompts, tone_prompts
 from pipeline.core.servable import log_adapter_model
 from pipeline.core.system_prompts import CONCISE_SYSTEM_PROMPT
-from pipeline.core.tracking import code_version_tags, configure_mlflow, log_dataset_input
+from pipeline.core.tone import tone_tags
+from pipeline.core.tracking import code_version_tags, configure_mlflow, log_dataset_input, log_prompts
 from pipeline.train.inputs import (
     SequenceStats,
     TrainPaths,
@@ -188,20 +190,22 @@ class PreparedRun:
     fingerprint: str
 
 
-def prepare_run(point: GridPoint, config: TrainConfig, paths: TrainPaths) -> PreparedRun:
-    """Read and check the splits, tokenizer lengths, step count, hashes and the run fingerprint."""
+def prepare_run(point: GridPoint, config: TrainConfig, paths: TrainPaths,
+                system_prompt: str = CONCISE_SYSTEM_PROMPT) -> PreparedRun:
+    """Read and check the splits, tokenizer lengths, step count, hashes and the run fingerprint.
+    `system_prompt`: the tone's concise prompt, the one the adapter is trained (and served) with."""
     from transformers import AutoTokenizer
 
     train_frame = read_split(paths.train_split, point.n_train)
     val_frame = read_split(paths.val_split)
     tokenizer = AutoTokenizer.from_pretrained(str(paths.base_dir))
-    examples = conversational_examples(train_frame)
+    examples = conversational_examples(train_frame, system_prompt)
     stats = sequence_stats(tokenizer, examples, config.max_seq_length)
     total_steps = optimizer_steps(len(examples), config.per_device_batch_size, config.gradient_accumulation_steps,
                                   config.epochs)
     train_md5, val_md5 = file_md5(paths.train_split), file_md5(paths.val_split)
     base_reference = base_model_reference(paths.base_dir)
-    fingerprint = run_fingerprint(point, config, train_md5, base_reference["sha256"])
+    fingerprint = run_fingerprint(point, config, train_md5, base_reference["sha256"], system_prompt)
     return PreparedRun(train_frame, val_frame, tokenizer, examples, stats, total_steps, train_md5, val_md5,
                        base_reference, fingerprint)
 
@@ -274,7 +278,7 @@ def publish_adapter(point: GridPoint, config: Config, prepared: PreparedRun, pat
         "n_train": point.n_train,
         "mlflow_run_id": run_id,
         "base_model": prepared.base_reference,
-        "system_prompt": CONCISE_SYSTEM_PROMPT,
+        "system_prompt": system_prompts(config.tone).system_prompt("concise"),
         "train_dataset_md5": prepared.train_md5,
         "serve_precision": point.precision,
         "decoding": policy.to_dict(),
@@ -285,6 +289,7 @@ def publish_adapter(point: GridPoint, config: Config, prepared: PreparedRun, pat
     return log_adapter_model(
         paths.adapter_dir, prepared.base_reference, point.precision, policy, config.evaluate.batch_size,
         int8_threshold=config.train.int8_threshold, bucket_tokens=config.evaluate.bucket_tokens,
+        system_prompt=metadata["system_prompt"],
     )
 
 
@@ -313,7 +318,8 @@ def train_grid_point(point: GridPoint, config: Config, paths: TrainPaths, callba
     import mlflow
 
     started = time.perf_counter()
-    prepared = prepare_run(point, config.train, paths)
+    texts = system_prompts(config.tone)
+    prepared = prepare_run(point, config.train, paths, texts.system_prompt("concise"))
     resume = find_resume_state(paths.checkpoint_dir, prepared.fingerprint)
     active, reopened = start_tracking(config, point, resume)
     run_id = active.info.run_id
@@ -323,6 +329,8 @@ def train_grid_point(point: GridPoint, config: Config, paths: TrainPaths, callba
             mlflow.set_tags({"resumed_at_step": step, "resumed_from_checkpoint": str(resume.checkpoint)})
         else:
             record_run_inputs(point, config.train, prepared, paths)
+            mlflow.set_tags(tone_tags(config.tone))
+            log_prompts(tone_prompts(config.tone, ("system_concise",)), config.tone.name)
         write_checkpoint_state(paths.checkpoint_dir, prepared.fingerprint, run_id, point.name)
         fitted = fit(point, config.train, prepared, paths, resume, run_id, callbacks)
         metrics = training_metrics(fitted)
