@@ -385,7 +385,7 @@ class TrainConfig(Section):
     """LoRA SFT hyperparameters (paper appendix A.3)."""
 
     grid: TrainGrid = Field(default_factory=TrainGrid)
-    epochs: PositiveFloat = 5
+    epochs: PositiveFloat = 3
     per_device_batch_size: PositiveInt = 16
     gradient_accumulation_steps: PositiveInt = 2
     lora_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.2
