@@ -27,6 +27,8 @@ from typing import Any
 from pipeline.core.config import HELDOUT_DIR, PREDICTIONS_DIR
 from pipeline.core.contracts import Tags
 from pipeline.core.errors import TonetuneError
+from registry.model_lineage import parse_model_uri
+from registry.store import get_version, version_by_alias
 
 SHUFFLE_SEED = 0
 
@@ -58,7 +60,8 @@ class ReplayCount:
             parts.append(f"{self.same_alone}/{self.n} identical sent alone")
         if self.same_shuffled is not None:
             parts.append(f"{self.same_shuffled}/{self.n} identical in one shuffled request of {self.n}")
-        return f"{self.split}: " + ", ".join(parts)
+        shown = ", ".join(self.differing_ids[:10]) + (" ..." if len(self.differing_ids) > 10 else "")
+        return f"{self.split}: " + ", ".join(parts) + (f"; differing ids: {shown}" if self.differing_ids else "")
 
 
 def _read_set(split: str, table_path: Path, record_path: Path, limit: int | None) -> EvaluatedSet:
@@ -87,20 +90,14 @@ def evaluated_sets(model: str, limit: int | None = None, predictions_dir: Path =
 
 def resolve_target(client, target: str, predictions_dir: Path = PREDICTIONS_DIR) -> tuple[str, str]:
     """(model URI to load, evaluated model name) for a registry URI or an evaluated adapter's name."""
-    from registry.store import get_version, version_by_alias
-
     if target.startswith("models:/"):
-        rest = target[len("models:/"):]
-        if "@" in rest:
-            name, alias = rest.split("@", 1)
+        name, alias, number = parse_model_uri(target)
+        if alias:
             version = version_by_alias(client, name, alias)
             if version is None:
                 raise TonetuneError(f"{target}: {name} has no version with alias {alias} (see `python -m registry list`)")
-        elif "/" in rest:
-            name, number = rest.split("/", 1)
-            version = get_version(client, name, number)
         else:
-            raise TonetuneError(f"{target}: expected models:/<name>@<alias> or models:/<name>/<version>")
+            version = get_version(client, name, number)
         run = client.get_run(version.run_id)
         model = run.data.tags.get("mlflow.runName") or version.tags.get(Tags.TRAINING_RUN_NAME)
         if not model:
@@ -135,7 +132,7 @@ def replay_set(predict, evaluated: EvaluatedSet, alone: bool = True, shuffled: b
         from tqdm.auto import tqdm
 
         same = 0
-        for qid, question, answer in tqdm(list(zip(evaluated.ids, evaluated.questions, evaluated.answers)),
+        for qid, question, answer in tqdm(list(zip(evaluated.ids, evaluated.questions, evaluated.answers, strict=True)),
                                           desc=f"replay {evaluated.split} alone", unit="q", disable=not progress):
             if str(predict([question])[0]) == answer:
                 same += 1
@@ -181,8 +178,6 @@ def run_replay(target: str, limit: int | None, alone: bool, shuffled: bool, conf
         if differences:
             print(f"  {evaluated.split}: evaluated on other machine facts, so answers may differ: " + "; ".join(differences))
         count = replay_set(loaded.predict, evaluated, alone, shuffled)
-        print(f"  {count.describe()}" + (f"; differing ids: {', '.join(count.differing_ids[:10])}"
-                                          + (" ..." if len(count.differing_ids) > 10 else "") if count.differing_ids else ""),
-              flush=True)
+        print(f"  {count.describe()}", flush=True)
         counts.append(count)
     return counts
