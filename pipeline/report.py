@@ -56,7 +56,7 @@ FIGURES_DIR = REPORTS_DIR / "figures"
 PLOTS_DIR = REPORTS_DIR / "plots"
 FIGURE_FILES = {
     "fig2": "fig2_base_vs_finetuned.png",
-    "fig3": "fig3_conversational_vs_samples.png",
+    "fig3": "fig3_on_style_vs_samples.png",
     "fig4": "fig4_similarity_vs_samples.png",
 }
 NOT_RUN = "not run"
@@ -445,7 +445,7 @@ def write_plot_data(lines: pd.DataFrame, bars: pd.DataFrame, folder: Path = PLOT
     folder.mkdir(parents=True, exist_ok=True)
     columns = ["panel", "series", "n_train"]
     paths = {
-        "conversational_vs_samples.csv": lines[[*columns, style.key, "model"]],
+        "on_style_vs_samples.csv": lines[[*columns, style.key, "model"]],
         "similarity_vs_samples.csv": lines[[*columns, "similarity", "model"]],
         "base_vs_finetuned.csv": bars.dropna(subset=[style.key])[["model", style.key, "run"]],
     }

@@ -90,7 +90,7 @@ def test_report_from_a_fixture_grid(report_dir, capsys):
         assert_valid_png(Path("reports/figures") / name)
     import pandas as pd
 
-    lines = pd.read_csv("reports/plots/conversational_vs_samples.csv")
+    lines = pd.read_csv("reports/plots/on_style_vs_samples.csv")
     assert set(lines["panel"]) == {"bfloat16, r=32", "bfloat16, r=64", "int8, r=32", "int8, r=64"}
     assert len(lines) == 16 + 8  # every (precision, r, lr) line starts at the base model (n_train 0)
     assert (lines[lines["n_train"] == 0]["pct_conversational"] == 12.0).all()
