@@ -259,6 +259,12 @@ def _client_section(section: str, raw: Any, default: ClientConfig) -> Any:
 
 STYLE_METRICS = ("flesch_reading_ease", "flesch_kincaid_grade", "words_per_answer")
 USER_FUNCTION_PATTERN = r"^tones(\.[A-Za-z_]\w*)+:[A-Za-z_]\w*$"  # a function in the tones/ package (a DVC dep)
+# A hub (or local-folder) sequence classifier: hub:<id or folder>[@<revision>]#<label> (pipeline.core.hubclassifier).
+HUB_METRIC_PATTERN = r"^hub:[^@#\s]+(@[^@#\s]+)?#[^#]+$"
+# An LLM rubric through the judge's client: rubric:<name> (pipeline.core.rubric).
+RUBRIC_METRIC_PATTERN = r"^rubric:[a-z][a-z0-9_]*$"
+METRIC_SYNTAX = (f"one of {list(STYLE_METRICS)}, a function `tones.<module>:<function>` in the tones/ package, "
+                 "`hub:<hub id>@<revision>#<label>` (or `hub:<local folder>#<label>`) or `rubric:<name>`")
 
 
 class StyleCriterion(Section):
@@ -272,9 +278,9 @@ class StyleCriterion(Section):
     def _known_metric(self):
         import re
 
-        if self.metric not in STYLE_METRICS and not re.match(USER_FUNCTION_PATTERN, self.metric):
-            raise ValueError(f"metric {self.metric!r} must be one of {list(STYLE_METRICS)} or a function "
-                             "`tones.<module>:<function>` in the tones/ package")
+        patterns = (USER_FUNCTION_PATTERN, HUB_METRIC_PATTERN, RUBRIC_METRIC_PATTERN)
+        if self.metric not in STYLE_METRICS and not any(re.match(pattern, self.metric) for pattern in patterns):
+            raise ValueError(f"metric {self.metric!r} must be {METRIC_SYNTAX}")
         if self.metric == "flesch_reading_ease" and not 0 <= self.threshold <= 121:
             raise ValueError(f"threshold {self.threshold:g}: Flesch reading ease thresholds must be >= 0 and <= 121")
         return self
@@ -298,6 +304,26 @@ class ToneConfig(Section):
         _criterion("flesch_reading_ease", "higher", 75.0),)
     on_style: Annotated[tuple[StyleCriterion, ...], Field(min_length=1)] = (
         _criterion("flesch_reading_ease", "higher", 60.0),)
+
+    @model_validator(mode="after")
+    def _metrics_fit_their_lists(self):
+        import re
+
+        from pipeline.core.tone import metric_column
+
+        for key in ("gate", "on_style"):
+            columns: dict[str, str] = {}
+            for criterion in getattr(self, key):
+                column = metric_column(criterion.metric)
+                if columns.setdefault(column, criterion.metric) != criterion.metric:
+                    raise ValueError(f"tone.{key}: {columns[column]!r} and {criterion.metric!r} would both be "
+                                     f"reported as column {column!r}: keep one of them")
+        for criterion in self.gate:
+            if re.match(RUBRIC_METRIC_PATTERN, criterion.metric):
+                raise ValueError(f"tone.gate: {criterion.metric!r}: an LLM rubric is an on-style metric only "
+                                 "(tone.on_style): the generator checks its gate on every attempt inside its "
+                                 "own event loop")
+        return self
 
 
 class GenerateConfig(Section):

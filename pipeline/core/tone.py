@@ -12,7 +12,13 @@ Metrics (the `metric` of a criterion):
 - `words_per_answer`: whitespace-separated words (column `words`, the definition of `answer_words_mean`);
 - `tones.<module>:<function>`: a user's function `f(text: str) -> float` in the repository's
   `tones/` package (column: the function's name); dvc.yaml lists the `tones` folder as a
-  dependency of every stage that scores style, so editing it re-runs them.
+  dependency of every stage that scores style, so editing it re-runs them;
+- `hub:<hub id>@<revision>#<label>` or `hub:<local folder>#<label>`: the probability (0..1) of
+  `label` by a sequence classifier from the Hugging Face hub (pipeline.core.hubclassifier; column:
+  the label, lower-cased, `_` for anything else);
+- `rubric:<name>`: a 1..5 score by the judge's LLM (`judge.model` through `judge.client`) following
+  the rubric `<tone.prompts>/rubric_<name>.txt` (pipeline.core.rubric; column `rubric_<name>`);
+  on-style only, and only where the caller passes the judge's config (`MetricContext`).
 
 An empty answer has no score (NaN) and passes no criterion. Several criteria combine with AND: an
 answer is on-style (or passes the gate) only when it passes every one.
@@ -29,7 +35,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,12 +44,14 @@ import numpy as np
 from pipeline.core.errors import TonetuneError
 
 if TYPE_CHECKING:
-    from pipeline.core.config import StyleCriterion, ToneConfig
+    from pipeline.core.config import JudgeConfig, StyleCriterion, ToneConfig
 
 FLESCH = "flesch_reading_ease"
 GRADE = "flesch_kincaid_grade"
 WORDS = "words_per_answer"
 BUILTIN_METRICS = (FLESCH, GRADE, WORDS)
+HUB_PREFIX = "hub:"
+RUBRIC_PREFIX = "rubric:"
 USER_FUNCTION = re.compile(r"^(?P<module>[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*):(?P<function>[A-Za-z_]\w*)$")
 # textstat languages with their own readability constants or syllable rules (textstat 0.7.13).
 TEXTSTAT_LANGUAGES = ("en_US", "de", "es", "fr", "it", "nl", "ru", "pl", "cs", "hu")
@@ -51,19 +59,40 @@ TEXTSTAT_LANGUAGES = ("en_US", "de", "es", "fr", "it", "nl", "ru", "pl", "cs", "
 
 @dataclass(frozen=True)
 class StyleMetric:
-    """One metric: its params name, the column/key it is reported under, a label, and f(text)."""
+    """One metric: its params name, the column/key it is reported under, a label, and f(text).
+
+    `batch` (optional) scores many non-empty texts at once (a classifier's batches, an LLM's
+    concurrent requests); `scores` uses it when set."""
 
     name: str
     column: str
     label: str
     function: Callable[[str], float]
     source_file: Path | None = None
+    batch: Callable[[list[str]], np.ndarray] | None = None
 
     def scores(self, texts: Sequence[str]) -> np.ndarray:
         """Scores of many texts (float64, input order); NaN for an empty text."""
+        if self.batch is not None:
+            values = np.full(len(texts), math.nan, dtype=np.float64)
+            present = [index for index, text in enumerate(texts) if text]
+            if present:
+                values[present] = np.asarray(self.batch([texts[index] for index in present]), dtype=np.float64)
+            return values
         values = np.fromiter((float(self.function(text)) if text else math.nan for text in texts),
                              dtype=np.float64, count=len(texts))
         return values
+
+
+@dataclass(frozen=True)
+class MetricContext:
+    """What a metric may need beyond the text: the tone's prompts folder and description (a
+    rubric's file and `{description}`) and the judge's params (a rubric's model and client).
+    A caller without a judge (`judge=None`) can score every metric but `rubric:`."""
+
+    prompts: str
+    description: str
+    judge: JudgeConfig | None = None
 
 
 def _textstat_metric(method: str, language: str) -> Callable[[str], float]:
@@ -126,20 +155,57 @@ def _user_metric(metric: str) -> StyleMetric:
     return StyleMetric(metric, match["function"], match["function"], function, source)
 
 
-def resolve_metric(metric: str, language: str = "en_US") -> StyleMetric:
-    """The metric a criterion names (see the module docstring)."""
+def resolve_metric(metric: str, language: str = "en_US", context: MetricContext | None = None) -> StyleMetric:
+    """The metric a criterion names (see the module docstring). `context`: what a `rubric:`
+    metric needs (the tone's prompts, the judge's params); the other metrics ignore it."""
     if metric == FLESCH:
         return StyleMetric(metric, "flesch", "Flesch reading ease", _textstat_metric("flesch_reading_ease", language))
     if metric == GRADE:
         return StyleMetric(metric, "fk_grade", "Flesch-Kincaid grade", _textstat_metric("flesch_kincaid_grade", language))
     if metric == WORDS:
         return StyleMetric(metric, "words", "words per answer", word_count)
+    if metric.startswith(HUB_PREFIX):
+        from pipeline.core import hubclassifier
+
+        return hubclassifier.style_metric(metric)
+    if metric.startswith(RUBRIC_PREFIX):
+        from pipeline.core import rubric
+
+        return rubric.style_metric(metric, context)
     return _user_metric(metric)
 
 
+def check_metric(metric: str, context: MetricContext | None = None) -> None:
+    """The cheap checks of a `hub:` or `rubric:` metric (its syntax, revision, folder, label,
+    rubric file, judge price): one line naming the metric, before any model is loaded or request
+    sent. Nothing for the other metrics (they are checked when resolved)."""
+    if metric.startswith(HUB_PREFIX):
+        from pipeline.core import hubclassifier
+
+        hubclassifier.check(metric)
+    elif metric.startswith(RUBRIC_PREFIX):
+        from pipeline.core import rubric
+
+        rubric.check(metric, context)
+
+
+def _sanitised(text: str) -> str:
+    """`Very Formal!` -> `very_formal`: lower-case letters, digits and `_`, starting with a letter."""
+    column = re.sub(r"[^0-9a-z]+", "_", text.lower()).strip("_")
+    return column if column[:1].isalpha() else f"label_{column}".rstrip("_")
+
+
 def metric_column(metric: str) -> str:
-    """The column a metric's scores are stored under, without importing anything."""
-    return {FLESCH: "flesch", GRADE: "fk_grade", WORDS: "words"}.get(metric) or metric.rsplit(":", 1)[-1]
+    """The column a metric's scores are stored under, without importing anything: a hub
+    classifier's is its label (sanitised), a rubric's `rubric_<name>`, a user function's its name."""
+    builtin = {FLESCH: "flesch", GRADE: "fk_grade", WORDS: "words"}.get(metric)
+    if builtin:
+        return builtin
+    if metric.startswith(HUB_PREFIX):
+        return _sanitised(metric.rsplit("#", 1)[-1])
+    if metric.startswith(RUBRIC_PREFIX):
+        return "rubric_" + metric[len(RUBRIC_PREFIX):]
+    return metric.rsplit(":", 1)[-1]
 
 
 def criterion_mask(scores: Sequence[float] | np.ndarray, direction: str, threshold: float) -> np.ndarray:
@@ -168,10 +234,18 @@ class Criteria:
 
     criteria: tuple[StyleCriterion, ...]
     language: str = "en_US"
+    context: MetricContext | None = field(default=None, compare=False)
 
     @classmethod
-    def build(cls, criteria: Sequence[StyleCriterion], language: str = "en_US") -> Criteria:
-        return cls(tuple(criteria), language)
+    def build(cls, criteria: Sequence[StyleCriterion], language: str = "en_US",
+              context: MetricContext | None = None) -> Criteria:
+        return cls(tuple(criteria), language, context)
+
+    def check(self) -> Criteria:
+        """The cheap checks of every `hub:`/`rubric:` metric (check_metric); returns self."""
+        for metric in dict.fromkeys(c.metric for c in self.criteria):
+            check_metric(metric, self.context)
+        return self
 
     @classmethod
     def flesch_at_least(cls, threshold: float) -> Criteria:
@@ -190,7 +264,7 @@ class Criteria:
         seen: dict[str, StyleMetric] = {}
         for c in self.criteria:
             if c.metric not in seen:
-                seen[c.metric] = resolve_metric(c.metric, self.language)
+                seen[c.metric] = resolve_metric(c.metric, self.language, self.context)
         return tuple(seen.values())
 
     def score(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
@@ -228,19 +302,28 @@ def style_label(tone: ToneConfig) -> str:
     return f"% {tone.name.replace('_', ' ')}"
 
 
-def on_style(tone: ToneConfig) -> Criteria:
-    """The evaluation's criteria (what counts as on-style)."""
-    return Criteria.build(tone.on_style, tone.language)
+def metric_context(tone: ToneConfig, judge: JudgeConfig | None = None) -> MetricContext:
+    """The context of the tone's metrics: its prompts and description, and the judge's params."""
+    return MetricContext(tone.prompts, tone.description, judge)
+
+
+def on_style(tone: ToneConfig, judge: JudgeConfig | None = None) -> Criteria:
+    """The evaluation's criteria (what counts as on-style). `judge` (params `judge`): the model
+    and client of `rubric:` metrics; the stages that score on-style (score, heldout, the OpenAI
+    arm, promote) pass `config.judge`. Nothing is checked or loaded here (`Criteria.check`)."""
+    return Criteria.build(tone.on_style, tone.language, metric_context(tone, judge))
 
 
 def gate(tone: ToneConfig) -> Criteria:
-    """The generation gate's criteria (what a generated answer must pass)."""
-    return Criteria.build(tone.gate, tone.language)
+    """The generation gate's criteria (what a generated answer must pass). A rubric is never in
+    the gate (params validation refuses it), so the gate needs no judge."""
+    return Criteria.build(tone.gate, tone.language, metric_context(tone))
 
 
 def user_function_files(tone: ToneConfig) -> list[Path]:
     """Files of the tone's user-function metrics (DVC dependencies of the stages using them)."""
-    metrics = {c.metric for c in (*tone.gate, *tone.on_style)} - set(BUILTIN_METRICS)
+    metrics = {c.metric for c in (*tone.gate, *tone.on_style)
+               if c.metric not in BUILTIN_METRICS and not c.metric.startswith((HUB_PREFIX, RUBRIC_PREFIX))}
     return sorted({user_function_file(metric) for metric in metrics})
 
 
