@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     base_record, adapter_records = read_eval_metrics()
     key = style_key(config.tone)
-    criteria = on_style(config.tone)
+    criteria = on_style(config.tone, config.judge).check()
     finalist = choose_finalist(base_record, adapter_records, rule, key)
     if finalist.model is None:
         raise TonetuneError(f"{EVAL_METRICS_DIR}: {finalist.reason}: nothing to test")

@@ -85,7 +85,7 @@ class Scorer:
         result = GenerationResult(frame["answer"].fillna("").astype(str).tolist(), frame["n_tokens"].astype(int).tolist(),
                                   frame["stopped"].astype(bool).tolist(), 0.0)
         validation = frame[[c for c in ("id", "question") if c in frame.columns]].assign(answer=frame["reference"])
-        criteria = on_style(self.config.tone)
+        criteria = on_style(self.config.tone, self.config.judge)
         scored = score_answers(validation, result, self._references[references], self.embedder, criteria)
         scored[f"repeated_{REPETITION_N}gram_rate"] = [repeated_ngram_rate(a, REPETITION_N) for a in result.answers]
         settings = self.config.evaluate
@@ -300,6 +300,7 @@ def main(argv: list[str] | None = None) -> None:
     records = sorted(PREDICTIONS_DIR.glob("*.json"))
     if not records:
         raise TonetuneError(f"{PREDICTIONS_DIR}: no predictions (run `dvc repro predict` first)")
+    on_style(config.tone, config.judge).check()  # a hub: or rubric: metric's mistakes: one line, before any model
     client = experiment_id = None
     if not args.no_mlflow:
         import mlflow

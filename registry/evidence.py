@@ -160,7 +160,7 @@ def incumbent_scores(name: str, version: str, heldout: Heldout, config: Config, 
     answers = mlflow.pyfunc.load_model(f"models:/{name}/{version}").predict(questions)
     frame = heldout.table[["id", "question", "reference", "factual"]].assign(
         answer=[str(answer) for answer in answers], n_tokens=-1, stopped=False)
-    scored = per_question_scores(frame, load_embedder(config.embeddings), on_style(config.tone))
+    scored = per_question_scores(frame, load_embedder(config.embeddings), on_style(config.tone, config.judge))
     write_table(scored, cache)
     return Scores.from_frame(f"v{version}", scored)
 

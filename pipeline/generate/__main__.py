@@ -273,6 +273,7 @@ def main(argv: list[str] | None = None) -> None:
     if not recorded:
         raise TonetuneError(f"none of the {len(sections)} sections in {args.sections} has a recording "
                             f"in {args.replay_dir or generate.replay_dir}")
+    gate = tone_gate(config.tone).check()  # a hub: metric's mistakes: one line, before any model
     embedder = load_embedder(config.embeddings)
     cache = ResponseCache(args.cache)
     if damage := cache.damage_report():
@@ -280,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         result = asyncio.run(run_engine(generate, backend, cache, embedder, sections,
                                         show_progress=not args.no_progress, budget=budget,
-                                        gate=tone_gate(config.tone), texts=texts))
+                                        gate=gate, texts=texts))
     except KeyboardInterrupt:
         print(f"\ngenerate: interrupted; {len(cache)} responses are safe in {args.cache}, "
               "run the same command again to resume", file=sys.stderr)

@@ -105,7 +105,7 @@ def score(name: str, kind: str, base_model: str, answers, validation: pd.DataFra
 
     embedder = load_embedder(config.embeddings)
     references = embedder.encode(validation["answer"].astype(str).tolist())
-    criteria = on_style(config.tone)
+    criteria = on_style(config.tone, config.judge)
     predictions = score_answers(validation, answers, references, embedder, criteria)
     settings = config.evaluate
     summary = summarize_predictions(predictions, criteria, settings.bootstrap_samples, settings.seed,
