@@ -441,7 +441,7 @@ def replace_dir(new: Path, target: Path) -> None:
 
 def run_gate(frame: pd.DataFrame, config, embedder: Embedder, docs_dir: Path) -> tuple[pd.DataFrame, list[CheckOutcome]]:
     """Recompute, validate, and write Data Docs to `docs_dir` (built aside, then swapped in)."""
-    gate = tone_gate(config.tone).check()
+    gate = tone_gate(config.tone)
     scored = recompute_columns(frame, embedder, gate)
     checks = build_checks(config.generate, config.validate_, gate)
     staging = docs_dir.with_name(f".{docs_dir.name}.building")
@@ -469,6 +469,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     config = load_config()
     frame = read_pairs(args.pairs)
+    tone_gate(config.tone).check()  # a hub: metric's mistakes: one line, before any model
 
     from pipeline.core.textmetrics import load_embedder
 
