@@ -4,6 +4,8 @@ must conclude, at the demo's test-set size."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -15,6 +17,7 @@ from pipeline.core.decision import (
     PROMOTE,
     REFUSE,
     STYLE,
+    VERDICT_CODES,
     Rule,
     Scores,
     challenge,
@@ -156,5 +159,36 @@ def test_the_decision_at_demo_size_is_the_same_on_reruns_and_across_bootstrap_se
         distance = min(abs(next(c for c in checks if c.name == name).distance) for checks in results.values())
         assert max(bounds) - min(bounds) < min(distance, 0.01), (name, bounds, distance)
     # a rerun with the same seed gives the same bounds to the last digit
+    again = checks_against_base(finalist, base, rule(), seed=0)
+    assert [c.bound for c in again] == [c.bound for c in results[0]]
+
+
+STORED_DEMOS = sorted((Path(__file__).parent / "data" / "demo_heldout").glob("*/decision.json"))
+
+
+@pytest.mark.parametrize("record_path", STORED_DEMOS, ids=lambda path: path.parent.name)
+def test_a_real_demos_decision_is_the_same_across_bootstrap_seeds_and_reruns(record_path):
+    """The per-question test scores of real fresh-clone demos (one folder per kernel path, written
+    from reports/heldout by the runs docs/promotion-rule.md quotes): the rule recomputed from them
+    gives the decision the run recorded, for five bootstrap seeds, bound for bound on a rerun, and
+    the seeds move each bound by less than its distance to its limit."""
+    import json
+
+    import pandas as pd
+
+    record = json.loads(record_path.read_text())
+    folder = record_path.parent
+    base = Scores.from_frame("base", pd.read_csv(folder / "base.csv", dtype={"id": str}))
+    finalist = Scores.from_frame(record["finalist"], pd.read_csv(folder / "finalist.csv", dtype={"id": str}))
+    assert base.n == finalist.n == record["n_test"]
+    results = {seed: checks_against_base(finalist, base, rule(), seed=seed) for seed in range(5)}
+    codes = {seed: VERDICT_CODES[verdict(checks)] for seed, checks in results.items()}
+    assert set(codes.values()) == {record["promotion"]["decision"]}, (codes, record["promotion"])
+    for check in results[0]:  # seed 0 is the pipeline's: the same bounds as the run printed
+        assert round(check.bound, 4) == pytest.approx(record["promotion"][f"{check.name}_bound"], abs=1e-4)
+    for name in (STYLE, CONTENT):
+        bounds = [next(c for c in checks if c.name == name).bound for checks in results.values()]
+        distance = min(abs(next(c for c in checks if c.name == name).distance) for checks in results.values())
+        assert max(bounds) - min(bounds) < distance, (name, bounds, distance)
     again = checks_against_base(finalist, base, rule(), seed=0)
     assert [c.bound for c in again] == [c.bound for c in results[0]]

@@ -6,7 +6,8 @@ What it shows: the tone's prompt files are what the generator is sent, its gate 
 that does not address the reader is sent back), the prompt versions and the tone are recorded, and
 the data-quality gate checks the tone's criteria under their own names. Then predict -> score ->
 heldout -> report with the same tone on a tiny model and random adapters: metric names, the tone's prompts
-and the AND rule per answer. Training and promote are not run with this tone here."""
+and the AND rule per answer. The whole DAG, train and promote included, under a real `dvc repro`:
+tests/test_support_tone_dag.py."""
 
 from __future__ import annotations
 
