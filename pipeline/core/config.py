@@ -36,6 +36,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.core.errors import ConfigError, TonetuneError, exit_on_user_error
+from pipeline.core.metricnames import metric_column
 
 PARAMS_FILE_ENV = "TONETUNE_PARAMS"
 DEFAULT_PARAMS_FILE = "params.yaml"
@@ -308,8 +309,6 @@ class ToneConfig(Section):
     @model_validator(mode="after")
     def _metrics_fit_their_lists(self):
         import re
-
-        from pipeline.core.tone import metric_column
 
         for key in ("gate", "on_style"):
             columns: dict[str, str] = {}

@@ -37,11 +37,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.core.errors import TonetuneError
+from pipeline.core.metricnames import StyleMetric, metric_column
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from pipeline.core.tone import StyleMetric
 
 SPEC = re.compile(r"^hub:(?P<source>[^@#\s]+)(?:@(?P<revision>[^@#\s]+))?#(?P<label>[^#]+)$")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -166,8 +166,6 @@ def _label_index(spec: HubSpec, classifier: Classifier) -> int:
 def style_metric(metric: str) -> StyleMetric:
     """The `hub:` metric as a StyleMetric: the checks first (one line, nothing loaded), then for
     a hub id its config alone (the label), then the weights, once per process."""
-    from pipeline.core.tone import StyleMetric, metric_column
-
     spec = check(metric)
     if not spec.local:
         from transformers import AutoConfig

@@ -50,13 +50,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.core.errors import TonetuneError
+from pipeline.core.llmclient import Budget
+from pipeline.core.metricnames import StyleMetric, metric_column
+from pipeline.core.prompts import prompts_dir, read_prompt
 
 if TYPE_CHECKING:
     import numpy as np
 
     from pipeline.core.config import JudgeConfig
     from pipeline.core.llmclient import Reply, RequestSettings, StepKey
-    from pipeline.core.tone import MetricContext, StyleMetric
+    from pipeline.core.metricnames import MetricContext
 
 SPEC = re.compile(r"^rubric:(?P<name>[a-z][a-z0-9_]*)$")
 CACHE_PATH = Path("data/cache/rubric/responses.jsonl")
@@ -73,8 +76,6 @@ CORRECTION = "That was not the JSON object asked for ({problem}). "  # then FORM
 
 def rubric_file(metric: str, context: MetricContext | None) -> Path:
     """`<tone.prompts>/rubric_<name>.txt` of a `rubric:<name>` metric."""
-    from pipeline.core.prompts import prompts_dir
-
     match = SPEC.match(metric)
     if not match:
         raise TonetuneError(f"tone metric {metric!r}: expected `rubric:<name>` (lower-case letters, digits, _)")
@@ -85,8 +86,6 @@ def rubric_file(metric: str, context: MetricContext | None) -> Path:
 
 
 def _read_template(metric: str, path: Path):
-    from pipeline.core.prompts import read_prompt
-
     if not path.is_file():
         raise TonetuneError(f"tone metric {metric!r}: rubric file {path} not found (tone.prompts names the folder)")
     prompt = read_prompt(path, path.stem)
@@ -291,8 +290,6 @@ _SCORERS: dict[tuple, RubricScorer] = {}
 def scorer(metric: str, context: MetricContext | None) -> RubricScorer:
     """The scorer of a rubric, checked; one per (rubric text, judge params, folder) per process,
     so that the judge's cap covers a whole stage run."""
-    from pipeline.core.llmclient import Budget
-
     prompt = check(metric, context)
     identity = (metric, prompt.template, context.description, context.judge.model_dump_json(), str(Path.cwd()))
     if identity not in _SCORERS:
@@ -308,8 +305,6 @@ def forget_scorers() -> None:
 
 def style_metric(metric: str, context: MetricContext | None) -> StyleMetric:
     """The `rubric:` metric as a StyleMetric (its checks first: one line, nothing sent)."""
-    from pipeline.core.tone import StyleMetric, metric_column
-
     rubric = scorer(metric, context)
     return StyleMetric(metric, metric_column(metric), f"{rubric.prompt.path.stem} by {context.judge.model}",
                        lambda text: float(rubric.scores([text])[0]), source_file=rubric.prompt.path,

@@ -32,7 +32,6 @@ What this module does not do: compute embeddings or similarity (pipeline.core.te
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,58 +40,26 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pipeline.core import hubclassifier, rubric
 from pipeline.core.errors import TonetuneError
+from pipeline.core.metricnames import (  # noqa: F401 - re-exported: the tone's names
+    BUILTIN_METRICS,
+    FLESCH,
+    GRADE,
+    HUB_PREFIX,
+    RUBRIC_PREFIX,
+    WORDS,
+    MetricContext,
+    StyleMetric,
+    metric_column,
+)
 
 if TYPE_CHECKING:
     from pipeline.core.config import JudgeConfig, StyleCriterion, ToneConfig
 
-FLESCH = "flesch_reading_ease"
-GRADE = "flesch_kincaid_grade"
-WORDS = "words_per_answer"
-BUILTIN_METRICS = (FLESCH, GRADE, WORDS)
-HUB_PREFIX = "hub:"
-RUBRIC_PREFIX = "rubric:"
 USER_FUNCTION = re.compile(r"^(?P<module>[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*):(?P<function>[A-Za-z_]\w*)$")
 # textstat languages with their own readability constants or syllable rules (textstat 0.7.13).
 TEXTSTAT_LANGUAGES = ("en_US", "de", "es", "fr", "it", "nl", "ru", "pl", "cs", "hu")
-
-
-@dataclass(frozen=True)
-class StyleMetric:
-    """One metric: its params name, the column/key it is reported under, a label, and f(text).
-
-    `batch` (optional) scores many non-empty texts at once (a classifier's batches, an LLM's
-    concurrent requests); `scores` uses it when set."""
-
-    name: str
-    column: str
-    label: str
-    function: Callable[[str], float]
-    source_file: Path | None = None
-    batch: Callable[[list[str]], np.ndarray] | None = None
-
-    def scores(self, texts: Sequence[str]) -> np.ndarray:
-        """Scores of many texts (float64, input order); NaN for an empty text."""
-        if self.batch is not None:
-            values = np.full(len(texts), math.nan, dtype=np.float64)
-            present = [index for index, text in enumerate(texts) if text]
-            if present:
-                values[present] = np.asarray(self.batch([texts[index] for index in present]), dtype=np.float64)
-            return values
-        values = np.fromiter((float(self.function(text)) if text else math.nan for text in texts),
-                             dtype=np.float64, count=len(texts))
-        return values
-
-
-@dataclass(frozen=True)
-class MetricContext:
-    """What a metric may need beyond the text: the tone's prompts folder and description (a
-    rubric's file and `{description}`) and the judge's params (a rubric's model and client).
-    A caller without a judge (`judge=None`) can score every metric but `rubric:`."""
-
-    prompts: str
-    description: str
-    judge: JudgeConfig | None = None
 
 
 def _textstat_metric(method: str, language: str) -> Callable[[str], float]:
@@ -165,12 +132,8 @@ def resolve_metric(metric: str, language: str = "en_US", context: MetricContext 
     if metric == WORDS:
         return StyleMetric(metric, "words", "words per answer", word_count)
     if metric.startswith(HUB_PREFIX):
-        from pipeline.core import hubclassifier
-
         return hubclassifier.style_metric(metric)
     if metric.startswith(RUBRIC_PREFIX):
-        from pipeline.core import rubric
-
         return rubric.style_metric(metric, context)
     return _user_metric(metric)
 
@@ -180,32 +143,9 @@ def check_metric(metric: str, context: MetricContext | None = None) -> None:
     rubric file, judge price): one line naming the metric, before any model is loaded or request
     sent. Nothing for the other metrics (they are checked when resolved)."""
     if metric.startswith(HUB_PREFIX):
-        from pipeline.core import hubclassifier
-
         hubclassifier.check(metric)
     elif metric.startswith(RUBRIC_PREFIX):
-        from pipeline.core import rubric
-
         rubric.check(metric, context)
-
-
-def _sanitised(text: str) -> str:
-    """`Very Formal!` -> `very_formal`: lower-case letters, digits and `_`, starting with a letter."""
-    column = re.sub(r"[^0-9a-z]+", "_", text.lower()).strip("_")
-    return column if column[:1].isalpha() else f"label_{column}".rstrip("_")
-
-
-def metric_column(metric: str) -> str:
-    """The column a metric's scores are stored under, without importing anything: a hub
-    classifier's is its label (sanitised), a rubric's `rubric_<name>`, a user function's its name."""
-    builtin = {FLESCH: "flesch", GRADE: "fk_grade", WORDS: "words"}.get(metric)
-    if builtin:
-        return builtin
-    if metric.startswith(HUB_PREFIX):
-        return _sanitised(metric.rsplit("#", 1)[-1])
-    if metric.startswith(RUBRIC_PREFIX):
-        return "rubric_" + metric[len(RUBRIC_PREFIX):]
-    return metric.rsplit(":", 1)[-1]
 
 
 def criterion_mask(scores: Sequence[float] | np.ndarray, direction: str, threshold: float) -> np.ndarray:
