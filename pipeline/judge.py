@@ -37,10 +37,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +54,7 @@ from pipeline.core.llmclient import (
     OpenAIBackend,
     RequestSettings,
     StepKey,
+    parse_json_object,
     raise_on_failed_replies,
 )
 from pipeline.core.predictions import PREDICTIONS_DIR
@@ -157,23 +156,6 @@ def pairwise_messages(question: str, first: str, second: str) -> list[dict[str, 
 
 
 # ----------------------------------------------------------------------------------- parsing
-_FENCE = re.compile(r"^```(?:json)?\s*|\s*```$", re.MULTILINE)
-
-
-def parse_json_object(text: str) -> dict[str, Any] | None:
-    """The first JSON object in a reply (code fences and text around it tolerated), or None."""
-    text = _FENCE.sub("", text or "").strip()
-    start = text.find("{")
-    while start != -1:
-        try:
-            value, _ = json.JSONDecoder().raw_decode(text, start)
-        except ValueError:
-            start = text.find("{", start + 1)
-            continue
-        return value if isinstance(value, dict) else None
-    return None
-
-
 def parse_score(text: str) -> tuple[int | None, str]:
     """(score 1-5 or None when the reply is not the asked form, reasoning)."""
     value = parse_json_object(text)

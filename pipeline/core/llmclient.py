@@ -37,6 +37,7 @@ import asyncio
 import email.utils
 import json
 import random
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -641,3 +642,22 @@ __all__ = [
     "Backend", "Budget", "BudgetExhausted", "CallStats", "ChatClient", "FatalAPIError", "OpenAIBackend", "Reply", "RequestFailed",
     "RequestSettings", "RetryableError", "StepKey",
 ]
+
+
+# ----------------------------------------------------------------------------- replies
+_JSON_FENCE = re.compile(r"^```(?:json)?\s*|\s*```$", re.MULTILINE)
+
+
+def parse_json_object(text: str) -> dict[str, Any] | None:
+    """The first JSON object in a reply (code fences and text around it tolerated), or None:
+    how the judge and the rubric metric read a model's verdict."""
+    text = _JSON_FENCE.sub("", text or "").strip()
+    start = text.find("{")
+    while start != -1:
+        try:
+            value, _ = json.JSONDecoder().raw_decode(text, start)
+        except ValueError:
+            start = text.find("{", start + 1)
+            continue
+        return value if isinstance(value, dict) else None
+    return None

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 if TYPE_CHECKING:
+    import numpy as np
+
     from pipeline.core.config import JudgeConfig
 
 FLESCH = "flesch_reading_ease"
@@ -43,6 +43,8 @@ class StyleMetric:
 
     def scores(self, texts: Sequence[str]) -> np.ndarray:
         """Scores of many texts (float64, input order); NaN for an empty text."""
+        import numpy as np  # not at import: params validation (pipeline.core.config) imports this module
+
         if self.batch is not None:
             values = np.full(len(texts), math.nan, dtype=np.float64)
             present = [index for index, text in enumerate(texts) if text]

@@ -41,7 +41,6 @@ What this module does not do: the judge stage's G-Eval and pairwise judgements (
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import string
@@ -50,7 +49,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.core.errors import TonetuneError
-from pipeline.core.llmclient import Budget
+from pipeline.core.llmclient import Budget, parse_json_object
 from pipeline.core.metricnames import StyleMetric, metric_column
 from pipeline.core.prompts import prompts_dir, read_prompt
 
@@ -119,24 +118,6 @@ def check(metric: str, context: MetricContext | None):
 
 
 # --------------------------------------------------------------------------- replies
-
-_FENCE = re.compile(r"^```(?:json)?\s*|\s*```$", re.MULTILINE)
-
-
-def parse_json_object(text: str) -> dict[str, Any] | None:
-    """The first JSON object in a reply (code fences and text around it tolerated), or None;
-    the tolerance of pipeline.judge.parse_json_object (a stage, which the core cannot import)."""
-    text = _FENCE.sub("", text or "").strip()
-    start = text.find("{")
-    while start != -1:
-        try:
-            value, _ = json.JSONDecoder().raw_decode(text, start)
-        except ValueError:
-            start = text.find("{", start + 1)
-            continue
-        return value if isinstance(value, dict) else None
-    return None
-
 
 def parse_score(text: str) -> tuple[float | None, str]:
     """(the score, None when the reply is not the asked form; what is wrong with it)."""
