@@ -54,7 +54,7 @@ from pipeline.core.predictions import (
 from pipeline.core.tables import read_table, write_table
 from pipeline.core.textmetrics import load_embedder, repeated_ngram_rate
 from pipeline.core.tone import on_style, style_key, style_label, tone_tags
-from pipeline.core.tracking import code_version_tags, configure_mlflow, find_run
+from pipeline.core.tracking import code_version_tags, configure_mlflow, find_run, retry_lost_insert_race
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -231,7 +231,7 @@ def log_validation_input(client, run_id: str) -> None:
         entity = dataset._to_mlflow_entity()
     tags = [InputTag("mlflow.data.context", "evaluation"), InputTag("dvc_md5", md5),
             InputTag("path", VAL_SPLIT_PATH.as_posix())]
-    client.log_inputs(run_id, datasets=[DatasetInput(entity, tags)])
+    retry_lost_insert_race(client.log_inputs, run_id, datasets=[DatasetInput(entity, tags)])
 
 
 # --------------------------------------------------------------------------- wiring

@@ -3,8 +3,8 @@
 Owns every write promotion and rollback make to the model registry, each check-then-act and
 idempotent: `register_once` (one training run -> one version, duplicates from a concurrent
 registration elsewhere deleted), `make_production` (aliases `production`/`previous`, the legacy
-stage, the history tag that rollback pops), `upsert` (a tag/alias write retried with tenacity
-when it lost an insert race), `promotion_lock` (a filelock per store) and the lookups they need.
+stage, the history tag that rollback pops), tag and alias writes (retried when they lose an
+insert race: pipeline.core.tracking.retry_lost_insert_race), `promotion_lock` (a filelock per store) and the lookups they need.
 Does not own: opening the store (pipeline.core.tracking.open_client), deciding anything
 (registry/policy.py), the evidence or the card (registry/evidence.py, registry/card.py).
 
@@ -28,7 +28,7 @@ from pathlib import Path
 
 from pipeline.core.contracts import Tags
 from pipeline.core.errors import TonetuneError
-from pipeline.core.tracking import not_found
+from pipeline.core.tracking import not_found, retry_lost_insert_race
 from registry.evidence import clean_tags
 
 PRODUCTION, PREVIOUS = "production", "previous"
@@ -36,7 +36,6 @@ LEGACY_STAGE = "Production"
 HISTORY_LIMIT = 100
 LOCK_ENV = "TONETUNE_PROMOTE_LOCK"  # "off": skip the file lock (tests of the lock-free path)
 LOCK_TIMEOUT_S = 300
-UPSERT_ATTEMPTS = 3
 
 
 # --------------------------------------------------------------------------- the lock
@@ -146,34 +145,12 @@ def has_model(run) -> bool:
 # --------------------------------------------------------------------------- writes
 
 
-def lost_insert_race(error: BaseException) -> bool:
-    """The store's check-then-insert lost to a concurrent writer (a UNIQUE violation): the row
-    exists now, so the same upsert retried becomes an update."""
-    from mlflow.exceptions import MlflowException
-
-    text = str(error)
-    return isinstance(error, MlflowException) and (
-        "UNIQUE constraint failed" in text or "IntegrityError" in text or "duplicate key value" in text
-    )
-
-
-def upsert(write, *args, attempts: int = UPSERT_ATTEMPTS):
-    """Call a registry write that is an upsert for MLflow (set a tag or an alias), retrying (with
-    tenacity) only when it lost an insert race to a promotion running elsewhere (seen in CI
-    against `mlflow server`); any other error is raised at once."""
-    from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_incrementing
-
-    retrying = Retrying(stop=stop_after_attempt(attempts), wait=wait_incrementing(start=0.05, increment=0.05),
-                        retry=retry_if_exception(lost_insert_race), reraise=True)
-    return retrying(write, *args)
-
-
 def set_tags(client, name: str, number: str, tags: dict[str, str], recorded: dict[str, str] | None = None) -> None:
     """Write the version tags that differ from what it records (one request per changed tag)."""
     recorded = recorded or {}
     for key, value in tags.items():
         if recorded.get(key) != value:
-            upsert(client.set_model_version_tag, name, number, key, value)
+            retry_lost_insert_race(client.set_model_version_tag, name, number, key, value)
 
 
 def set_run_tags(client, run_id: str, tags: dict[str, str]) -> None:
@@ -185,7 +162,7 @@ def set_run_tags(client, run_id: str, tags: dict[str, str]) -> None:
 
 def write_history(client, name: str, history: list[str]) -> None:
     """Store the history tag (the newest HISTORY_LIMIT entries)."""
-    upsert(client.set_registered_model_tag, name, Tags.PRODUCTION_HISTORY, ",".join(history[-HISTORY_LIMIT:]))
+    retry_lost_insert_race(client.set_registered_model_tag, name, Tags.PRODUCTION_HISTORY, ",".join(history[-HISTORY_LIMIT:]))
 
 
 def register_once(client, name: str, run, tags: dict[str, str]):
@@ -237,8 +214,8 @@ def make_production(client, name: str, version: str) -> tuple[str | None, list[s
     if replaced == version:
         return None, notes
     if replaced is not None:
-        upsert(client.set_registered_model_alias, name, PREVIOUS, replaced)
-    upsert(client.set_registered_model_alias, name, PRODUCTION, version)
+        retry_lost_insert_race(client.set_registered_model_alias, name, PREVIOUS, replaced)
+    retry_lost_insert_race(client.set_registered_model_alias, name, PRODUCTION, version)
     note = set_legacy_stage(client, name, version)
     if note:
         notes.append(note)
@@ -268,9 +245,9 @@ def roll_back(client, name: str) -> tuple[str, str, str | None, str | None]:
     if not history or history[-1] != new:
         history.append(new)  # aliases were moved by hand: trust them
     before = history[-2] if len(history) >= 2 else None
-    upsert(client.set_registered_model_alias, name, PRODUCTION, new)
+    retry_lost_insert_race(client.set_registered_model_alias, name, PRODUCTION, new)
     if before and before != new:
-        upsert(client.set_registered_model_alias, name, PREVIOUS, before)
+        retry_lost_insert_race(client.set_registered_model_alias, name, PREVIOUS, before)
     else:
         client.delete_registered_model_alias(name, PREVIOUS)
     note = set_legacy_stage(client, name, new)

@@ -651,10 +651,12 @@ def test_failed_data_quality_refuses_unless_forced_with_a_reason(ws, registry_na
 
 def test_a_registry_write_that_lost_an_insert_race_is_retried_other_errors_are_not():
     """What CI hit without the lock: two `set_registered_model_tag` calls for a new tag both
-    try to INSERT, the server answers the loser with a UNIQUE violation. Retried, it updates."""
+    try to INSERT, the server answers the loser with a UNIQUE violation. Retried, it updates.
+    (The same helper retries a dataset input that two grid points log at once; CI hit that
+    race in tests/test_team_grid.py against PostgreSQL.)"""
     from mlflow.exceptions import MlflowException
 
-    from registry.store import upsert
+    from pipeline.core.tracking import retry_lost_insert_race as upsert
 
     calls = []
 

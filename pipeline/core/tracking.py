@@ -74,6 +74,33 @@ def not_found(error) -> bool:
     return "RESOURCE_DOES_NOT_EXIST" in code or "INVALID_PARAMETER_VALUE" in code or "not found" in str(error).lower()
 
 
+INSERT_RACE_ATTEMPTS = 3  # one lost race is the common case; three covers a burst of parallel writers
+
+
+def lost_insert_race(error: BaseException) -> bool:
+    """The store's check-then-insert lost to a concurrent writer (a UNIQUE violation): the row
+    exists now, so the same write retried finds it (an upsert becomes an update, a dataset input
+    links the dataset that the other writer inserted)."""
+    from mlflow.exceptions import MlflowException
+
+    text = str(error)
+    return isinstance(error, MlflowException) and (
+        "UNIQUE constraint failed" in text or "IntegrityError" in text or "duplicate key value" in text
+    )
+
+
+def retry_lost_insert_race(write, *args, attempts: int = INSERT_RACE_ATTEMPTS, **kwargs):
+    """Call an MLflow write that the SQL store does as check-then-insert (a tag, an alias, a
+    dataset input), retrying (with tenacity) only when it lost that race to a writer elsewhere:
+    seen in CI against `mlflow server` on PostgreSQL, for registry tags and for two grid points
+    logging the same split at once. Any other error is raised at once."""
+    from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_incrementing
+
+    retrying = Retrying(stop=stop_after_attempt(attempts), wait=wait_incrementing(start=0.05, increment=0.05),
+                        retry=retry_if_exception(lost_insert_race), reraise=True)
+    return retrying(write, *args, **kwargs)
+
+
 def find_run(client, run_id: str | None):
     """The run with this id, or None when the store does not have it (deleted, another store).
     Other store errors (unreachable server) propagate."""
@@ -248,7 +275,8 @@ def log_dataset_input(frame, path: str | Path, context: str, name: str | None = 
         warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted", category=UserWarning)
         warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer", category=UserWarning)
         dataset = mlflow.data.from_pandas(frame, source=path.as_posix(), name=name or path.stem, digest=md5)
-        mlflow.log_input(dataset, context=context, tags={Tags.DATASET_INPUT_MD5: md5, Tags.DATASET_INPUT_PATH: path.as_posix()})
+        retry_lost_insert_race(mlflow.log_input, dataset, context=context,
+                               tags={Tags.DATASET_INPUT_MD5: md5, Tags.DATASET_INPUT_PATH: path.as_posix()})
     dataset_name = name or path.stem
     tags = {Tags.dataset(dataset_name, "path"): path.as_posix(), Tags.dataset(dataset_name, "dvc_md5"): md5}
     locked = locked_md5(path)
