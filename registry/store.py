@@ -4,7 +4,8 @@ Owns every write promotion and rollback make to the model registry, each check-t
 idempotent: `register_once` (one training run -> one version, duplicates from a concurrent
 registration elsewhere deleted), `make_production` (aliases `production`/`previous`, the legacy
 stage, the history tag that rollback pops), tag and alias writes (retried when they lose an
-insert race: pipeline.core.tracking.retry_lost_insert_race), `promotion_lock` (a filelock per store) and the lookups they need.
+insert race: pipeline.core.tracking.retry_lost_insert_race), `promotion_lock` (a filelock per
+store) and the lookups they need.
 Does not own: opening the store (pipeline.core.tracking.open_client), deciding anything
 (registry/policy.py), the evidence or the card (registry/evidence.py, registry/card.py).
 
