@@ -36,7 +36,6 @@ from typing import TYPE_CHECKING, Any
 from pipeline.core.adapterinfo import merge_metadata
 from pipeline.core.config import VAL_SPLIT_PATH, Config, ToneConfig, load_config
 from pipeline.core.contracts import Tags
-from pipeline.core.dvcmeta import file_md5
 from pipeline.core.errors import TonetuneError, exit_on_user_error
 from pipeline.core.evalmetrics import metrics_record, summarize_predictions
 from pipeline.core.modeling import DecodingPolicy
@@ -54,7 +53,7 @@ from pipeline.core.predictions import (
 from pipeline.core.tables import read_table, write_table
 from pipeline.core.textmetrics import load_embedder, repeated_ngram_rate
 from pipeline.core.tone import on_style, style_key, style_label, tone_tags
-from pipeline.core.tracking import code_version_tags, configure_mlflow, find_run, retry_lost_insert_race
+from pipeline.core.tracking import code_version_tags, configure_mlflow, find_run, log_dataset_input_to
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -210,28 +209,11 @@ def log_evaluation(client, experiment_id: str, run_id: str | None, record: dict[
 
 def log_validation_input(client, run_id: str) -> None:
     """The validation split as a dataset input of `run_id` (with its DVC md5), if it is there."""
-    import warnings
-
-    import mlflow
-    from mlflow.entities import DatasetInput, InputTag
-
     if not VAL_SPLIT_PATH.is_file():
         return
     import pandas as pd
 
-    md5 = file_md5(VAL_SPLIT_PATH)
-    # MLflow infers the dataset's schema lazily, in _to_mlflow_entity(): its notes (an ambiguous
-    # local source; integer columns cannot hold missing values) concern no user, so the entity
-    # is built inside the filter.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted", category=UserWarning)
-        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer", category=UserWarning)
-        dataset = mlflow.data.from_pandas(pd.read_parquet(VAL_SPLIT_PATH), source=VAL_SPLIT_PATH.as_posix(),
-                                          name="val", digest=md5)
-        entity = dataset._to_mlflow_entity()
-    tags = [InputTag("mlflow.data.context", "evaluation"), InputTag("dvc_md5", md5),
-            InputTag("path", VAL_SPLIT_PATH.as_posix())]
-    retry_lost_insert_race(client.log_inputs, run_id, datasets=[DatasetInput(entity, tags)])
+    log_dataset_input_to(client, run_id, pd.read_parquet(VAL_SPLIT_PATH), VAL_SPLIT_PATH, "evaluation", name="val")
 
 
 # --------------------------------------------------------------------------- wiring

@@ -656,7 +656,7 @@ def test_a_registry_write_that_lost_an_insert_race_is_retried_other_errors_are_n
     race in tests/test_team_grid.py against PostgreSQL.)"""
     from mlflow.exceptions import MlflowException
 
-    from pipeline.core.tracking import retry_lost_insert_race as upsert
+    from pipeline.core.tracking import retry_lost_insert_race
 
     calls = []
 
@@ -666,7 +666,7 @@ def test_a_registry_write_that_lost_an_insert_race_is_retried_other_errors_are_n
             raise MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: registered_model_tags.key")
         return "written"
 
-    assert upsert(lost_once, "m", "k", "v") == "written" and calls == [("m", "k", "v")] * 2
+    assert retry_lost_insert_race(lost_once, "m", "k", "v") == "written" and calls == [("m", "k", "v")] * 2
 
     def refused(*args):
         calls.append(args)
@@ -674,7 +674,7 @@ def test_a_registry_write_that_lost_an_insert_race_is_retried_other_errors_are_n
 
     calls.clear()
     with pytest.raises(MlflowException, match="RESOURCE_DOES_NOT_EXIST"):
-        upsert(refused, "m", "k", "v")
+        retry_lost_insert_race(refused, "m", "k", "v")
     assert len(calls) == 1
 
 

@@ -42,7 +42,6 @@ from pipeline.core.metricnames import StyleMetric, metric_column
 if TYPE_CHECKING:
     import numpy as np
 
-
 SPEC = re.compile(r"^hub:(?P<source>[^@#\s]+)(?:@(?P<revision>[^@#\s]+))?#(?P<label>[^#]+)$")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 BATCH_SIZE = 32

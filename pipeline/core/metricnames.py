@@ -27,6 +27,7 @@ BUILTIN_METRICS = (FLESCH, GRADE, WORDS)
 HUB_PREFIX = "hub:"
 RUBRIC_PREFIX = "rubric:"
 
+
 @dataclass(frozen=True)
 class StyleMetric:
     """One metric: its params name, the column/key it is reported under, a label, and f(text).
@@ -51,9 +52,8 @@ class StyleMetric:
             if present:
                 values[present] = np.asarray(self.batch([texts[index] for index in present]), dtype=np.float64)
             return values
-        values = np.fromiter((float(self.function(text)) if text else math.nan for text in texts),
-                             dtype=np.float64, count=len(texts))
-        return values
+        return np.fromiter((float(self.function(text)) if text else math.nan for text in texts),
+                           dtype=np.float64, count=len(texts))
 
 
 @dataclass(frozen=True)

@@ -256,27 +256,46 @@ def code_version_tags(repo: str | Path = ".") -> dict[str, str]:
     return tags
 
 
-def log_dataset_input(frame, path: str | Path, context: str, name: str | None = None) -> str:
-    """Log a parquet split as an MLflow dataset input of the active run, with DVC's md5.
+def log_dataset_input_to(client, run_id: str, frame, path: str | Path, context: str, name: str | None = None) -> str:
+    """Log a parquet split as an MLflow dataset input of `run_id`, with DVC's md5; returns the md5.
 
     MLflow's own digest is not DVC's, so the DVC md5 (the plain md5 of the file, equal to what
-    dvc.lock records) is used as the dataset digest and also set as tags, which is what ties a
-    training run to the exact file a lineage audit checks later.
+    dvc.lock records) is used as the dataset digest and as an input tag, which is what ties a run
+    to the exact file a lineage audit checks later. The write is retried when it loses the
+    store's insert race to another run logging the same split.
     """
     import mlflow
+    from mlflow.entities import DatasetInput, InputTag
 
-    from pipeline.core.dvcmeta import file_md5, locked_md5
+    from pipeline.core.dvcmeta import file_md5
 
     path = Path(path)
     md5 = file_md5(path)
     with warnings.catch_warnings():  # two notes per split that no user can act on:
         # MLflow registers its local-file source class twice and says the path is ambiguous, and
-        # its schema inference explains that integer columns cannot hold missing values.
+        # its schema inference (lazy, in _to_mlflow_entity) explains that integer columns cannot
+        # hold missing values.
         warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted", category=UserWarning)
         warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer", category=UserWarning)
         dataset = mlflow.data.from_pandas(frame, source=path.as_posix(), name=name or path.stem, digest=md5)
-        retry_lost_insert_race(mlflow.log_input, dataset, context=context,
-                               tags={Tags.DATASET_INPUT_MD5: md5, Tags.DATASET_INPUT_PATH: path.as_posix()})
+        entity = dataset._to_mlflow_entity()
+    tags = [InputTag(Tags.DATASET_INPUT_MD5, md5), InputTag(Tags.DATASET_INPUT_PATH, path.as_posix()),
+            InputTag(MLFLOW_CONTEXT_TAG, context)]
+    retry_lost_insert_race(client.log_inputs, run_id, datasets=[DatasetInput(entity, tags)])
+    return md5
+
+
+def log_dataset_input(frame, path: str | Path, context: str, name: str | None = None) -> str:
+    """`log_dataset_input_to` the active run (started if none, as `mlflow.log_input` does), plus
+    run tags `dataset.<name>.*` (path, DVC md5, the DVC stage that wrote it and whether the file
+    still matches dvc.lock) that the lineage audit reads."""
+    import mlflow
+
+    from pipeline.core.dvcmeta import locked_md5
+
+    run = mlflow.active_run() or mlflow.start_run()
+    md5 = log_dataset_input_to(mlflow.MlflowClient(), run.info.run_id, frame, path, context, name)
+    path = Path(path)
     dataset_name = name or path.stem
     tags = {Tags.dataset(dataset_name, "path"): path.as_posix(), Tags.dataset(dataset_name, "dvc_md5"): md5}
     locked = locked_md5(path)
