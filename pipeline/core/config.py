@@ -392,7 +392,7 @@ class SplitConfig(Section):
 class TrainGrid(Section):
     """The axes of the LoRA grid (the DVC `matrix` stage iterates over these)."""
 
-    precision: list[Literal["bf16", "fp32", "int8"]] = Field(default_factory=lambda: ["bf16", "int8"])
+    precision: list[Literal["bf16", "fp32", "int8"]] = Field(default_factory=lambda: ["fp32"])
     lora_r: list[PositiveInt] = Field(default_factory=lambda: [32])
     learning_rate: list[PositiveFloat] = Field(default_factory=lambda: [3e-4])
     n_train: list[PositiveInt] = Field(default_factory=lambda: [150])
