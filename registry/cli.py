@@ -261,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
         "facts are printed first. Sending questions alone pays a full decoding slab each (docs/decoding.md).",
     )
     replay.add_argument("target", help="models:/<name>@<alias>, models:/<name>/<version>, or an evaluated adapter's "
-                        "name (e.g. lora-int8-r32-lr0.0003-n150: the model its training run logged)")
+                        "name (e.g. lora-fp32-r32-lr0.0003-n150: the model its training run logged)")
     replay.add_argument("--limit", type=int, help="only the first N questions of each split")
     replay.add_argument("--no-alone", action="store_true", help="skip sending each question alone")
     replay.add_argument("--no-shuffled", action="store_true", help="skip the one shuffled request")

@@ -8,7 +8,7 @@ with each question sent alone and once with all of them in one shuffled request,
 answers that are byte-identical to the evaluated ones.
 
 The target is a registered version (`models:/<name>@<alias>`, `models:/<name>/<version>`) or the
-name of an evaluated adapter (`lora-int8-r32-lr0.0003-n150`): its training run logged the same
+name of an evaluated adapter (`lora-fp32-r32-lr0.0003-n150`): its training run logged the same
 pyfunc, so a model that the rule never registered can be audited too.
 
 Answers are promised identical for the same machine facts (pipeline.core.machine.numerics_facts:
