@@ -192,3 +192,36 @@ def test_a_real_demos_decision_is_the_same_across_bootstrap_seeds_and_reruns(rec
         assert max(bounds) - min(bounds) < distance, (name, bounds, distance)
     again = checks_against_base(finalist, base, rule(), seed=0)
     assert [c.bound for c in again] == [c.bound for c in results[0]]
+
+
+def stored_demos_of(machine_and_recipe: str) -> dict[str, dict]:
+    """The stored real demos of one machine and recipe (folders `<machine_and_recipe>_<kernel path>`)."""
+    import json
+
+    return {path.parent.name: json.loads(path.read_text()) for path in STORED_DEMOS
+            if path.parent.name.startswith(f"{machine_and_recipe}_")}
+
+
+def test_the_fp32_demo_decides_the_same_on_every_kernel_path_of_one_machine():
+    """The demo trains in fp32 so that its decision does not ride on the kernel path: on one machine,
+    the fresh-clone demos run on the default, AVX512_CORE and AVX2 paths chose the same finalist and
+    reached the same verdict with the same numbers, and their per-question test scores agree."""
+    import pandas as pd
+
+    demos = stored_demos_of("epyc_fp32")
+    assert {record["kernel_path"] for record in demos.values()} >= {"default", "avx512core", "avx2"}, sorted(demos)
+    assert len({record["finalist"] for record in demos.values()}) == 1, demos
+    assert len({json_key(record["promotion"]) for record in demos.values()}) == 1, {
+        name: record["promotion"] for name, record in demos.items()}
+    frames = {name: pd.read_csv(STORED_DEMOS[0].parents[1] / name / "finalist.csv", dtype={"id": str}) for name in demos}
+    first, *others = frames.values()
+    for other in others:
+        assert list(other["id"]) == list(first["id"])
+        assert (other["on_style"] == first["on_style"]).all()
+        assert np.allclose(other["content_similarity"], first["content_similarity"], atol=1e-5)
+
+
+def json_key(mapping: dict) -> str:
+    import json
+
+    return json.dumps(mapping, sort_keys=True)
