@@ -56,7 +56,7 @@ from pipeline.core.modeling import (
     DEFAULT_BUCKET_TOKENS,
     AdapterSwitcher,
     DecodingPolicy,
-    answer_questions,
+    answer_question_sets,
     end_of_turn_ids,
     load_for_inference,
     require_bitsandbytes,
@@ -186,18 +186,21 @@ def run_group(precision: str, specs: Sequence[ModelSpec], config: Config, valida
     n_ablation = min(settings.ablation_limit, len(questions)) if policy != greedy else 0
     for spec in specs:
         started = time.time()
+        requests = [(questions, policy)] + ([(questions[:n_ablation], greedy)] if n_ablation else [])
+        label = f"predict {spec.name}" + (f" (+{n_ablation} ablation)" if n_ablation else "")
         with switcher.activate(spec.name, spec.adapter_dir) as active:
-            result = answer_questions(active, tokenizer, questions, spec.system_prompt, policy, settings.batch_size,
-                                      stop_ids, progress=f"predict {spec.name}", bucket_tokens=settings.bucket_tokens)
-            ablation = None
-            if n_ablation:
-                greedy_result = answer_questions(active, tokenizer, questions[:n_ablation], spec.system_prompt, greedy,
-                                                 settings.batch_size, stop_ids, progress=f"ablation {spec.name}",
-                                                 bucket_tokens=settings.bucket_tokens)
-                write_table(predictions_frame(validation.head(n_ablation), greedy_result),
-                            folder / ABLATION_DIRNAME / f"{spec.name}.parquet")
-                ablation = {"decoding": greedy.to_dict(), "n_questions": n_ablation,
-                            "seconds": round(greedy_result.seconds, 3)}
+            # one call: the ablation's plain-greedy rows share slabs with the policy's rows
+            # (pipeline.core.modeling.plan_slabs); no answer depends on its neighbours
+            result, *ablated = answer_question_sets(active, tokenizer, requests, spec.system_prompt,
+                                                    settings.batch_size, stop_ids, progress=label,
+                                                    bucket_tokens=settings.bucket_tokens)
+        ablation = None
+        if ablated:
+            greedy_result = ablated[0]
+            write_table(predictions_frame(validation.head(n_ablation), greedy_result),
+                        folder / ABLATION_DIRNAME / f"{spec.name}.parquet")
+            ablation = {"decoding": greedy.to_dict(), "n_questions": n_ablation,
+                        "seconds": round(greedy_result.seconds, 3)}
         write_table(predictions_frame(validation, result), folder / f"{spec.name}.parquet")
         record = prediction_record(spec, family, policy, settings.batch_size, result, started, ablation,
                                    settings.bucket_tokens)

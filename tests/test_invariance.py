@@ -228,3 +228,51 @@ def test_int8_sequences_apart_is_bitwise_each_sequence_alone(models, n_tokens):
     assert torch.equal(fast, alone)
     bnb_forward = layer.forward.__defaults__[1]  # the layer's own forward, kept by int8_per_sequence
     assert not torch.equal(bnb_forward(x), alone)  # across the batch, the outlier columns mix
+
+
+@pytest.mark.parametrize(("name", "strategy"), [("base-fp32", "greedy"), ("lora-int8", "sample")])
+def test_policies_that_differ_in_no_repeat_share_slabs_and_answer_as_alone(models, name, strategy):
+    """The decoding ablation's plain-greedy rows ride in the policy's slabs (predict's one call):
+    every answer equals the one its policy gives in a call of its own, byte for byte. (That the
+    ban lands on the right rows, where it fires, is the next test's.)"""
+    model, tokenizer = models[name]
+    policy = POLICIES[strategy]
+    no_ban = DecodingPolicy(**{**policy.to_dict(), "no_repeat_ngram_size": 0})
+    ban_1 = DecodingPolicy(**{**policy.to_dict(), "no_repeat_ngram_size": 1})
+    requests = [(QUESTIONS, policy), (QUESTIONS[:5], no_ban), (QUESTIONS[2:], ban_1)]
+    mixed = modeling.answer_question_sets(model, tokenizer, requests, SYSTEM_PROMPT, ROWS,
+                                          bucket_tokens=BUCKET_TOKENS)
+    assert [len(result.answers) for result in mixed] == [len(questions) for questions, _ in requests]
+    for (questions, alone_policy), together in zip(requests, mixed, strict=True):
+        assert together.answers == answer(model, tokenizer, questions, alone_policy), alone_policy.describe()
+
+
+def test_a_per_row_no_repeat_ban_scores_as_transformers_own():
+    """`_per_row_no_repeat` gives each row the scores transformers' NoRepeatNGramLogitsProcessor
+    gives it in a batch of one size, so a slab of one policy decodes as generate's built-in ban."""
+    import torch
+    from transformers import NoRepeatNGramLogitsProcessor
+
+    torch.manual_seed(0)
+    input_ids = torch.randint(0, 6, (4, 30))  # a small vocabulary: many repeated n-grams
+    scores = torch.randn(4, 6)
+    sizes = [3, 0, 2, 3]
+    got = modeling._per_row_no_repeat(sizes)(input_ids, scores)
+    for row, size in enumerate(sizes):
+        expected = scores[row : row + 1] if size == 0 else NoRepeatNGramLogitsProcessor(size)(
+            input_ids[row : row + 1], scores[row : row + 1].clone())
+        assert torch.equal(got[row : row + 1], expected), row
+    assert torch.isinf(got).any() and not torch.isinf(got[1]).any()
+
+
+def test_plan_slabs_fills_slabs_across_policies_that_can_share():
+    """Policies that differ only in no_repeat_ngram_size share slabs; others never do."""
+    greedy = DecodingPolicy.greedy(8)
+    banned = DecodingPolicy(no_repeat_ngram_size=4, max_new_tokens=8)
+    sampled = DecodingPolicy(strategy="sample", no_repeat_ngram_size=0, max_new_tokens=8)
+    items = [modeling._Item(0, i, [1] * 5, banned) for i in range(3)]
+    items += [modeling._Item(1, i, [1] * 5, greedy) for i in range(2)]
+    items += [modeling._Item(2, 0, [1] * 5, sampled)]
+    plan = modeling.plan_slabs(items, rows=4, bucket_tokens=8)
+    assert [(policy.strategy, slab) for policy, _, slab in plan] == [("greedy", [0, 1, 2, 3]), ("greedy", [4]),
+                                                                      ("sample", [5])]

@@ -48,7 +48,7 @@ import re
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -559,6 +559,141 @@ def _real_rows_only(n_real: int, n_rows: int):
     return RealRowsOnly()
 
 
+def slab_policy(policy: DecodingPolicy) -> DecodingPolicy:
+    """What a slab shares: the policy without its no-repeat n-gram size, which is applied row by
+    row (`_per_row_no_repeat`). Requests whose policies differ only in that size (the decoding
+    ablation: the policy and plain greedy) share slabs."""
+    return replace(policy, no_repeat_ngram_size=0)
+
+
+def _per_row_no_repeat(sizes: Sequence[int]):
+    """A LogitsProcessor that bans repeated n-grams row by row, each row with its own n (0: off).
+
+    It calls transformers' own NoRepeatNGramLogitsProcessor on the rows of each size, so a row's
+    scores are what that processor gives it in a slab of one policy. `generate` runs custom
+    processors after its own (here only the repetition penalty, which commutes with banning)
+    and before any sampling warper, the place its built-in n-gram ban takes.
+    """
+    import torch
+    from transformers import LogitsProcessor, NoRepeatNGramLogitsProcessor
+
+    groups = [
+        (NoRepeatNGramLogitsProcessor(size), torch.tensor([row for row, n in enumerate(sizes) if n == size]))
+        for size in sorted(set(sizes)) if size > 0
+    ]
+
+    class PerRowNoRepeat(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            scores = scores.clone()
+            for processor, index in groups:
+                index = index.to(scores.device)
+                scores[index] = processor(input_ids[index], scores[index])
+            return scores
+
+    return PerRowNoRepeat()
+
+
+@dataclass(frozen=True)
+class _Item:
+    """One prompt to answer: which request it belongs to, where, its token ids and policy."""
+
+    request: int
+    position: int
+    ids: list[int]
+    policy: DecodingPolicy
+
+
+def plan_slabs(items: Sequence[_Item], rows: int, bucket_tokens: int) -> list[tuple[DecodingPolicy, int, list[int]]]:
+    """(slab policy, bucket length, item indices) per slab: items grouped by `slab_policy`, then
+    by bucket (`bucket_slabs`). Which items share a slab changes no answer; grouping the
+    policies that can share fills slabs that would otherwise carry filler rows."""
+    by_policy: dict[DecodingPolicy, list[int]] = {}
+    for index, item in enumerate(items):
+        by_policy.setdefault(slab_policy(item.policy), []).append(index)
+    return [
+        (policy, length, [members[i] for i in slab])
+        for policy, members in by_policy.items()
+        for length, slab in bucket_slabs([len(items[i].ids) for i in members], rows, bucket_tokens)
+    ]
+
+
+def generate_answer_sets(
+    model,
+    tokenizer,
+    requests: Sequence[tuple[Sequence[str], DecodingPolicy]],
+    stop_ids: Sequence[int],
+    rows: int,
+    progress: str | None = None,
+    bucket_tokens: int = DEFAULT_BUCKET_TOKENS,
+) -> list[GenerationResult]:
+    """Answers to several (chat-formatted prompts, policy) requests, one result per request, each
+    in input order, batch-invariant.
+
+    Every forward has exactly `rows` rows of one bucket length (filler rows where fewer
+    prompts), so each answer depends only on its own prompt and policy (module docstring).
+    Requests whose policies differ only in `no_repeat_ngram_size` share slabs (`plan_slabs`).
+    Answers are cut at the first stop id and decoded without special tokens. A result's
+    `seconds` is its share of the slabs it rode in (slab time split by real rows). `progress`:
+    a tqdm bar with this label (on stderr), counting questions.
+    """
+    import torch
+    from transformers import LogitsProcessorList, StoppingCriteriaList
+
+    if rows < 1 or bucket_tokens < 1:
+        raise TonetuneError(f"decoding shape: rows ({rows}) and bucket_tokens ({bucket_tokens}) must be >= 1")
+    items = [
+        _Item(request, position, ids, policy)
+        for request, (prompts, policy) in enumerate(requests)
+        for position, ids in enumerate(tokenizer(list(prompts), add_special_tokens=False)["input_ids"] if prompts else [])
+    ]
+    results = [GenerationResult([""] * len(prompts), [0] * len(prompts), [False] * len(prompts), 0.0)
+               for prompts, _ in requests]
+    device = next(model.parameters()).device
+    bar = None
+    if progress is not None:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(items), desc=progress, unit="q", leave=False, dynamic_ncols=True)
+    try:
+        for policy, length, slab in plan_slabs(items, rows, bucket_tokens):
+            started = time.perf_counter()
+            real = [items[i] for i in slab]
+            # filler rows repeat the slab's first prompt: any content would do, a real prompt
+            # keeps their numbers ordinary
+            slab_items = real + [real[0]] * (rows - len(real))
+            generation_config = policy.generation_config(tokenizer, stop_ids)
+            pad_id = generation_config.pad_token_id
+            input_ids = torch.tensor([[pad_id] * (length - len(item.ids)) + item.ids for item in slab_items])
+            attention_mask = torch.tensor([[0] * (length - len(item.ids)) + [1] * len(item.ids) for item in slab_items])
+            processors = LogitsProcessorList()
+            sizes = [item.policy.no_repeat_ngram_size for item in real] + [0] * (rows - len(real))
+            if any(sizes):
+                processors.append(_per_row_no_repeat(sizes))
+            if policy.strategy == "sample":
+                processors.append(_per_row_sampler(policy, [question_seed(policy.seed, item.ids) for item in slab_items]))
+            with torch.inference_mode():
+                output = model.generate(
+                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                    generation_config=generation_config, logits_processor=processors,
+                    stopping_criteria=StoppingCriteriaList([_real_rows_only(len(real), rows)]),
+                )
+            for item, tokens in zip(real, output[: len(real), length:].tolist(), strict=True):
+                kept, ended = cut_at_stop(tokens, stop_ids)
+                result = results[item.request]
+                result.answers[item.position] = tokenizer.decode(kept, skip_special_tokens=True).strip()
+                result.n_tokens[item.position] = len(kept)
+                result.stopped[item.position] = ended
+            seconds = time.perf_counter() - started
+            for item in real:
+                results[item.request].seconds += seconds / len(real)
+            if bar is not None:
+                bar.update(len(real))
+    finally:
+        if bar is not None:
+            bar.close()
+    return results
+
+
 def generate_answers(
     model,
     tokenizer,
@@ -569,75 +704,34 @@ def generate_answers(
     progress: str | None = None,
     bucket_tokens: int = DEFAULT_BUCKET_TOKENS,
 ) -> GenerationResult:
-    """Answers to chat-formatted `prompts` under `policy`, in input order, batch-invariant.
+    """Answers to chat-formatted `prompts` under `policy`, in input order, batch-invariant
+    (`generate_answer_sets` with one request)."""
+    return generate_answer_sets(model, tokenizer, [(prompts, policy)], stop_ids, rows, progress, bucket_tokens)[0]
 
-    Every forward has exactly `rows` rows of one bucket length (filler rows where fewer
-    prompts), so each answer depends only on its own prompt (module docstring). Answers are cut
-    at the first stop id and decoded without special tokens. `progress`: a tqdm bar with this
-    label (on stderr), counting questions.
-    """
-    import torch
-    from transformers import LogitsProcessorList, StoppingCriteriaList
 
-    if rows < 1 or bucket_tokens < 1:
-        raise TonetuneError(f"decoding shape: rows ({rows}) and bucket_tokens ({bucket_tokens}) must be >= 1")
-    encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-    generation_config = policy.generation_config(tokenizer, stop_ids)
-    pad_id = generation_config.pad_token_id
-    answers: list[str] = [""] * len(prompts)
-    n_tokens = [0] * len(prompts)
-    stopped = [False] * len(prompts)
-    device = next(model.parameters()).device
-    bar = None
-    if progress is not None:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(prompts), desc=progress, unit="q", leave=False, dynamic_ncols=True)
-    started = time.perf_counter()
+def answer_question_sets(model, tokenizer, requests: Sequence[tuple[Sequence[str], DecodingPolicy]],
+                         system_prompt: str, rows: int, stop_ids: Sequence[int] | None = None,
+                         progress: str | None = None,
+                         bucket_tokens: int = DEFAULT_BUCKET_TOKENS) -> list[GenerationResult]:
+    """(questions, policy) requests -> chat prompts -> `generate_answer_sets`, in eval mode."""
+    if stop_ids is None:
+        stop_ids = end_of_turn_ids(tokenizer, getattr(model, "generation_config", None))
+    was_training = model.training
+    model.eval()
     try:
-        for length, slab in bucket_slabs([len(ids) for ids in encoded], rows, bucket_tokens):
-            # filler rows repeat the slab's first prompt: any content would do, a real prompt
-            # keeps their numbers ordinary
-            slab_ids = [encoded[i] for i in slab] + [encoded[slab[0]]] * (rows - len(slab))
-            input_ids = torch.tensor([[pad_id] * (length - len(ids)) + list(ids) for ids in slab_ids])
-            attention_mask = torch.tensor([[0] * (length - len(ids)) + [1] * len(ids) for ids in slab_ids])
-            processors = LogitsProcessorList()
-            if policy.strategy == "sample":
-                processors.append(_per_row_sampler(policy, [question_seed(policy.seed, ids) for ids in slab_ids]))
-            with torch.inference_mode():
-                output = model.generate(
-                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                    generation_config=generation_config, logits_processor=processors,
-                    stopping_criteria=StoppingCriteriaList([_real_rows_only(len(slab), rows)]),
-                )
-            new_tokens = output[: len(slab), length:].tolist()
-            for index, tokens in zip(slab, new_tokens, strict=True):
-                kept, ended = cut_at_stop(tokens, stop_ids)
-                answers[index] = tokenizer.decode(kept, skip_special_tokens=True).strip()
-                n_tokens[index] = len(kept)
-                stopped[index] = ended
-            if bar is not None:
-                bar.update(len(slab))
+        prompt_requests = [(build_prompts(tokenizer, system_prompt, questions), policy) for questions, policy in requests]
+        return generate_answer_sets(model, tokenizer, prompt_requests, stop_ids, rows, progress, bucket_tokens)
     finally:
-        if bar is not None:
-            bar.close()
-    return GenerationResult(answers, n_tokens, stopped, time.perf_counter() - started)
+        if was_training:
+            model.train()
 
 
 def answer_questions(model, tokenizer, questions: Sequence[str], system_prompt: str, policy: DecodingPolicy,
                      rows: int, stop_ids: Sequence[int] | None = None, progress: str | None = None,
                      bucket_tokens: int = DEFAULT_BUCKET_TOKENS) -> GenerationResult:
     """Questions -> chat prompts -> `generate_answers` (the predict stage and the pyfunc both call this)."""
-    if stop_ids is None:
-        stop_ids = end_of_turn_ids(tokenizer, getattr(model, "generation_config", None))
-    was_training = model.training
-    model.eval()
-    try:
-        return generate_answers(model, tokenizer, build_prompts(tokenizer, system_prompt, questions), stop_ids,
-                                policy, rows, progress, bucket_tokens)
-    finally:
-        if was_training:
-            model.train()
+    return answer_question_sets(model, tokenizer, [(questions, policy)], system_prompt, rows, stop_ids, progress,
+                                bucket_tokens)[0]
 
 
 # --------------------------------------------------------------------------- adapters
