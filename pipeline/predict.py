@@ -23,7 +23,10 @@ recorded another serving policy or shape is refused (re-run train: the logged mo
 
 Decoding ablation (`evaluate.ablation_limit` > 0 and a policy other than plain greedy): every model
 also answers the first N questions under plain greedy decoding, to
-reports/predictions/ablation/<model>.parquet; the score stage puts both side by side.
+reports/predictions/ablation/<model>.parquet; the score stage puts both side by side. Both come
+from one call per model (`answer_question_sets`), whose slabs mix the two policies' rows: no
+answer changes, and fewer filler rows are decoded. Each record's `seconds` is its share of the
+slabs.
 
 Writes, per model: reports/predictions/<model>.parquet (id, question, reference, answer, n_tokens,
 stopped) and reports/predictions/<model>.json (who answered how: kind, precision, prompt, decoding

@@ -28,6 +28,9 @@ adapter answers in serving exactly as it answered when it was evaluated.
     gave other bf16 answers.
   - sampling draws per question: each row has its own generator seeded from the policy seed and
     the question's prompt token ids (`question_seed`); the global torch seed plays no part.
+  - the n-gram ban is per row too, so requests whose policies differ only in
+    `no_repeat_ngram_size` share slabs (`generate_answer_sets`: the predict stage's policy and
+    ablation answers in one call).
   - int8: bitsandbytes' LLM.int8() picks outlier columns across all rows it is given, so each
     8-bit layer computes one sequence at a time (`int8_per_sequence`); numerics (threshold 6.0
     etc.) are bitsandbytes' own for a single sequence.
