@@ -169,7 +169,7 @@ STORED_DEMOS = sorted(DEMO_HELDOUT_DIR.glob("*/decision.json"))
 
 @pytest.mark.parametrize("record_path", STORED_DEMOS, ids=lambda path: path.parent.name)
 def test_a_real_demos_decision_is_the_same_across_bootstrap_seeds_and_reruns(record_path):
-    """The per-question test scores of real fresh-clone demos (one folder per kernel path, written
+    """The per-question test scores of real fresh-clone demos (one folder per run, written
     from reports/heldout by the runs docs/promotion-rule.md quotes): the rule recomputed from them
     gives the decision the run recorded, for five bootstrap seeds, bound for bound on a rerun, and
     the seeds move each bound by less than its distance to its limit."""
@@ -196,21 +196,24 @@ def test_a_real_demos_decision_is_the_same_across_bootstrap_seeds_and_reruns(rec
 
 
 def stored_demos_of(machine_and_recipe: str) -> dict[str, dict]:
-    """The stored real demos of one machine and recipe (folders `<machine_and_recipe>_<kernel path>`)."""
+    """The stored real demos of one machine and recipe (folders `<machine_and_recipe>_<kernel path variables>[-<commit>]`)."""
     import json
 
     return {path.parent.name: json.loads(path.read_text()) for path in STORED_DEMOS
             if path.parent.name.startswith(f"{machine_and_recipe}_")}
 
 
-def test_the_fp32_demo_decides_the_same_on_every_kernel_path_of_one_machine():
-    """The demo trains in fp32 so that its decision does not ride on the kernel path: on one machine,
-    the fresh-clone demos run on the default, AVX512_CORE and AVX2 paths chose the same finalist and
-    reached the same verdict with the same numbers, and their per-question test scores agree."""
+def test_the_fp32_demo_decides_the_same_on_every_fresh_clone_run():
+    """The demo trains in fp32 so that its decision does not ride on rounding: the fresh-clone fp32
+    demos stored here (three of 6cb9dc9, run with the default, AVX512_CORE and AVX2 variables,
+    and one of 1a037d2) chose the same finalist and reached the same verdict with the same
+    numbers, and their per-question test scores agree. All ran on EPYCs without AVX-512, where
+    those variables name the path the CPU takes anyway: these are reruns of one kernel path
+    (docs/promotion-rule.md says what is known across paths)."""
     import pandas as pd
 
     demos = stored_demos_of("epyc_fp32")
-    assert {record["kernel_path"] for record in demos.values()} >= {"default", "avx512core", "avx2"}, sorted(demos)
+    assert len(demos) >= 4 and len({record["commit"] for record in demos.values()}) >= 2, sorted(demos)
     assert len({record["finalist"] for record in demos.values()}) == 1, demos
     promotions = [record["promotion"] for record in demos.values()]
     assert all(promotion == promotions[0] for promotion in promotions), demos
