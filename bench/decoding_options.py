@@ -54,15 +54,11 @@ def parse_options(text: str) -> list[tuple[str, int]]:
 
 def load_fp32(attention: str, adapter_dir: Path | None):
     """The fp32 base with `attention`, and the adapter when given, loaded as the predict stage
-    loads them (eval mode, no gradients, adapter weights cast as in training)."""
-    from peft import PeftModel
-
-    model = modeling.load_base_model(BASE_MODEL_DIR, "fp32", attn_implementation=attention)
-    model.requires_grad_(False)
-    if adapter_dir is not None:
-        model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False, autocast_adapter_dtype=False)
-        modeling.cast_adapter_weights(model, modeling.adapter_dtype("fp32"))
-    return model.eval()
+    loads them (pipeline.core.modeling's loaders)."""
+    if adapter_dir is None:
+        return modeling.load_for_inference(BASE_MODEL_DIR, "fp32", device="cpu", attn_implementation=attention)[0]
+    return modeling.load_adapter_model(BASE_MODEL_DIR, adapter_dir, "fp32", device="cpu",
+                                       attn_implementation=attention)[0]
 
 
 def main(argv: list[str] | None = None) -> None:

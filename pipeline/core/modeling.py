@@ -250,10 +250,12 @@ def int8_per_sequence(model) -> int:
     return wrapped
 
 
-def load_for_inference(base_dir: str | Path, precision: str, int8_threshold: float = 6.0, device: str = "auto"):
+def load_for_inference(base_dir: str | Path, precision: str, int8_threshold: float = 6.0, device: str = "auto",
+                       attn_implementation: str | None = None):
     """(model, tokenizer) of the base in `precision`, on `device`, in eval mode; an 8-bit base
-    computes each sequence on its own (`int8_per_sequence`), so answers are batch-invariant."""
-    model = load_base_model(base_dir, precision, int8_threshold)
+    computes each sequence on its own (`int8_per_sequence`), so answers are batch-invariant.
+    `attn_implementation`: None for `default_attention()` (bench/ compares others)."""
+    model = load_base_model(base_dir, precision, int8_threshold, attn_implementation)
     model.requires_grad_(False)
     if precision == "int8":
         int8_per_sequence(model)
@@ -739,13 +741,13 @@ def answer_questions(model, tokenizer, questions: Sequence[str], system_prompt: 
 
 # --------------------------------------------------------------------------- adapters
 def load_adapter_model(base_dir: str | Path, adapter_dir: str | Path, precision: str, int8_threshold: float = 6.0,
-                       device: str = "auto"):
+                       device: str = "auto", attn_implementation: str | None = None):
     """Base in `precision` with the adapter applied, in eval mode; + the adapter folder's
     tokenizer (the one it was trained with; the base's if the folder has none). Loads the
     adapter as `AdapterSwitcher` does."""
     from peft import PeftModel
 
-    base, base_tokenizer = load_for_inference(base_dir, precision, int8_threshold, device)
+    base, base_tokenizer = load_for_inference(base_dir, precision, int8_threshold, device, attn_implementation)
     model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False, autocast_adapter_dtype=False)
     cast_adapter_weights(model, adapter_dtype(precision))
     has_tokenizer = (Path(adapter_dir) / "tokenizer_config.json").is_file()
