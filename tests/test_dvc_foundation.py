@@ -146,3 +146,13 @@ def test_mlproject_train_flags_are_the_ones_pipeline_train_accepts():
     help_text = run([sys.executable, "-m", "pipeline.train", "--help"], REPO_ROOT, timeout=60).stdout
     for flag in ("--precision", "--lora-r", "--learning-rate", "--n-train", "--adapter-dir"):
         assert flag in help_text, f"pipeline.train has no {flag} option"
+
+
+def test_mlproject_train_defaults_are_the_demo_grid_point():
+    """`mlflow run . -e train` with no -P trains what `dvc repro` trains: the defaults are the
+    first value of each train.grid list in params.yaml (the demo has one point)."""
+    grid = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())["train"]["grid"]
+    defaults = {name: parameter.default for name, parameter in load_mlproject().get_entry_point("train").parameters.items()}
+    assert defaults["precision"] == grid["precision"][0]
+    for name in ("lora_r", "learning_rate", "n_train"):
+        assert float(defaults[name]) == float(grid[name][0]), (name, defaults[name], grid[name])
