@@ -75,11 +75,9 @@ ui: setup  ## open the MLflow UI on http://127.0.0.1:5000 over the project's sto
 server: setup  ## team tracking server: PostgreSQL + mlflow server on http://127.0.0.1:5000 (docs/team.md)
 	$(PY) -m scripts.team_server $(SERVER_ARGS)
 
-serve: setup  ## serve the production model over REST: POST /invocations on http://127.0.0.1:5001 (docs/registry.md)
+serve: setup  ## serve the production model (or TARGET=) over REST: POST /invocations on http://127.0.0.1:5001 (docs/registry.md)
 	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} \
-	MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT=$${MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT:-600} \
-	$(VENV)/bin/mlflow models serve -m models:/$${MODEL:-tonetune-conversational}@production \
-	  --env-manager local --host 127.0.0.1 --port $${PORT:-5001}
+	$(PY) -m registry serve $${TARGET:-$${MODEL:+models:/$$MODEL@production}} --host 127.0.0.1 --port $${PORT:-5001}
 
 # System packages the tests need (PostgreSQL for the team tracking server). Idempotent: installs
 # only when initdb is missing; needs root (CI runs as root) or sudo.

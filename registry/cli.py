@@ -192,6 +192,14 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0 if all(not count.differing_ids for count in counts) else 1
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Resolve the target, then become MLflow's scoring server (registry.serve)."""
+    from registry.serve import run_serve
+
+    run_serve(args.target, args.host, args.port, load_config())
+    return 0  # not reached: run_serve replaces this process
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The CLI: one subparser per verb, each bound to its cmd_ function via `func`."""
     parser = argparse.ArgumentParser(
@@ -266,6 +274,19 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--no-alone", action="store_true", help="skip sending each question alone")
     replay.add_argument("--no-shuffled", action="store_true", help="skip the one shuffled request")
     replay.set_defaults(func=cmd_replay)
+
+    serve = commands.add_parser(
+        "serve", help="serve the production model (or TARGET) over REST with MLflow's scoring server",
+        description="Check that TARGET exists (default: models:/<promote.registered_model_name>@production), saying "
+        "in one line what is missing and what could be served instead, then run `mlflow models serve --env-manager "
+        "local` on it: POST /invocations {\"inputs\": [questions]}. MLflow's request timeout is raised to 600 s "
+        "unless MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT is set. This is what `make serve` runs.",
+    )
+    serve.add_argument("target", nargs="?", help="models:/<name>@<alias>, models:/<name>/<version>, or an evaluated "
+                       "adapter's name (the model its training run logged); default: the production alias")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=5001, help="port to listen on (default 5001)")
+    serve.set_defaults(func=cmd_serve)
 
     export = commands.add_parser(
         "export", help="merge an adapter into its base and write a GGUF (llama.cpp, Ollama, LM Studio)",

@@ -103,16 +103,22 @@ def resolve_target(client, target: str, predictions_dir: Path = PREDICTIONS_DIR)
         if not model:
             raise TonetuneError(f"{target}: its training run {version.run_id} has no run name to find its answers by")
         return f"models:/{name}/{version.version}", model
-    record_path = Path(predictions_dir) / f"{target}.json"
+    return adapter_model_uri(client, target, predictions_dir), target
+
+
+def adapter_model_uri(client, adapter: str, predictions_dir: Path = PREDICTIONS_DIR) -> str:
+    """The model URI an evaluated adapter's training run logged (its `Tags.ADAPTER_MODEL_URI`),
+    found through the run id its predictions record names; one-line errors otherwise."""
+    record_path = Path(predictions_dir) / f"{adapter}.json"
     if not record_path.is_file():
-        raise TonetuneError(f"{target}: neither a models:/ URI nor an evaluated model ({record_path} not found)")
+        raise TonetuneError(f"{adapter}: neither a models:/ URI nor an evaluated model ({record_path} not found)")
     run_id = json.loads(record_path.read_text()).get("training_run_id")
     if not run_id:
-        raise TonetuneError(f"{target}: {record_path} names no training run (the base model is not served)")
+        raise TonetuneError(f"{adapter}: {record_path} names no training run (the base model is not served)")
     uri = client.get_run(run_id).data.tags.get(Tags.ADAPTER_MODEL_URI)
     if not uri:
-        raise TonetuneError(f"{target}: training run {run_id} logged no model (tag {Tags.ADAPTER_MODEL_URI} missing)")
-    return uri, target
+        raise TonetuneError(f"{adapter}: training run {run_id} logged no model (tag {Tags.ADAPTER_MODEL_URI} missing)")
+    return uri
 
 
 def numerics_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:

@@ -125,3 +125,70 @@ def test_a_bad_target_is_one_line_before_any_model_loads(project, capsys, argv, 
     assert replay(*argv) != 0
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+# --------------------------------------------------------------------------- `registry serve`: the same targets
+
+
+def serve(*argv: str) -> int:
+    from registry.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", *argv])
+    return exit_info.value.code
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    # NAME has version 1 but no production alias; the evaluated adapter is offered instead
+    ([f"models:/{NAME}@production"], f"models:/{NAME}@production: {NAME} has no version with alias production: "
+     f"1 version(s) are registered, none holds alias production (`python -m registry list`); "
+     f"to serve an evaluated adapter anyway: make serve TARGET={MODEL}"),
+    # a model the rule never registered: the demo's "inconclusive" end
+    (["models:/tt-never@production"], "tt-never has no version with alias production: the promotion rule has "
+     f"promoted no finalist yet (`python -m registry summary` says why); to serve an evaluated adapter anyway: "
+     f"make serve TARGET={MODEL}"),
+    ([f"models:/{NAME}@candidate"], f"{NAME} has no version with alias candidate: `python -m registry list`"),
+    ([f"models:/{NAME}/7"], f"{NAME} has no version 7"),
+    (["lora-nope"], "lora-nope: neither a models:/ URI nor an evaluated model"),
+    ([MODEL, "--port", "70000"], "--port 70000: not a TCP port"),
+])
+def test_serve_says_in_one_line_what_is_missing_before_any_server_starts(project, capsys, monkeypatch, argv, message):
+    import os
+
+    def no_exec(*args):
+        raise AssertionError(f"a server was started: {args}")
+
+    monkeypatch.setattr(os, "execve", no_exec)
+    assert serve(*argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_serve_resolves_a_version_or_an_evaluated_adapter_to_the_model_it_serves(project, store, capsys, monkeypatch):
+    """An alias is pinned to its version; an adapter's name gives the model its training run logged
+    (the same URI `replay` loads); then the process becomes `mlflow models serve` on it."""
+    import os
+
+    from mlflow import MlflowClient
+
+    from pipeline.core.contracts import Tags
+    from registry.serve import served_uri
+
+    client = MlflowClient(store["uri"])
+    client.set_registered_model_alias(NAME, "staging-check", "1")
+    try:
+        assert served_uri(client, f"models:/{NAME}@staging-check") == f"models:/{NAME}/1"
+    finally:
+        client.delete_registered_model_alias(NAME, "staging-check")
+    logged = client.get_run(store["run_id"]).data.tags[Tags.ADAPTER_MODEL_URI]
+    assert served_uri(client, MODEL) == logged
+
+    started = []
+    monkeypatch.setattr(os, "execve", lambda path, argv, env: started.append((path, argv, env)))
+    monkeypatch.delenv("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT", raising=False)
+    assert serve(MODEL, "--port", "5099") == 0
+    (path, argv, env), = started
+    assert argv[1:] == ["models", "serve", "-m", logged, "--env-manager", "local", "--host", "127.0.0.1",
+                        "--port", "5099"] and path == argv[0] and path.endswith("mlflow")
+    assert env["MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"] == "600"
+    assert f"serve: {MODEL} -> {logged}" in capsys.readouterr().out

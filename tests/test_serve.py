@@ -1,9 +1,9 @@
-"""The production alias served over REST the MLflow way (`make serve`).
+"""The production alias served over REST the MLflow way (`make serve`: `python -m registry serve`).
 
 A registry in a temp sqlite store holds one version of a tiny real LoRA adapter (over conftest's
 tiny Llama), logged with registry.model.log_adapter_model and aliased `production`.
-`mlflow models serve -m models:/<name>@production --env-manager local` runs as a subprocess on a
-free 127.0.0.1 port; real HTTP requests to /invocations must get, string for string, what
+`python -m registry serve models:/<name>@production` (which resolves the alias, then becomes
+`mlflow models serve --env-manager local`) runs as a subprocess on a free 127.0.0.1 port; real HTTP requests to /invocations must get, string for string, what
 `mlflow.pyfunc.load_model(...).predict` and the predict stage's answer_questions give for the
 same questions under the same decoding policy and batch size.
 """
@@ -65,20 +65,19 @@ def post(url: str, payload) -> tuple[int, dict]:
 
 @pytest.fixture(scope="module")
 def served(registry, tmp_path_factory):
-    """`mlflow models serve` of models:/NAME@production on a free port, stopped by killing its group."""
+    """`python -m registry serve models:/NAME@production` (what `make serve` runs: it resolves the
+    alias, then becomes `mlflow models serve`) on a free port, stopped by killing its group."""
     cwd = tmp_path_factory.mktemp("serve_cwd")
     port = free_port()
     log_path = cwd / "serve.log"
     # The scoring server is started as `uvicorn` from PATH: the venv's bin folder must be on it
     # (make puts it there; a bare `.venv/bin/python -m pytest` does not).
     env = {**os.environ, "MLFLOW_TRACKING_URI": registry["uri"], "PYTHONPATH": str(REPO_ROOT),
-           "MLFLOW_DISABLE_TELEMETRY": "true",
+           "MLFLOW_DISABLE_TELEMETRY": "true", "TONETUNE_PARAMS": str(REPO_ROOT / "params.yaml"),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    mlflow_bin = Path(sys.executable).with_name("mlflow")
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [str(mlflow_bin), "models", "serve", "-m", f"models:/{NAME}@production", "--env-manager", "local",
-             "--host", "127.0.0.1", "--port", str(port)],
+            [sys.executable, "-m", "registry", "serve", f"models:/{NAME}@production", "--port", str(port)],
             cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
         )
     url = f"http://127.0.0.1:{port}"
@@ -86,7 +85,7 @@ def served(registry, tmp_path_factory):
         deadline = time.monotonic() + 120
         while True:
             if process.poll() is not None:
-                pytest.fail(f"mlflow models serve exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
+                pytest.fail(f"registry serve exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
             try:
                 with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
                     if response.status == 200:
@@ -94,8 +93,10 @@ def served(registry, tmp_path_factory):
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(f"mlflow models serve did not answer {url}/ping within 120 s:\n{log_path.read_text()[-4000:]}")
+                pytest.fail(f"registry serve did not answer {url}/ping within 120 s:\n{log_path.read_text()[-4000:]}")
             time.sleep(0.5)
+        # the front resolved the alias to the version before MLflow took over the process
+        assert f"serve: models:/{NAME}@production -> models:/{NAME}/1 on {url}" in log_path.read_text()
         yield url
     finally:
         try:
