@@ -141,6 +141,7 @@ def why_no_production(config, client, name: str) -> list[str]:
                  f"{verdict(checks)} (rule declared in {str(heldout.record.get('declared_in'))[:12]})")
     lines += [f"    {check.describe()}" for check in checks]
     lines.append("  to override the rule: python -m registry promote --force --reason TEXT")
+    lines.append(f"  to try the finalist without promoting it: make serve TARGET={heldout.record['finalist']}")
     return lines
 
 

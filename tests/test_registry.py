@@ -614,6 +614,7 @@ def test_a_looping_adapter_is_refused_and_forcing_it_puts_the_overridden_guard_i
     assert code == 0 and out.startswith(f"No Production model: {registry_name} has no production version.")
     assert "no version was ever registered" in out and f"finalist {ws['runs']['B']['name']} against the base" in out
     assert "repetition FAIL" in out
+    assert f"to try the finalist without promoting it: make serve TARGET={ws['runs']['B']['name']}" in out
 
     reason = "loops only on list questions; reviewed 20 answers by hand"
     code, out, _ = cli(capsys, "promote", *dirs(eval_dir), "--force", "--reason", reason)
