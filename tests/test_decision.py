@@ -206,7 +206,7 @@ def stored_demos_of(machine_and_recipe: str) -> dict[str, dict]:
 def test_the_fp32_demo_decides_the_same_on_every_fresh_clone_run():
     """The demo trains in fp32 so that its decision does not ride on rounding: the fresh-clone fp32
     demos stored here (three of 6cb9dc9, run with the default, AVX512_CORE and AVX2 variables,
-    and one of 1a037d2) chose the same finalist and reached the same verdict with the same
+    and one each of 1a037d2 and 515f16d) chose the same finalist and reached the same verdict with the same
     numbers, and their per-question test scores agree. Every run whose CPU was recorded ran on an
     EPYC without AVX-512, where those variables name the path the CPU takes anyway: these are
     reruns of one kernel path (docs/promotion-rule.md says what is known across paths)."""
