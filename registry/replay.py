@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from typing import Any
 from pipeline.core.config import HELDOUT_DIR, PREDICTIONS_DIR
 from pipeline.core.contracts import Tags
 from pipeline.core.errors import TonetuneError
+from pipeline.core.machine import differing_facts
 from registry.model_lineage import parse_model_uri
 from registry.store import get_version, version_by_alias
 
@@ -91,19 +93,28 @@ def evaluated_sets(model: str, limit: int | None = None, predictions_dir: Path =
 def resolve_target(client, target: str, predictions_dir: Path = PREDICTIONS_DIR) -> tuple[str, str]:
     """(model URI to load, evaluated model name) for a registry URI or an evaluated adapter's name."""
     if target.startswith("models:/"):
-        name, alias, number = parse_model_uri(target)
-        if alias:
-            version = version_by_alias(client, name, alias)
-            if version is None:
-                raise TonetuneError(f"{target}: {name} has no version with alias {alias} (see `python -m registry list`)")
-        else:
-            version = get_version(client, name, number)
+        version = registered_version(client, target)
+        name = version.name
         run = client.get_run(version.run_id)
         model = run.data.tags.get("mlflow.runName") or version.tags.get(Tags.TRAINING_RUN_NAME)
         if not model:
             raise TonetuneError(f"{target}: its training run {version.run_id} has no run name to find its answers by")
         return f"models:/{name}/{version.version}", model
     return adapter_model_uri(client, target, predictions_dir), target
+
+
+def registered_version(client, uri: str, explain_missing_alias: Callable[[str, str], str] | None = None):
+    """The ModelVersion `models:/<name>@<alias>` or `models:/<name>/<version>` names; one-line
+    errors when there is none. `explain_missing_alias(name, alias)`, called only then, says why
+    and what to do instead (default: see the registry's list)."""
+    name, alias, number = parse_model_uri(uri)
+    if not alias:
+        return get_version(client, name, number)
+    version = version_by_alias(client, name, alias)
+    if version is None:
+        why = f": {explain_missing_alias(name, alias)}" if explain_missing_alias else " (see `python -m registry list`)"
+        raise TonetuneError(f"{uri}: {name} has no version with alias {alias}{why}")
+    return version
 
 
 def adapter_model_uri(client, adapter: str, predictions_dir: Path = PREDICTIONS_DIR) -> str:
@@ -123,8 +134,7 @@ def adapter_model_uri(client, adapter: str, predictions_dir: Path = PREDICTIONS_
 
 def numerics_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """`key: recorded -> current` for every machine fact that differs (keys missing on one side too)."""
-    return [f"{key}: {recorded.get(key)!r} -> {current.get(key)!r}"
-            for key in sorted(set(recorded) | set(current)) if recorded.get(key) != current.get(key)]
+    return [f"{key}: {recorded.get(key)!r} -> {current.get(key)!r}" for key in differing_facts(recorded, current)]
 
 
 def replay_set(predict, evaluated: EvaluatedSet, alone: bool = True, shuffled: bool = True,

@@ -24,9 +24,8 @@ from pathlib import Path
 
 from pipeline.core.config import PREDICTIONS_DIR
 from pipeline.core.errors import TonetuneError
-from registry.model_lineage import parse_model_uri
-from registry.replay import adapter_model_uri
-from registry.store import PRODUCTION, all_versions, get_version, version_by_alias
+from registry.replay import adapter_model_uri, registered_version
+from registry.store import PRODUCTION, all_versions
 
 REQUEST_TIMEOUT_ENV = "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"
 REQUEST_TIMEOUT_S = "600"  # a request of 100 questions decodes for minutes on 2 cores (docs/registry.md)
@@ -59,16 +58,13 @@ def served_uri(client, target: str, predictions_dir: Path = PREDICTIONS_DIR) -> 
     """The URI to serve for `target` (a models:/ URI or an evaluated adapter's name), checked to exist."""
     if not target.startswith("models:/"):
         return adapter_model_uri(client, target, predictions_dir)
-    name, alias, number = parse_model_uri(target)
-    if alias:
-        version = version_by_alias(client, name, alias)
-        if version is None:
-            hint = no_production_hint(client, name, predictions_dir) if alias == PRODUCTION else \
-                "`python -m registry list` shows the aliases"
-            raise TonetuneError(f"{target}: {name} has no version with alias {alias}: {hint}")
-    else:
-        version = get_version(client, name, number)
-    return f"models:/{name}/{version.version}"
+    def explain(name: str, alias: str) -> str:
+        if alias == PRODUCTION:
+            return no_production_hint(client, name, predictions_dir)
+        return "`python -m registry list` shows the aliases"
+
+    version = registered_version(client, target, explain)
+    return f"models:/{version.name}/{version.version}"
 
 
 def serve_command(uri: str, host: str, port: int) -> list[str]:

@@ -21,6 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pipeline.core.machine import differing_facts
+
 OUT_ROOT = Path("tests/data/demo_heldout")
 SCORE_COLUMNS = ["id", "on_style", "similarity", "content_similarity", "repetition_rate", "stopped"]
 
@@ -53,9 +55,8 @@ def evidence_record(workspace: Path) -> tuple[dict, dict[str, Path]]:
         if not facts:
             raise EvidenceError(f"{heldout / f'{model}.json'}: no `numerics` record (decoded before machine facts were recorded)")
         numerics[role] = facts
-    if numerics["base"] != numerics["finalist"]:
-        differing = sorted(key for key in set(numerics["base"]) | set(numerics["finalist"])
-                           if numerics["base"].get(key) != numerics["finalist"].get(key))
+    differing = differing_facts(numerics["base"], numerics["finalist"])
+    if differing:
         raise EvidenceError(f"{heldout}: the base and the finalist were decoded under different machine facts ({', '.join(differing)})")
     commit = subprocess.run(["git", "-C", str(workspace), "rev-parse", "--short", "HEAD"],
                             capture_output=True, text=True).stdout.strip()

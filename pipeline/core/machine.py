@@ -40,6 +40,12 @@ def cpu_facts() -> dict[str, Any]:
     return {"cpu": model, **{f"cpu_{flag}": flag in flags for flag in CPU_FLAGS}}
 
 
+def differing_facts(first: dict[str, Any], second: dict[str, Any]) -> list[str]:
+    """The keys of two `numerics_facts` records whose values differ (a key missing on one side
+    counts), sorted: answers are promised identical only where this is empty."""
+    return sorted(key for key in set(first) | set(second) if first.get(key) != second.get(key))
+
+
 def numerics_facts() -> dict[str, Any]:
     """Versions, threads, CPU ISA and ISA caps (imports torch: call it where torch is loaded)."""
     import torch
